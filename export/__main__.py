@@ -1,0 +1,59 @@
+"""`python -m export {fetch,tiny} --out DIR`: stage a model directory for the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import fetch, tiny
+from .staging import DTYPES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pull = commands.add_parser("fetch", help="stage Sesame's CSM-1B, the Llama-3.2 tokenizer and Mimi from the Hugging Face Hub")
+    pull.add_argument("--out", required=True, help="the staged model directory to create")
+    pull.add_argument("--repo", default=fetch.DEFAULT_REPO, help="CSM weights: config.json + model.safetensors, or ckpt.pt")
+    pull.add_argument("--tokenizer-repo", default=fetch.DEFAULT_TOKENIZER_REPO, help="repo holding the Llama-3.2 tokenizer.json")
+    pull.add_argument("--mimi-repo", default=fetch.DEFAULT_MIMI_REPO, help="repo holding Mimi's weights")
+    pull.add_argument("--revision", help="branch, tag or commit of --repo (default main)")
+    pull.add_argument("--dtype", choices=sorted(DTYPES), help="cast CSM and Mimi weights (default: keep as published)")
+    pull.add_argument("--from-dir", help="stage offline from files downloaded earlier, under FROM_DIR/<repo id>/ or flat in FROM_DIR/")
+    pull.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    small = commands.add_parser("tiny", help="stage a small random-weight model (tests, first runs)")
+    small.add_argument("--out", required=True, help="the staged model directory to create")
+    small.add_argument("--seed", type=int, default=0, help="weights are a function of the seed")
+    small.add_argument("--force", action="store_true", help="replace --out if it exists")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        if args.command == "fetch":
+            out = fetch.fetch(
+                args.out,
+                repo=args.repo,
+                tokenizer_repo=args.tokenizer_repo,
+                mimi_repo=args.mimi_repo,
+                revision=args.revision,
+                from_dir=args.from_dir,
+                dtype=args.dtype,
+                force=args.force,
+            )
+        else:
+            out = tiny.make_tiny(args.out, seed=args.seed, force=args.force)
+    except (OSError, ValueError) as error:  # missing files, bad checkpoints, Hub errors (requests' are OSErrors)
+        logging.getLogger("export").error("%s", error)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The slot-based batching engine: many requests generate frames together, joining and leaving
+at frame boundaries.
+
+Each active request owns a *slot*: a row of the KV caches, its own positions, sampling parameters,
+seed and frame budget. `submit` and `cancel` may be called from any thread; `step` is called by
+one thread and advances every active slot by one frame.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from .model import CSM
+from .sampling import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    tokens: torch.Tensor  # [T, 33] int64 prompt frames
+    mask: torch.Tensor  # [T, 33] bool
+    max_frames: int
+    temperature: float
+    topk: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step did for one request: a new frame, an end, or both (the last frame)."""
+
+    request_id: int
+    codes: torch.Tensor | None  # [32] int64 on the CPU
+    finish: str | None  # None while running; "eos", "length" or "cancelled"
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    frames: int = 0
+    peak_batch: int = 0
+
+
+@dataclass
+class _Slot:
+    request_id: int
+    request: EngineRequest
+    position: int = 0  # next cache position to write
+    frames: int = 0  # frames generated so far
+    pending: torch.Tensor | None = None  # [32] last frame, fed to the backbone next step
+
+
+class Engine:
+    def __init__(self, model: CSM, slots: int) -> None:
+        if slots <= 0:
+            raise ValueError(f"slots: must be positive, got {slots}")
+        self.model = model
+        self.num_slots = slots
+        self.device = model.codebook0_head.weight.device
+        self.max_seq_len = model.config.backbone.max_seq_len
+        self.vocab_size = model.config.audio_vocab_size
+        self.num_codebooks = model.config.audio_num_codebooks
+        self.stats = EngineStats()
+        model.setup_caches(slots)
+        self._slots: list[_Slot | None] = [None] * slots
+        self._waiting: deque[tuple[int, EngineRequest]] = deque()
+        self._cancelled: set[int] = set()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+
+    def check(self, request: EngineRequest) -> None:
+        """Raise a ValueError naming the field if the request cannot run; nothing is queued."""
+        width = self.num_codebooks + 1
+        if request.tokens.dim() != 2 or request.tokens.shape[1] != width or request.tokens.shape != request.mask.shape:
+            raise ValueError(
+                f"prompt: expected tokens and mask of shape [T, {width}], got {list(request.tokens.shape)} and {list(request.mask.shape)}"
+            )
+        if not request.temperature > 0 or request.temperature == float("inf"):
+            raise ValueError(f"temperature: must be a finite number > 0, got {request.temperature}")
+        if not 1 <= request.topk <= self.vocab_size:
+            raise ValueError(f"topk: must be in [1, {self.vocab_size}], got {request.topk}")
+        if request.max_frames < 1:
+            raise ValueError(f"max_frames: must be at least 1, got {request.max_frames}")
+        if not -(2**63) <= request.seed < 2**63:
+            raise ValueError(f"seed: must fit in 64 bits, got {request.seed}")
+        # The last sampled frame is never fed back, so the prompt and all but one frame must fit.
+        if len(request.tokens) >= self.max_seq_len - request.max_frames:
+            raise ValueError(
+                f"prompt: {len(request.tokens)} positions of context and text plus up to {request.max_frames} frames "
+                f"exceed the model's {self.max_seq_len}-position limit; shorten the context or the maximum audio length"
+            )
+
+    def submit(self, request: EngineRequest) -> int:
+        """Queue a request; it joins the running batch at the next step with a free slot."""
+        self.check(request)
+        with self._lock:
+            request_id = next(self._ids)
+            self._waiting.append((request_id, request))
+        return request_id
+
+    def cancel(self, request_id: int) -> None:
+        """The request ends with a "cancelled" result at the next step and frees its slot."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    @property
+    def active_slots(self) -> int:
+        return sum(slot is not None for slot in self._slots)
+
+    @property
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting) or self.active_slots > 0
+
+    @torch.inference_mode()
+    def step(self) -> list[StepResult]:
+        results = self._drop_cancelled()
+        admitted = self._admit()
+        hidden = self._decode_running(admitted)
+        for index in admitted:
+            hidden[index] = self._prefill(index)
+        if not hidden:
+            return results
+        indices = sorted(hidden)
+        slots = [self._slots[i] for i in indices]
+        sampler = Sampler(
+            temperature=torch.tensor([s.request.temperature for s in slots], device=self.device),
+            topk=torch.tensor([s.request.topk for s in slots], device=self.device),
+            seeds=torch.tensor([s.request.seed for s in slots], device=self.device),
+            frames=torch.tensor([s.frames for s in slots], device=self.device),
+            num_codebooks=self.num_codebooks,
+        )
+        codes = self.model.sample_frame(torch.stack([hidden[i] for i in indices]), sampler)
+        codes_host = codes.cpu()  # the step's one device-to-host copy
+        self.stats.steps += 1
+        self.stats.peak_batch = max(self.stats.peak_batch, len(indices))
+        for row, index in enumerate(indices):
+            results.append(self._advance(index, codes[row], codes_host[row]))
+        return results
+
+    def _drop_cancelled(self) -> list[StepResult]:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            kept = deque(item for item in self._waiting if item[0] not in cancelled)
+            results = [StepResult(rid, None, "cancelled") for rid, _ in self._waiting if rid in cancelled]
+            self._waiting = kept
+        for index, slot in enumerate(self._slots):
+            if slot is not None and slot.request_id in cancelled:
+                self._slots[index] = None
+                results.append(StepResult(slot.request_id, None, "cancelled"))
+        return results
+
+    def _admit(self) -> list[int]:
+        admitted = []
+        with self._lock:
+            for index, slot in enumerate(self._slots):
+                if slot is None and self._waiting:
+                    request_id, request = self._waiting.popleft()
+                    self._slots[index] = _Slot(request_id, request)
+                    admitted.append(index)
+        return admitted
+
+    def _prefill(self, index: int) -> torch.Tensor:
+        slot = self._slots[index]
+        length = len(slot.request.tokens)
+        hidden = self.model.backbone_forward(
+            slot.request.tokens.to(self.device)[None],
+            slot.request.mask.to(self.device)[None],
+            rows=torch.tensor([index], device=self.device),
+            positions=torch.arange(length, device=self.device)[None],
+            length=length,
+        )
+        slot.position = length
+        return hidden[0]
+
+    def _decode_running(self, admitted: list[int]) -> dict[int, torch.Tensor]:
+        """One backbone position for every slot that already has a frame to feed back."""
+        indices = [i for i, slot in enumerate(self._slots) if slot is not None and i not in admitted]
+        if not indices:
+            return {}
+        slots = [self._slots[i] for i in indices]
+        batch = len(indices)
+        tokens = torch.zeros(batch, 1, self.num_codebooks + 1, dtype=torch.long, device=self.device)
+        tokens[:, 0, :-1] = torch.stack([s.pending for s in slots])
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        mask[..., -1] = False
+        positions = torch.tensor([[s.position] for s in slots], device=self.device)
+        hidden = self.model.backbone_forward(
+            tokens, mask, torch.tensor(indices, device=self.device), positions, max(s.position for s in slots) + 1
+        )
+        for s in slots:
+            s.position += 1
+        return dict(zip(indices, hidden, strict=True))
+
+    def _advance(self, index: int, codes: torch.Tensor, codes_host: torch.Tensor) -> StepResult:
+        slot = self._slots[index]
+        if not codes_host.any():  # an all-zero frame is the end of the utterance; it is not audio
+            self._slots[index] = None
+            return StepResult(slot.request_id, None, "eos")
+        slot.frames += 1
+        self.stats.frames += 1
+        if slot.frames == slot.request.max_frames:
+            self._slots[index] = None
+            return StepResult(slot.request_id, codes_host, "length")
+        slot.pending = codes
+        return StepResult(slot.request_id, codes_host, None)

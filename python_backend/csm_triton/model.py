@@ -1,0 +1,219 @@
+"""CSM model math: the backbone, the depth decoder and the heads, with per-slot KV caches.
+
+Parameter names follow Sesame's original checkpoint (torchtune layout), so `model.safetensors`
+loads without renaming. Unlike torchtune's `KVCache`, which keeps one position for the whole
+batch, every cache row here is a *slot* written at its own positions, so requests at different
+points of their generation share one batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, TransformerConfig
+
+# torchtune's Llama-3 RoPE scaling constants (Llama3ScaledRoPE defaults, used by llama3_2).
+ROPE_LOW_FREQ_FACTOR = 1.0
+ROPE_HIGH_FREQ_FACTOR = 4.0
+ROPE_OLD_CONTEXT_LEN = 8192
+
+
+def rope_table(config: TransformerConfig) -> torch.Tensor:
+    """cos/sin of every position: [max_seq_len, head_dim // 2, 2], Llama-3 frequency scaling."""
+    dim = config.head_dim
+    freqs = 1.0 / (config.rope_base ** (torch.arange(0, dim, 2)[: dim // 2].double() / dim))
+    wavelen = 2 * math.pi / freqs
+    low_freq_wavelen = ROPE_OLD_CONTEXT_LEN / ROPE_LOW_FREQ_FACTOR
+    high_freq_wavelen = ROPE_OLD_CONTEXT_LEN / ROPE_HIGH_FREQ_FACTOR
+    smooth = (ROPE_OLD_CONTEXT_LEN / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+    blended = (1 - smooth) * freqs / config.scale_factor + smooth * freqs
+    scaled = torch.where(wavelen < high_freq_wavelen, freqs, torch.where(wavelen > low_freq_wavelen, freqs / config.scale_factor, blended))
+    angles = torch.outer(torch.arange(config.max_seq_len).double(), scaled)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, heads, head_dim]; rope: [B, S, head_dim // 2, 2]. torchtune's interleaved pairs."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    rope = rope.unsqueeze(2)
+    rotated = torch.stack(
+        [
+            pairs[..., 0] * rope[..., 0] - pairs[..., 1] * rope[..., 1],
+            pairs[..., 1] * rope[..., 0] + pairs[..., 0] * rope[..., 1],
+        ],
+        dim=-1,
+    )
+    return rotated.flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.scale
+
+
+class KVCache(nn.Module):
+    """Keys and values of every slot: [slots, kv_heads, max_seq_len, head_dim]."""
+
+    def __init__(self, slots: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        shape = (slots, kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v ([B, S, kv_heads, head_dim]) at each row's positions ([B, S]); return the
+        first `length` positions of those rows: [B, kv_heads, length, head_dim]."""
+        index = rows[:, None]
+        self.k[index, :, positions] = k
+        self.v[index, :, positions] = v
+        return self.k[rows, :, :length], self.v[rows, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.embed_dim, config.num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(config.embed_dim, config.num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(config.embed_dim, config.num_kv_heads * head_dim, bias=False)
+        self.output_proj = nn.Linear(config.num_heads * head_dim, config.embed_dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        head_dim = self.config.head_dim
+        q = apply_rope(self.q_proj(x).view(batch, seq, self.config.num_heads, head_dim), rope)
+        k = apply_rope(self.k_proj(x).view(batch, seq, self.config.num_kv_heads, head_dim), rope)
+        v = self.v_proj(x).view(batch, seq, self.config.num_kv_heads, head_dim)
+        keys, values = self.kv_cache.update(rows, positions, k, v, mask.shape[-1])
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+        return self.output_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.embed_dim, config.intermediate_dim, bias=False)
+        self.w2 = nn.Linear(config.intermediate_dim, config.embed_dim, bias=False)
+        self.w3 = nn.Linear(config.embed_dim, config.intermediate_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.sa_norm = RMSNorm(config.embed_dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.embed_dim, config.norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn(self.sa_norm(x), rope, rows, positions, mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    """A stack of layers and the final norm; input embeddings and output head live outside."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.embed_dim, config.norm_eps)
+        self.rope: torch.Tensor | None = None
+
+    def setup_caches(self, slots: int, max_seq_len: int, dtype: torch.dtype) -> None:
+        device = self.norm.scale.device
+        self.rope = rope_table(self.config).to(device)
+        for layer in self.layers:
+            cache = layer.attn.kv_cache
+            if cache is None or cache.k.shape[0] != slots or cache.k.shape[2] != max_seq_len or cache.k.dtype != dtype:
+                layer.attn.kv_cache = KVCache(slots, self.config.num_kv_heads, max_seq_len, self.config.head_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """x: [B, S, D] at `positions` [B, S] of cache `rows` [B]; attends to the first `length`
+        positions of each row, causally. Returns the normed hidden states [B, S, D]."""
+        key_positions = torch.arange(length, device=x.device)
+        mask = (key_positions[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, S, length]
+        rope = self.rope[positions]
+        for layer in self.layers:
+            x = layer(x, rope, rows, positions, mask)
+        return self.norm(x)
+
+
+class CSM(nn.Module):
+    """Backbone over 33-column frames, codebook-0 head, and the depth decoder for codebooks 1..31."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = Transformer(config.backbone)
+        self.decoder = Transformer(config.decoder)
+        dim = config.backbone.embed_dim
+        self.text_embeddings = nn.Embedding(config.text_vocab_size, dim)
+        self.audio_embeddings = nn.Embedding(config.audio_vocab_size * config.audio_num_codebooks, dim)
+        self.projection = nn.Linear(dim, config.decoder.embed_dim, bias=False)
+        self.codebook0_head = nn.Linear(dim, config.audio_vocab_size, bias=False)
+        self.audio_head = nn.Parameter(torch.empty(config.audio_num_codebooks - 1, config.decoder.embed_dim, config.audio_vocab_size))
+        self.codebook_offsets: torch.Tensor | None = None
+
+    def setup_caches(self, slots: int) -> None:
+        """Allocate the KV caches and position tables once, on the weights' device (idempotent): a
+        backbone row per slot, and a decoder row per slot holding one frame's [h, c0, c1 .. c30]
+        positions (the decoder restarts every frame). Plain attributes, not buffers, so that loading
+        onto the meta device and casting the weights never touch them."""
+        dtype = self.codebook0_head.weight.dtype
+        self.codebook_offsets = (
+            torch.arange(self.config.audio_num_codebooks, device=self.codebook0_head.weight.device) * self.config.audio_vocab_size
+        )
+        self.backbone.setup_caches(slots, self.config.backbone.max_seq_len, dtype)
+        self.decoder.setup_caches(slots, self.config.audio_num_codebooks, dtype)
+
+    def embed_frames(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens, mask: [B, S, 33] -> [B, S, D], the masked sum of the text and codebook embeddings."""
+        text = self.text_embeddings(tokens[..., -1:])
+        audio = self.audio_embeddings(tokens[..., :-1] + self.codebook_offsets)
+        embeds = torch.cat([audio, text], dim=-2)
+        return (embeds * mask.unsqueeze(-1).to(embeds.dtype)).sum(dim=-2)
+
+    def embed_codes(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:
+        """codes: [B] of one codebook -> [B, 1, D]."""
+        return self.audio_embeddings(codes + codebook * self.config.audio_vocab_size).unsqueeze(1)
+
+    def backbone_forward(
+        self, tokens: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        """Run frames through the backbone; returns the last position's hidden state [B, D]."""
+        return self.backbone(self.embed_frames(tokens, mask), rows, positions, length)[:, -1]
+
+    def sample_frame(self, hidden: torch.Tensor, sample) -> torch.Tensor:
+        """hidden: [B, D] backbone output -> codes [B, 32]. `sample(logits, codebook)` draws one
+        codebook's codes [B] from its logits [B, vocab]."""
+        batch = hidden.shape[0]
+        rows = torch.arange(batch, device=hidden.device)
+        codes = [sample(self.codebook0_head(hidden), 0)]
+        x = torch.cat([hidden.unsqueeze(1), self.embed_codes(codes[0], 0)], dim=1)  # [B, 2, D]
+        positions = torch.arange(2, device=hidden.device).expand(batch, 2)
+        for codebook in range(1, self.config.audio_num_codebooks):
+            # The codebook's input sits at position `codebook`; the decoder sees positions 0..codebook.
+            decoded = self.decoder(self.projection(x), rows, positions, codebook + 1)[:, -1]
+            codes.append(sample(decoded @ self.audio_head[codebook - 1], codebook))
+            x = self.embed_codes(codes[-1], codebook)
+            positions = positions[:, -1:] + 1
+        return torch.stack(codes, dim=1)

@@ -1,0 +1,77 @@
+"""Top-k / temperature sampling with per-row parameters and counter-based random numbers.
+
+Every row draws its noise from a hash of (seed, frame, codebook, token), not from a shared
+generator, so a request samples the same codes alone or in any batch, in any slot, and no host
+synchronisation or per-row Python loop is needed (the step stays graph-capturable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # below 2**27: a 32-bit value times it fits in int64 without overflow
+_TOKEN_SALT = 0x9E3779B9
+
+
+@dataclass(frozen=True)
+class Preset:
+    temperature: float
+    topk: int
+    max_audio_length_ms: int
+
+
+# The design document's guidance for three use cases, as keyword arguments of `Generator.generate`.
+PRESETS: dict[str, Preset] = {
+    "natural": Preset(temperature=0.9, topk=50, max_audio_length_ms=10_000),
+    "deterministic": Preset(temperature=0.6, topk=30, max_audio_length_ms=10_000),
+    "creative": Preset(temperature=1.1, topk=150, max_audio_length_ms=15_000),
+}
+
+
+def preset(name: str) -> dict[str, float | int]:
+    """`generator.generate(text, speaker, context, **preset("creative"))`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return asdict(PRESETS[name])
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash on int64 tensors holding values below 2**32."""
+    x = (((x >> 16) ^ x) * _MIX) & _MASK32
+    x = (((x >> 16) ^ x) * _MIX) & _MASK32
+    return (x >> 16) ^ x
+
+
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """seeds, counters: [B] int64 -> [B, vocab_size] float32 uniform in (0, 1)."""
+    key = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) ^ _mix32(counters & _MASK32)))
+    tokens = _mix32((torch.arange(vocab_size, device=seeds.device) + _TOKEN_SALT) & _MASK32)
+    # 23 bits, so that bits + 0.5 is exact in float32 and the largest value stays below 1.
+    bits = _mix32(key[:, None] ^ tokens[None, :]) >> 9
+    return (bits.float() + 0.5) * 2.0**-23
+
+
+class Sampler:
+    """Samples one codebook for every row of a batch from its logits [B, vocab]."""
+
+    def __init__(
+        self, temperature: torch.Tensor, topk: torch.Tensor, seeds: torch.Tensor, frames: torch.Tensor, num_codebooks: int
+    ) -> None:
+        self.temperature = temperature  # [B] float32
+        self.topk = topk  # [B] int64
+        self.seeds = seeds  # [B] int64
+        self.frames = frames  # [B] int64: index of the frame being sampled in each row's request
+        self.num_codebooks = num_codebooks
+
+    def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
+        logits = logits.float() / self.temperature[:, None]
+        ranked = logits.sort(dim=-1, descending=True).values
+        threshold = ranked.gather(1, (self.topk - 1)[:, None])
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        noise = uniform_noise(self.seeds, self.frames * self.num_codebooks + codebook, logits.shape[-1])
+        # Exponential race: argmax(p / Exp(1)) draws index i with probability p_i.
+        return (probs / -torch.log(noise)).argmax(dim=-1)

@@ -1,0 +1,142 @@
+"""The batching engine: batched equals alone, slots join and leave, cancellation, limits."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from csm_triton import GenerationRequest, Generator, Segment, load_csm_1b
+from csm_triton.checkpoint import read_state_dict
+from csm_triton.engine import Engine, EngineRequest, StepResult
+
+
+def run(engine: Engine, arrivals: dict[int, list[EngineRequest]]) -> dict[int, torch.Tensor]:
+    """Submit requests at the given step numbers, step until all finish; codes per request id."""
+    frames: dict[int, list[torch.Tensor]] = {}
+    finished: set[int] = set()
+    step = 0
+    while step <= max(arrivals) or engine.has_work:
+        for request in arrivals.get(step, []):
+            frames[engine.submit(request)] = []
+        for result in engine.step():
+            if result.codes is not None:
+                frames[result.request_id].append(result.codes)
+            if result.finish is not None:
+                finished.add(result.request_id)
+        step += 1
+    assert finished == set(frames)
+    return {rid: torch.stack(codes) for rid, codes in frames.items()}
+
+
+def requests(generator: Generator, topk: int) -> list[EngineRequest]:
+    context = [Segment(speaker=1, text="How are you doing today?"), Segment(speaker=0, text="Fine, thanks.")]
+    asks = [
+        GenerationRequest("Hi.", 0, topk=topk, max_audio_length_ms=800, seed=11),
+        GenerationRequest("A rather longer sentence, to give this prompt more positions.", 1, topk=topk, max_audio_length_ms=1200, seed=12),
+        GenerationRequest("With some context before it.", 0, context, topk=topk, max_audio_length_ms=640, seed=13),
+    ]
+    return [generator.engine_request(ask) for ask in asks]
+
+
+@pytest.mark.parametrize("topk", [1, 50], ids=["greedy", "sampled"])
+def test_batched_equals_alone(generator: Generator, topk: int) -> None:
+    batch = requests(generator, topk)
+    assert len({len(r.tokens) for r in batch}) == 3
+    alone = [next(iter(run(generator.engine, {0: [r]}).values())) for r in batch]
+    # Staggered arrivals: the second joins two frames in, the third five frames in.
+    together = run(generator.engine, {0: [batch[0]], 2: [batch[1]], 5: [batch[2]]})
+    for solo, joint in zip(alone, together.values(), strict=True):
+        assert solo.shape == (solo.shape[0], 32) and len(solo) > 0
+        assert torch.equal(solo, joint)
+
+
+def test_more_requests_than_slots_queue_and_all_finish(generator: Generator) -> None:
+    engine = generator.engine
+    asks = [
+        generator.engine_request(GenerationRequest(f"Number {i}.", i % 3, max_audio_length_ms=240 + 80 * i, seed=i))
+        for i in range(engine.num_slots + 3)
+    ]
+    peak_before = engine.stats.peak_batch
+    codes = run(engine, {0: asks})
+    assert [len(c) for c in codes.values()] == [3 + i for i in range(len(asks))]
+    assert engine.stats.peak_batch == max(peak_before, engine.num_slots)
+    assert engine.active_slots == 0
+
+
+def test_cancel_frees_the_slot_and_others_continue(generator: Generator) -> None:
+    engine = generator.engine
+    keep, drop, queued = (
+        generator.engine_request(GenerationRequest(t, 0, max_audio_length_ms=800, seed=3)) for t in ("Keep me.", "Drop me.", "Never run.")
+    )
+    keep_id, drop_id = engine.submit(keep), engine.submit(drop)
+    for _ in range(engine.num_slots - 2):  # fill the remaining slots so that `queued` waits
+        engine.submit(keep)
+    queued_id = engine.submit(queued)
+    engine.step()
+    assert engine.active_slots == engine.num_slots
+    engine.cancel(drop_id)
+    engine.cancel(queued_id)
+    results = engine.step()
+    finishes = {r.request_id: r.finish for r in results}
+    assert finishes[drop_id] == "cancelled" and finishes[queued_id] == "cancelled"
+    assert finishes[keep_id] is None
+    assert engine.active_slots == engine.num_slots - 1
+    frames = {keep_id: 2}
+    while engine.has_work:
+        for result in engine.step():
+            assert result.request_id not in (drop_id, queued_id)
+            if result.request_id == keep_id and result.codes is not None:
+                frames[keep_id] += 1
+    assert frames[keep_id] == 10
+    assert engine.active_slots == 0
+
+
+def test_prompt_over_the_position_limit_is_refused_before_taking_a_slot(generator: Generator) -> None:
+    long_text = "word " * 1990
+    with pytest.raises(ValueError, match=r"prompt: \d+ positions .* exceed the model's 2048-position limit"):
+        generator.engine_request(GenerationRequest(long_text, 0, max_audio_length_ms=10_000))
+    assert generator.engine.active_slots == 0 and not generator.engine.has_work
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("temperature", 0.0, "temperature: must be a finite number > 0"),
+        ("topk", 2052, r"topk: must be in \[1, 2051\]"),
+        ("max_frames", 0, "max_frames: must be at least 1"),
+    ],
+)
+def test_engine_checks_its_inputs(generator: Generator, field: str, value: float, message: str) -> None:
+    good = generator.engine_request(GenerationRequest("Hi.", 0, seed=1))
+    bad = EngineRequest(**{**good.__dict__, field: value})
+    with pytest.raises(ValueError, match=message):
+        generator.engine.submit(bad)
+
+
+def test_all_zero_frame_ends_the_request_and_is_dropped(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Weights edited so that every codebook's logits favour code 0: zeroed layers pass the
+    embeddings through, every embedding has a positive first component, and the heads read it."""
+    edited = shutil.copytree(tiny_model_dir, tmp_path / "eos")
+    state = {name: tensor.clone() for name, tensor in read_state_dict(tiny_model_dir / "model.safetensors").items()}
+    for name, tensor in state.items():
+        if ".layers." in name and name.endswith("weight"):
+            tensor.zero_()
+    state["text_embeddings.weight"][:, 0] = 1.0
+    state["audio_embeddings.weight"][:, 0] = 1.0
+    state["projection.weight"][:] = 0.0
+    state["projection.weight"][0, 0] = 1.0
+    state["codebook0_head.weight"][:, 0] = 0.0
+    state["codebook0_head.weight"][0, 0] = 1000.0
+    state["audio_head"][:, 0, :] = 0.0
+    state["audio_head"][:, 0, 0] = 1000.0
+    save_file(state, edited / "model.safetensors")
+    generator = load_csm_1b(edited, device="cpu", slots=2)
+    request_id = generator.engine.submit(generator.engine_request(GenerationRequest("Stop at once.", 0, seed=1)))
+    assert generator.engine.step() == [StepResult(request_id, None, "eos")]
+    assert generator.engine.active_slots == 0
+    assert generator.generate_codes("Stop at once.", 0, [], seed=2).shape == (0, 32)
+    assert len(generator.generate("Stop at once.", 0, [], seed=2)) == 0
