@@ -7,7 +7,7 @@ MODEL_DIR ?= models/csm-1b
 TINY_DIR ?= models/tiny
 TEST_ARGS ?=
 
-.PHONY: setup export-tiny export test bench lint clean
+.PHONY: setup export-tiny export serve test bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -22,11 +22,19 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 export-tiny: setup
-	$(PYTHON) -m export tiny --out $(TINY_DIR)
+	$(PYTHON) -m export tiny --out $(TINY_DIR) --force
+
+$(TINY_DIR)/manifest.json: | setup
+	$(PYTHON) -m export tiny --out $(TINY_DIR) --force
 
 # Real weights from the Hugging Face Hub (HF_TOKEN from the environment for the gated tokenizer).
 export: setup
 	$(PYTHON) -m export fetch --out $(MODEL_DIR)
+
+# tritonserver on model_repository/ (HTTP_PORT, GRPC_PORT, METRICS_PORT or SERVE_ARGS="--http-port 9000 ...").
+# Serves models/csm-1b when staged (make export), else the tiny random-weight model.
+serve: setup $(TINY_DIR)/manifest.json
+	$(PYTHON) -m csm_triton.server $(SERVE_ARGS)
 
 test: setup
 	$(PYTHON) -m pytest -q $(TEST_ARGS)
@@ -35,7 +43,8 @@ bench: setup
 	$(PYTHON) bench/engine_bench.py
 
 lint: setup
-	$(VENV)/bin/ruff check python_backend export tests bench
+	$(VENV)/bin/ruff check python_backend client export model_repository tests bench
+	$(VENV)/bin/ruff format --check python_backend client export model_repository tests bench
 
 clean:
 	rm -rf $(VENV) models

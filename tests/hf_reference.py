@@ -73,7 +73,7 @@ def _rotate_half_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     to the rotate-half layout (i, i + head_dim/2)."""
     out_features, in_features = weight.shape
     heads = out_features // head_dim
-    return weight.view(heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+    return weight.reshape(heads, head_dim // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:

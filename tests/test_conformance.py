@@ -57,7 +57,7 @@ def our_greedy(model: CSM, tokens: torch.Tensor, mask: torch.Tensor, frames: int
     model.setup_caches(1)
     rows = torch.zeros(1, dtype=torch.long)
     length = tokens.shape[0]
-    hidden = model.backbone_forward(tokens[None], mask[None], rows, torch.arange(length)[None], length)
+    hidden = model.backbone_forward(tokens[None], mask[None], rows, torch.arange(length)[None], length)[:, -1]
     prompt_hidden = hidden[0].clone()
     frame_mask = torch.ones(1, 1, 33, dtype=torch.bool)
     frame_mask[..., -1] = False
@@ -66,7 +66,7 @@ def our_greedy(model: CSM, tokens: torch.Tensor, mask: torch.Tensor, frames: int
         frame = model.sample_frame(hidden, greedy_sampler())  # [1, 32]
         codes.append(frame[0])
         frame_tokens = torch.cat([frame, torch.zeros(1, 1, dtype=torch.long)], dim=1)[:, None]
-        hidden = model.backbone_forward(frame_tokens, frame_mask, rows, torch.tensor([[length]]), length + 1)
+        hidden = model.backbone_forward(frame_tokens, frame_mask, rows, torch.tensor([[length]]), length + 1)[:, -1]
         length += 1
     return prompt_hidden, torch.stack(codes) if codes else torch.zeros(0, 32, dtype=torch.long)
 

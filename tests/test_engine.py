@@ -42,13 +42,16 @@ def requests(generator: Generator, topk: int) -> list[EngineRequest]:
     return [generator.engine_request(ask) for ask in asks]
 
 
+@pytest.mark.parametrize("arrival_steps", [(0, 2, 5), (0, 0, 0)], ids=["staggered", "prefilled-together"])
 @pytest.mark.parametrize("topk", [1, 50], ids=["greedy", "sampled"])
-def test_batched_equals_alone(generator: Generator, topk: int) -> None:
+def test_batched_equals_alone(generator: Generator, topk: int, arrival_steps: tuple[int, int, int]) -> None:
     batch = requests(generator, topk)
     assert len({len(r.tokens) for r in batch}) == 3
     alone = [next(iter(run(generator.engine, {0: [r]}).values())) for r in batch]
-    # Staggered arrivals: the second joins two frames in, the third five frames in.
-    together = run(generator.engine, {0: [batch[0]], 2: [batch[1]], 5: [batch[2]]})
+    arrivals: dict[int, list[EngineRequest]] = {}
+    for step, request in zip(arrival_steps, batch, strict=True):
+        arrivals.setdefault(step, []).append(request)
+    together = run(generator.engine, arrivals)
     for solo, joint in zip(alone, together.values(), strict=True):
         assert solo.shape == (solo.shape[0], 32) and len(solo) > 0
         assert torch.equal(solo, joint)

@@ -277,7 +277,9 @@ def test_ckpt_without_config_is_checked_as_csm_1b(tiny_dir: Path, tiny_state: di
     src = local_dir(tmp_path / "src", hub_files(tiny_dir))
     (src / DEFAULT_REPO).mkdir(parents=True)
     torch.save(tiny_state, src / DEFAULT_REPO / "ckpt.pt")
-    with pytest.raises(ValueError, match=r"weights do not match the config: audio_head has shape \[31, 64, 2051\], expected \[31, 1024, 2051\]"):
+    with pytest.raises(
+        ValueError, match=r"weights do not match the config: audio_head has shape \[31, 64, 2051\], expected \[31, 1024, 2051\]"
+    ):
         fetch(tmp_path / "out", from_dir=src)
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from .config import ModelConfig
-from .model import CSM
+from .model import CSM, use_cpu_linear
 
 logger = logging.getLogger(__name__)
 
@@ -104,4 +104,7 @@ def load_model(paths: StagedPaths, device: torch.device, dtype: torch.dtype) -> 
     logger.info(
         "loaded %s (%.0fM parameters) onto %s as %s", paths.weights, sum(p.numel() for p in model.parameters()) / 1e6, device, dtype
     )
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        use_cpu_linear(model)
+    return model

@@ -123,9 +123,7 @@ class Engine:
     def step(self) -> list[StepResult]:
         results = self._drop_cancelled()
         admitted = self._admit()
-        hidden = self._decode_running(admitted)
-        for index in admitted:
-            hidden[index] = self._prefill(index)
+        hidden = self._decode_running(admitted) | self._prefill(admitted)
         if not hidden:
             return results
         indices = sorted(hidden)
@@ -136,6 +134,7 @@ class Engine:
             seeds=torch.tensor([s.request.seed for s in slots], device=self.device),
             frames=torch.tensor([s.frames for s in slots], device=self.device),
             num_codebooks=self.num_codebooks,
+            max_topk=max(s.request.topk for s in slots),
         )
         codes = self.model.sample_frame(torch.stack([hidden[i] for i in indices]), sampler)
         codes_host = codes.cpu()  # the step's one device-to-host copy
@@ -167,18 +166,30 @@ class Engine:
                     admitted.append(index)
         return admitted
 
-    def _prefill(self, index: int) -> torch.Tensor:
-        slot = self._slots[index]
-        length = len(slot.request.tokens)
+    def _prefill(self, admitted: list[int]) -> dict[int, torch.Tensor]:
+        """All newly admitted prompts in one backbone pass, right-padded to the longest. A shorter
+        row writes padding into cache positions past its prompt; its own frames overwrite each of
+        them before any query attends to it."""
+        if not admitted:
+            return {}
+        slots = [self._slots[i] for i in admitted]
+        lengths = [len(s.request.tokens) for s in slots]
+        longest = max(lengths)
+        tokens = torch.zeros(len(slots), longest, self.num_codebooks + 1, dtype=torch.long)
+        mask = torch.zeros_like(tokens, dtype=torch.bool)
+        for row, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
+            tokens[row, :length] = slot.request.tokens
+            mask[row, :length] = slot.request.mask
+            slot.position = length
         hidden = self.model.backbone_forward(
-            slot.request.tokens.to(self.device)[None],
-            slot.request.mask.to(self.device)[None],
-            rows=torch.tensor([index], device=self.device),
-            positions=torch.arange(length, device=self.device)[None],
-            length=length,
+            tokens.to(self.device),
+            mask.to(self.device),
+            rows=torch.tensor(admitted, device=self.device),
+            positions=torch.arange(longest, device=self.device).expand(len(slots), longest),
+            length=longest,
         )
-        slot.position = length
-        return hidden[0]
+        last = hidden[torch.arange(len(slots)), torch.tensor(lengths) - 1]  # [B, D]
+        return dict(zip(admitted, last, strict=True))
 
     def _decode_running(self, admitted: list[int]) -> dict[int, torch.Tensor]:
         """One backbone position for every slot that already has a frame to feed back."""
@@ -194,7 +205,7 @@ class Engine:
         positions = torch.tensor([[s.position] for s in slots], device=self.device)
         hidden = self.model.backbone_forward(
             tokens, mask, torch.tensor(indices, device=self.device), positions, max(s.position for s in slots) + 1
-        )
+        )[:, 0]
         for s in slots:
             s.position += 1
         return dict(zip(indices, hidden, strict=True))

@@ -58,17 +58,24 @@ class Sampler:
     """Samples one codebook for every row of a batch from its logits [B, vocab]."""
 
     def __init__(
-        self, temperature: torch.Tensor, topk: torch.Tensor, seeds: torch.Tensor, frames: torch.Tensor, num_codebooks: int
+        self,
+        temperature: torch.Tensor,
+        topk: torch.Tensor,
+        seeds: torch.Tensor,
+        frames: torch.Tensor,
+        num_codebooks: int,
+        max_topk: int | None = None,
     ) -> None:
         self.temperature = temperature  # [B] float32
         self.topk = topk  # [B] int64
         self.seeds = seeds  # [B] int64
         self.frames = frames  # [B] int64: index of the frame being sampled in each row's request
         self.num_codebooks = num_codebooks
+        self.max_topk = max_topk  # the batch's largest k, known on the host: a partial sort suffices
 
     def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
         logits = logits.float() / self.temperature[:, None]
-        ranked = logits.sort(dim=-1, descending=True).values
+        ranked = logits.topk(self.max_topk or logits.shape[-1], dim=-1).values  # descending
         threshold = ranked.gather(1, (self.topk - 1)[:, None])
         logits = logits.masked_fill(logits < threshold, float("-inf"))
         probs = torch.softmax(logits, dim=-1)

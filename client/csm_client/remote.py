@@ -1,0 +1,71 @@
+"""The design document's `Generator` interface, served by a Triton server. Code written for
+`load_csm_1b` runs against a server by changing one line:
+
+    generator = RemoteGenerator("localhost:8001")   # instead of load_csm_1b("ckpt.pt", "cuda")
+    audio = generator.generate(text="Hello from Sesame.", speaker=0, context=[])
+    torchaudio.save("audio.wav", audio.unsqueeze(0).cpu(), generator.sample_rate)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .client import DEFAULT_TIMEOUT_S, CSMClient
+from .segment import SAMPLE_RATE
+
+if TYPE_CHECKING:
+    import torch
+
+
+class RemoteGenerator:
+    """`generate` / `generate_codes` with the design document's signature and defaults,
+    returning torch tensors like the in-process Generator. torch is imported on first use, so
+    the rest of the client works without it."""
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(
+        self, url: str | None = None, protocol: str = "grpc", model_name: str = "csm", timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        self.client = CSMClient(url, protocol, model_name, timeout_s)
+
+    def generate(
+        self,
+        text: str,
+        speaker: int,
+        context: Sequence[Any],
+        temperature: float = 0.9,
+        topk: int = 50,
+        max_audio_length_ms: int = 10_000,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Speak `text` as `speaker` after `context`: mono float32 audio [samples] at 24 kHz."""
+        import torch
+
+        audio, _ = self.client.generate(text, speaker, context, temperature, topk, max_audio_length_ms, seed)
+        return torch.from_numpy(audio)
+
+    def generate_codes(
+        self,
+        text: str,
+        speaker: int,
+        context: Sequence[Any],
+        temperature: float = 0.9,
+        topk: int = 50,
+        max_audio_length_ms: int = 10_000,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """The sampled Mimi codes [frames, 32] (int64, as in process)."""
+        import torch
+
+        return torch.from_numpy(self.client.generate_codes(text, speaker, context, temperature, topk, max_audio_length_ms, seed)).long()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> RemoteGenerator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,157 @@
+"""The Triton model's contract: its settings, and requests read from named input arrays.
+
+Kept free of `triton_python_backend_utils` so that the parsing is testable outside a server and
+`model.py` stays a thin adapter. Every error is a ValueError whose message starts with the
+tensor's name, which the model returns as INVALID_ARG for that request alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .codec import SAMPLE_RATE
+from .generator import FRAME_MS, GenerationRequest
+from .prompt import Segment
+
+logger = logging.getLogger(__name__)
+
+INPUTS = (
+    "TEXT",
+    "SPEAKER",
+    "CONTEXT_TEXT",
+    "CONTEXT_SPEAKER",
+    "CONTEXT_AUDIO",
+    "CONTEXT_AUDIO_LENGTHS",
+    "CONTEXT_SAMPLE_RATE",
+    "TEMPERATURE",
+    "TOPK",
+    "MAX_AUDIO_LENGTH_MS",
+    "SEED",
+)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """The model's `parameters` in config.pbtxt."""
+
+    model_dir: str = ""
+    tiny_model_dir: str = "models/tiny"
+    device: str = "auto"
+    dtype: str = "auto"
+    slots: int = 8
+    max_audio_length_ms: int = 30_000
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, dict[str, str]]) -> ServingConfig:
+        """Triton gives parameters as {"key": {"string_value": "..."}}."""
+        values = {key: value["string_value"] for key, value in parameters.items()}
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"config.pbtxt parameters: unknown keys {sorted(unknown)}")
+        typed = {key: int(value) if key in ("slots", "max_audio_length_ms") else value for key, value in values.items()}
+        config = cls(**typed)
+        if config.max_audio_length_ms < FRAME_MS or config.slots < 1:
+            raise ValueError("config.pbtxt parameters: slots must be >= 1 and max_audio_length_ms >= 80")
+        return config
+
+    def weights_dir(self, project_root: Path) -> tuple[Path, bool]:
+        """(directory to load, whether it is the staged real model). Relative paths are taken
+        from `project_root`."""
+        if self.model_dir:
+            staged = project_root / self.model_dir
+            if (staged / "config.json").exists():
+                return staged, True
+            logger.warning("model_dir %s holds no staged model", staged)
+        return project_root / self.tiny_model_dir, False
+
+
+def _single(arrays: dict[str, np.ndarray], name: str, default=None):
+    """A scalar input: shape [1] or [1, 1] (the batch dimension of one request)."""
+    if name not in arrays:
+        if default is None:
+            raise ValueError(f"{name}: required input is missing")
+        return default
+    array = arrays[name]
+    if array.size != 1:
+        raise ValueError(f"{name}: expected one value per request, got shape {list(array.shape)}")
+    return array.reshape(-1)[0]
+
+
+def _vector(arrays: dict[str, np.ndarray], name: str) -> np.ndarray | None:
+    """A per-request list input: shape [1, n] (batch dimension first) or [n]."""
+    if name not in arrays:
+        return None
+    array = arrays[name]
+    if array.ndim == 2 and array.shape[0] == 1:
+        return array[0]
+    if array.ndim != 1:
+        raise ValueError(f"{name}: expected shape [1, n] for one request, got {list(array.shape)}")
+    return array
+
+
+def _text(value, name: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{name}: not valid UTF-8 ({error.reason} at byte {error.start})") from error
+    return str(value)
+
+
+def _context(arrays: dict[str, np.ndarray]) -> list[Segment]:
+    texts = _vector(arrays, "CONTEXT_TEXT")
+    speakers = _vector(arrays, "CONTEXT_SPEAKER")
+    lengths = _vector(arrays, "CONTEXT_AUDIO_LENGTHS")
+    audio = _vector(arrays, "CONTEXT_AUDIO")
+    texts = texts if texts is not None else np.zeros(0, dtype=object)
+    speakers = speakers if speakers is not None else np.zeros(0, dtype=np.int32)
+    lengths = lengths if lengths is not None else np.zeros(len(texts), dtype=np.int32)
+    audio = audio if audio is not None else np.zeros(0, dtype=np.float32)
+    if not len(texts) == len(speakers) == len(lengths):
+        raise ValueError(
+            f"CONTEXT_TEXT, CONTEXT_SPEAKER, CONTEXT_AUDIO_LENGTHS: one entry per context segment, "
+            f"got {len(texts)}, {len(speakers)} and {len(lengths)}"
+        )
+    if (lengths < 0).any():
+        raise ValueError("CONTEXT_AUDIO_LENGTHS: sample counts must be >= 0")
+    if int(lengths.sum()) != len(audio):
+        raise ValueError(f"CONTEXT_AUDIO_LENGTHS: sums to {int(lengths.sum())} samples but CONTEXT_AUDIO holds {len(audio)}")
+    if not np.isfinite(audio).all():
+        raise ValueError("CONTEXT_AUDIO: samples must be finite (found NaN or infinity)")
+    sample_rate = int(_single(arrays, "CONTEXT_SAMPLE_RATE", SAMPLE_RATE))
+    if sample_rate <= 0:
+        raise ValueError(f"CONTEXT_SAMPLE_RATE: must be > 0, got {sample_rate}")
+    segments, offset = [], 0
+    for index, (text, speaker, length) in enumerate(zip(texts, speakers, lengths, strict=True)):
+        clip = audio[offset : offset + length] if length else None
+        offset += length
+        try:
+            segments.append(Segment(int(speaker), _text(text, f"CONTEXT_TEXT[{index}]"), clip, sample_rate=sample_rate))
+        except ValueError as error:
+            raise ValueError(f"CONTEXT (segment {index}): {error}") from error
+    return segments
+
+
+def parse_request(arrays: dict[str, np.ndarray], config: ServingConfig, vocab_size: int) -> GenerationRequest:
+    """One Triton request's input arrays -> a validated GenerationRequest."""
+    text = _text(_single(arrays, "TEXT"), "TEXT")
+    if not text.strip():
+        raise ValueError("TEXT: must not be empty")
+    speaker = int(_single(arrays, "SPEAKER"))
+    if speaker < 0:
+        raise ValueError(f"SPEAKER: must be >= 0, got {speaker}")
+    temperature = float(_single(arrays, "TEMPERATURE", 0.9))
+    if not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"TEMPERATURE: must be a finite number > 0, got {temperature}")
+    topk = int(_single(arrays, "TOPK", 50))
+    if not 1 <= topk <= vocab_size:
+        raise ValueError(f"TOPK: must be in [1, {vocab_size}], got {topk}")
+    max_ms = int(_single(arrays, "MAX_AUDIO_LENGTH_MS", min(10_000, config.max_audio_length_ms)))
+    if not FRAME_MS <= max_ms <= config.max_audio_length_ms:
+        raise ValueError(f"MAX_AUDIO_LENGTH_MS: must be in [{FRAME_MS}, {config.max_audio_length_ms}], got {max_ms}")
+    seed = int(_single(arrays, "SEED")) if "SEED" in arrays else None
+    return GenerationRequest(text, speaker, _context(arrays), temperature, topk, max_ms, seed)

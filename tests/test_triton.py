@@ -1,0 +1,196 @@
+"""The "csm" model in a real tritonserver, spoken to with raw tritonclient tensors: outputs,
+batching, and every kind of bad input failing alone with INVALID_ARG naming the tensor."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcclient_aio
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from csm_triton import Generator, Segment
+from csm_triton.codec import SAMPLES_PER_FRAME
+from csm_triton.server import TritonServer
+
+MODEL = "csm"
+
+
+def tensors(module, arrays: dict[str, np.ndarray]) -> list:
+    inputs = []
+    for name, array in arrays.items():
+        infer_input = module.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else np_to_triton_dtype(array.dtype))
+        infer_input.set_data_from_numpy(array)
+        inputs.append(infer_input)
+    return inputs
+
+
+def request(text: bytes | str = "Hello from Sesame.", speaker: int = 0, **extra: np.ndarray) -> dict[str, np.ndarray]:
+    """A request's arrays, batch dimension first; `extra` adds or (as None) drops inputs."""
+    arrays = {
+        "TEXT": np.array([[text.encode() if isinstance(text, str) else text]], dtype=object),
+        "SPEAKER": np.array([[speaker]], dtype=np.int32),
+        "MAX_AUDIO_LENGTH_MS": np.array([[400]], dtype=np.int32),
+        "SEED": np.array([[3]], dtype=np.int64),
+    }
+    arrays.update(extra)
+    return {name: array for name, array in arrays.items() if array is not None}
+
+
+def scalar(value, dtype) -> np.ndarray:
+    return np.array([[value]], dtype=dtype)
+
+
+def vector(values, dtype) -> np.ndarray:
+    return np.array([values], dtype=dtype)
+
+
+def infer(server: TritonServer, arrays: dict[str, np.ndarray], protocol: str = "grpc", outputs: tuple[str, ...] = ("AUDIO", "AUDIO_CODES")):
+    module = grpcclient if protocol == "grpc" else httpclient
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    client = module.InferenceServerClient(url)
+    result = client.infer(MODEL, tensors(module, arrays), outputs=[module.InferRequestedOutput(name) for name in outputs])
+    return {name: result.as_numpy(name) for name in outputs}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_audio_matches_the_frames_and_codes_match_in_process(triton_server: TritonServer, generator: Generator, protocol: str) -> None:
+    out = infer(triton_server, request(), protocol)
+    codes, audio = out["AUDIO_CODES"], out["AUDIO"]
+    assert codes.dtype == np.int32 and codes.shape == (1, 5, 32)
+    assert audio.dtype == np.float32 and audio.shape == (1, 5 * SAMPLES_PER_FRAME)
+    expected = generator.generate_codes("Hello from Sesame.", 0, [], max_audio_length_ms=400, seed=3)
+    assert np.array_equal(codes[0], expected.numpy())
+    assert np.allclose(audio[0], generator.codec.decode(expected).numpy(), atol=1e-5)
+
+
+def test_only_the_requested_outputs_are_returned(triton_server: TritonServer) -> None:
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    result = client.infer(MODEL, tensors(grpcclient, request()), outputs=[grpcclient.InferRequestedOutput("AUDIO_CODES")])
+    assert result.as_numpy("AUDIO_CODES").shape == (1, 5, 32)
+    assert result.as_numpy("AUDIO") is None
+
+
+def test_context_with_audio_and_text_segments(triton_server: TritonServer, generator: Generator) -> None:
+    clip = (0.3 * np.sin(np.arange(8000) / 6.0)).astype(np.float32)  # 0.5 s at 16 kHz
+    arrays = request(
+        "And you?",
+        1,
+        CONTEXT_TEXT=vector([b"How are you?", b"Fine, thanks."], object),
+        CONTEXT_SPEAKER=vector([0, 1], np.int32),
+        CONTEXT_AUDIO=vector(clip, np.float32),
+        CONTEXT_AUDIO_LENGTHS=vector([0, len(clip)], np.int32),
+        CONTEXT_SAMPLE_RATE=scalar(16_000, np.int32),
+    )
+    codes = infer(triton_server, arrays, outputs=("AUDIO_CODES",))["AUDIO_CODES"][0]
+    context = [Segment(0, "How are you?"), Segment(1, "Fine, thanks.", clip, sample_rate=16_000)]
+    expected = generator.generate_codes("And you?", 1, context, max_audio_length_ms=400, seed=3)
+    assert np.array_equal(codes, expected.numpy())
+
+
+async def infer_all(server: TritonServer, requests: list[dict[str, np.ndarray]]) -> list:
+    """Send every request at once; each result is its codes or the InferenceServerException."""
+    client = grpcclient_aio.InferenceServerClient(server.grpc_url)
+    try:
+        calls = [
+            client.infer(MODEL, tensors(grpcclient_aio, arrays), outputs=[grpcclient_aio.InferRequestedOutput("AUDIO_CODES")])
+            for arrays in requests
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await client.close()
+    return [r if isinstance(r, Exception) else r.as_numpy("AUDIO_CODES")[0] for r in results]
+
+
+def model_statistics(server: TritonServer) -> tuple[int, int]:
+    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(MODEL, as_json=True)
+    model = stats["model_stats"][0]
+    return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
+
+
+def test_concurrent_requests_run_together(triton_server: TritonServer, generator: Generator) -> None:
+    inferences_before, executions_before = model_statistics(triton_server)
+    texts = [f"Request number {i}, of a different length{'!' * i}" for i in range(8)]
+    results = asyncio.run(infer_all(triton_server, [request(text, i % 3) for i, text in enumerate(texts)]))
+    inferences, executions = model_statistics(triton_server)
+    assert inferences - inferences_before == 8
+    assert executions - executions_before < 8  # the dynamic batcher handed several to one execute()
+    for i, (text, codes) in enumerate(zip(texts, results, strict=True)):
+        expected = generator.generate_codes(text, i % 3, [], max_audio_length_ms=400, seed=3)
+        assert np.array_equal(codes, expected.numpy())
+
+
+LONG_TEXT = "word " * 2100
+BAD_REQUESTS = {
+    "missing TEXT": (request(TEXT=None), "TEXT: required input is missing"),
+    "empty TEXT": (request(""), "TEXT: must not be empty"),
+    "invalid UTF-8": (request(b"\xff\xfe bad"), "TEXT: not valid UTF-8"),
+    "negative SPEAKER": (request(speaker=-1), "SPEAKER: must be >= 0"),
+    "zero TEMPERATURE": (request(TEMPERATURE=scalar(0.0, np.float32)), "TEMPERATURE: must be a finite number > 0"),
+    "NaN TEMPERATURE": (request(TEMPERATURE=scalar(math.nan, np.float32)), "TEMPERATURE: must be a finite number > 0"),
+    "zero TOPK": (request(TOPK=scalar(0, np.int32)), r"TOPK: must be in \[1, 2051\], got 0"),
+    "huge TOPK": (request(TOPK=scalar(2052, np.int32)), r"TOPK: must be in \[1, 2051\], got 2052"),
+    "zero MAX_AUDIO_LENGTH_MS": (request(MAX_AUDIO_LENGTH_MS=scalar(0, np.int32)), r"MAX_AUDIO_LENGTH_MS: must be in \[80, 30000\]"),
+    "MAX_AUDIO_LENGTH_MS over the maximum": (
+        request(MAX_AUDIO_LENGTH_MS=scalar(30_080, np.int32)),
+        r"MAX_AUDIO_LENGTH_MS: must be in \[80, 30000\], got 30080",
+    ),
+    "context arrays of different lengths": (
+        request(CONTEXT_TEXT=vector([b"a", b"b"], object), CONTEXT_SPEAKER=vector([0], np.int32)),
+        "CONTEXT_TEXT, CONTEXT_SPEAKER, CONTEXT_AUDIO_LENGTHS: one entry per context segment, got 2, 1 and 2",
+    ),
+    "lengths not summing to the samples": (
+        request(
+            CONTEXT_TEXT=vector([b"a"], object),
+            CONTEXT_SPEAKER=vector([0], np.int32),
+            CONTEXT_AUDIO=vector(np.zeros(100), np.float32),
+            CONTEXT_AUDIO_LENGTHS=vector([90], np.int32),
+        ),
+        "CONTEXT_AUDIO_LENGTHS: sums to 90 samples but CONTEXT_AUDIO holds 100",
+    ),
+    "NaN context audio": (
+        request(
+            CONTEXT_TEXT=vector([b"a"], object),
+            CONTEXT_SPEAKER=vector([0], np.int32),
+            CONTEXT_AUDIO=vector([0.0, math.nan, 0.1], np.float32),
+            CONTEXT_AUDIO_LENGTHS=vector([3], np.int32),
+        ),
+        "CONTEXT_AUDIO: samples must be finite",
+    ),
+    "infinite context audio": (
+        request(
+            CONTEXT_TEXT=vector([b"a"], object),
+            CONTEXT_SPEAKER=vector([0], np.int32),
+            CONTEXT_AUDIO=vector([0.0, math.inf], np.float32),
+            CONTEXT_AUDIO_LENGTHS=vector([2], np.int32),
+        ),
+        "CONTEXT_AUDIO: samples must be finite",
+    ),
+    "prompt over 2048 positions": (request(LONG_TEXT), "prompt: .* exceed the model's 2048-position limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_is_invalid_arg_naming_the_field(triton_server: TritonServer, case: str) -> None:
+    arrays, message = BAD_REQUESTS[case]
+    with pytest.raises(InferenceServerException, match=message) as caught:
+        infer(triton_server, arrays)
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_bad_requests_fail_alone_in_a_batch_with_good_ones(triton_server: TritonServer, generator: Generator) -> None:
+    bad = [BAD_REQUESTS[case][0] for case in ("invalid UTF-8", "NaN context audio", "prompt over 2048 positions", "zero TOPK")]
+    good = [request(f"Good request {i}.", i) for i in range(4)]
+    _, executions_before = model_statistics(triton_server)
+    results = asyncio.run(infer_all(triton_server, [good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3], bad[3]]))
+    assert all(isinstance(r, InferenceServerException) for r in results[1::2])
+    for i, codes in enumerate(results[0::2]):
+        assert np.array_equal(codes, generator.generate_codes(f"Good request {i}.", i, [], max_audio_length_ms=400, seed=3).numpy())
+    _, executions = model_statistics(triton_server)
+    assert executions - executions_before < 8  # good and bad shared execute() calls
+    assert grpcclient.InferenceServerClient(triton_server.grpc_url).is_server_ready()
+    assert grpcclient.InferenceServerClient(triton_server.grpc_url).is_model_ready(MODEL)
