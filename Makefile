@@ -40,7 +40,8 @@ test: setup
 	$(PYTHON) -m pytest -q $(TEST_ARGS)
 
 bench: setup
-	$(PYTHON) bench/engine_bench.py
+	$(PYTHON) bench/engine_bench.py --json docs/engine_bench.json
+	$(PYTHON) bench/triton_bench.py --json docs/triton_bench.json
 
 lint: setup
 	$(VENV)/bin/ruff check python_backend client export model_repository tests bench

@@ -47,10 +47,13 @@ def test_generate_batch_matches_one_at_a_time(generator: Generator) -> None:
         GenerationRequest("Second one.", 1, context, temperature=1.1, topk=100, max_audio_length_ms=560, seed=2),
         GenerationRequest("Third.", 2, **preset("deterministic") | {"max_audio_length_ms": 320}, seed=3),
     ]
+    codes_together = generator.generate_codes_batch(asks)
     together = generator.generate_batch(asks)
-    for ask, audio in zip(asks, together, strict=True):
-        alone = generator.generate(ask.text, ask.speaker, ask.context, ask.temperature, ask.topk, ask.max_audio_length_ms, ask.seed)
-        assert torch.equal(audio, alone)
+    for ask, codes, audio in zip(asks, codes_together, together, strict=True):
+        arguments = (ask.text, ask.speaker, ask.context, ask.temperature, ask.topk, ask.max_audio_length_ms, ask.seed)
+        assert torch.equal(codes, generator.generate_codes(*arguments))
+        # One Mimi pass over the padded batch: the same samples up to float rounding.
+        assert torch.allclose(audio, generator.generate(*arguments), atol=1e-5)
     assert [len(a) // SAMPLES_PER_FRAME for a in together] == [5, 7, 4]
 
 

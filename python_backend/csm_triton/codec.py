@@ -51,15 +51,25 @@ class MimiCodec:
         """audio: [samples] at 24 kHz -> codes [frames, codebooks]."""
         return self.mimi.encode(audio.to(self.device).view(1, 1, -1))[0].T
 
-    @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: [frames, codebooks] -> audio [frames * 1920] at 24 kHz, on the CPU.
+        """codes: [frames, codebooks] -> audio [frames * 1920] at 24 kHz, on the CPU."""
+        return self.decode_batch([codes])[0]
+
+    @torch.inference_mode()
+    def decode_batch(self, codes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several utterances' codes [frames, codebooks] in one Mimi pass. Mimi is causal, so
+        padding a shorter utterance at its end leaves its own samples as they are.
 
         CSM's audio vocabulary (2051) is wider than Mimi's codebooks (2048); the trained model
         does not sample the extra ids, but a sampled one must not crash the decoder: it decodes
         as code 0."""
-        if codes.shape[0] == 0:
-            return torch.zeros(0)
-        codes = codes.to(self.device)
-        codes = torch.where(codes < self.mimi.cardinality, codes, 0)
-        return self.mimi.decode(codes.T.unsqueeze(0))[0, 0].float().cpu()
+        lengths = [len(c) for c in codes]
+        if max(lengths, default=0) == 0:
+            return [torch.zeros(0) for _ in codes]
+        padded = torch.zeros(len(codes), max(lengths), codes[0].shape[1], dtype=torch.long)
+        for row, utterance in enumerate(codes):
+            padded[row, : len(utterance)] = utterance
+        padded = padded.to(self.device)
+        padded = torch.where(padded < self.mimi.cardinality, padded, 0)
+        audio = self.mimi.decode(padded.transpose(1, 2))[:, 0].float().cpu()  # [B, samples]
+        return [row[: length * SAMPLES_PER_FRAME] for row, length in zip(audio, lengths, strict=True)]

@@ -112,7 +112,7 @@ class Generator:
 
     def generate_batch(self, requests: list[GenerationRequest]) -> list[torch.Tensor]:
         """Audio [samples] at 24 kHz for each request, generated together."""
-        return [self.codec.decode(codes) for codes in self.generate_codes_batch(requests)]
+        return self.codec.decode_batch(self.generate_codes_batch(requests))
 
     def generate_codes(
         self,

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -35,6 +36,32 @@ class ServerOptions:
     grpc_port: int = int(os.environ.get("GRPC_PORT", 8001))
     metrics_port: int = int(os.environ.get("METRICS_PORT", 8002))
     extra_args: list[str] = field(default_factory=list)
+
+    @classmethod
+    def on_free_ports(cls, model_repository: Path) -> ServerOptions:
+        """Ports the OS has free now, for servers started by tests and benchmarks."""
+        ports = []
+        for _ in range(3):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                ports.append(probe.getsockname()[1])
+        return cls(model_repository, *ports)
+
+
+def model_repository_with(target: Path, parameters: dict[str, str], source: Path | None = None) -> Path:
+    """A copy of the model repository at `target` with some config.pbtxt parameters replaced:
+    how tests and benchmarks point the server at their own weights and slot counts."""
+    shutil.copytree(source or ServerOptions().model_repository, target)
+    config = target / "csm" / "config.pbtxt"
+    text = config.read_text()
+    for key, value in parameters.items():
+        marker = f'{{ key: "{key}", value: {{ string_value: "'
+        if marker not in text:
+            raise KeyError(f"config.pbtxt has no parameter {key!r}")
+        start = text.index(marker) + len(marker)
+        text = text[:start] + value + text[text.index('"', start) :]
+    config.write_text(text)
+    return target
 
 
 def _bundled_triton() -> tuple[Path, Path, dict[str, str]]:

@@ -7,7 +7,6 @@ tensor's name, which the model returns as INVALID_ARG for that request alone.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +15,6 @@ import numpy as np
 from .codec import SAMPLE_RATE
 from .generator import FRAME_MS, GenerationRequest
 from .prompt import Segment
-
-logger = logging.getLogger(__name__)
 
 INPUTS = (
     "TEXT",
@@ -61,11 +58,9 @@ class ServingConfig:
     def weights_dir(self, project_root: Path) -> tuple[Path, bool]:
         """(directory to load, whether it is the staged real model). Relative paths are taken
         from `project_root`."""
-        if self.model_dir:
-            staged = project_root / self.model_dir
-            if (staged / "config.json").exists():
-                return staged, True
-            logger.warning("model_dir %s holds no staged model", staged)
+        staged = project_root / self.model_dir
+        if self.model_dir and (staged / "config.json").exists():
+            return staged, True
         return project_root / self.tiny_model_dir, False
 
 

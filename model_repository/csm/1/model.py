@@ -29,9 +29,10 @@ class TritonPythonModel:
         weights, staged = self.config.weights_dir(PROJECT_ROOT)
         if not staged:
             logger.warning(
-                "no real weights staged: serving the small random-weight model in %s, which speaks noise. "
-                "Stage CSM-1B with `make export` (python -m export fetch --out models/csm-1b) and set the "
-                "model_dir parameter in config.pbtxt.",
+                "no real weights staged in %s: serving the small random-weight model in %s, which speaks noise. "
+                "Stage CSM-1B with `make export` (python -m export fetch --out models/csm-1b), or point the "
+                "model_dir parameter of config.pbtxt at a staged directory.",
+                self.config.model_dir,
                 weights,
             )
             if not (weights / "config.json").exists():
@@ -63,22 +64,20 @@ class TritonPythonModel:
             except ValueError as error:
                 responses[index] = self._error(error)
         outcomes = self.generator.generate_codes_batch(parsed, return_exceptions=True)
+        generated = {}
         for index, outcome in zip(indices, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 responses[index] = self._error(outcome)
             else:
-                responses[index] = self._response(requests[index], outcome)
+                generated[index] = outcome
+        speaking = [index for index in generated if "AUDIO" in requests[index].requested_output_names()]
+        audio = dict(zip(speaking, self.generator.codec.decode_batch([generated[i] for i in speaking]), strict=True))
+        for index, codes in generated.items():
+            outputs = [pb_utils.Tensor("AUDIO_CODES", codes.numpy().astype(np.int32)[None])]
+            if index in audio:
+                outputs.append(pb_utils.Tensor("AUDIO", audio[index].numpy()[None]))
+            responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
         return responses
-
-    def _response(self, request, codes: torch.Tensor):
-        wanted = set(request.requested_output_names())
-        outputs = []
-        if "AUDIO" in wanted:
-            audio = self.generator.codec.decode(codes).numpy().astype(np.float32)
-            outputs.append(pb_utils.Tensor("AUDIO", audio[None]))
-        if "AUDIO_CODES" in wanted:
-            outputs.append(pb_utils.Tensor("AUDIO_CODES", codes.numpy().astype(np.int32)[None]))
-        return pb_utils.InferenceResponse(output_tensors=outputs)
 
     @staticmethod
     def _error(error: Exception):
