@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from csm_triton import GenerationRequest, Generator, Segment, load_csm_1b
 from csm_triton.checkpoint import read_state_dict
 from csm_triton.engine import Engine, EngineRequest, StepResult
+from csm_triton.model import CpuLinear, use_cpu_linear
 
 
 def run(engine: Engine, arrivals: dict[int, list[EngineRequest]]) -> dict[int, torch.Tensor]:
@@ -143,3 +144,16 @@ def test_all_zero_frame_ends_the_request_and_is_dropped(tiny_model_dir: Path, tm
     assert generator.engine.active_slots == 0
     assert generator.generate_codes("Stop at once.", 0, [], seed=2).shape == (0, 32)
     assert len(generator.generate("Stop at once.", 0, [], seed=2)) == 0
+
+
+def test_cpu_linear_swap_keeps_the_codes(tiny_model_dir: Path) -> None:
+    """load_model packs large Linear weights for oneDNN on the CPU; the tiny model's are below the
+    size threshold, so swap them all here and check the model says the same."""
+    reference = load_csm_1b(tiny_model_dir, device="cpu", slots=2)
+    swapped = load_csm_1b(tiny_model_dir, device="cpu", slots=2)
+    use_cpu_linear(swapped.engine.model, min_weight_elements=0)
+    assert any(isinstance(m, CpuLinear) for m in swapped.engine.model.modules())
+    context = [Segment(speaker=1, text="A context turn.")]
+    for topk in (1, 50):
+        expected = reference.generate_codes("Packed weights.", 0, context, topk=topk, max_audio_length_ms=800, seed=4)
+        assert torch.equal(swapped.generate_codes("Packed weights.", 0, context, topk=topk, max_audio_length_ms=800, seed=4), expected)

@@ -57,12 +57,15 @@ class MimiCodec:
 
     @torch.inference_mode()
     def decode_batch(self, codes: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Several utterances' codes [frames, codebooks] in one Mimi pass. Mimi is causal, so
-        padding a shorter utterance at its end leaves its own samples as they are.
+        """Several utterances' codes [frames, codebooks], in one Mimi pass on a GPU. Mimi is
+        causal, so padding a shorter utterance at its end leaves its own samples as they are. On
+        the CPU one utterance at a time is faster (8 x 4 s: 2.3 s against 2.8 s batched).
 
         CSM's audio vocabulary (2051) is wider than Mimi's codebooks (2048); the trained model
         does not sample the extra ids, but a sampled one must not crash the decoder: it decodes
         as code 0."""
+        if self.device.type == "cpu" and len(codes) > 1:
+            return [audio for utterance in codes for audio in self.decode_batch([utterance])]
         lengths = [len(c) for c in codes]
         if max(lengths, default=0) == 0:
             return [torch.zeros(0) for _ in codes]

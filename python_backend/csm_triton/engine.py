@@ -63,7 +63,7 @@ class Engine:
             raise ValueError(f"slots: must be positive, got {slots}")
         self.model = model
         self.num_slots = slots
-        self.device = model.codebook0_head.weight.device
+        self.device = model.audio_head.device
         self.max_seq_len = model.config.backbone.max_seq_len
         self.vocab_size = model.config.audio_vocab_size
         self.num_codebooks = model.config.audio_num_codebooks
