@@ -125,6 +125,16 @@ def test_concurrent_requests_run_together(triton_server: TritonServer, generator
         assert np.array_equal(codes, expected.numpy())
 
 
+def with_context_audio(samples: list[float]) -> dict[str, np.ndarray]:
+    """A request with one context segment holding `samples`."""
+    return request(
+        CONTEXT_TEXT=vector([b"a"], object),
+        CONTEXT_SPEAKER=vector([0], np.int32),
+        CONTEXT_AUDIO=vector(samples, np.float32),
+        CONTEXT_AUDIO_LENGTHS=vector([len(samples)], np.int32),
+    )
+
+
 LONG_TEXT = "word " * 2100
 BAD_REQUESTS = {
     "missing TEXT": (request(TEXT=None), "TEXT: required input is missing"),
@@ -153,24 +163,8 @@ BAD_REQUESTS = {
         ),
         "CONTEXT_AUDIO_LENGTHS: sums to 90 samples but CONTEXT_AUDIO holds 100",
     ),
-    "NaN context audio": (
-        request(
-            CONTEXT_TEXT=vector([b"a"], object),
-            CONTEXT_SPEAKER=vector([0], np.int32),
-            CONTEXT_AUDIO=vector([0.0, math.nan, 0.1], np.float32),
-            CONTEXT_AUDIO_LENGTHS=vector([3], np.int32),
-        ),
-        "CONTEXT_AUDIO: samples must be finite",
-    ),
-    "infinite context audio": (
-        request(
-            CONTEXT_TEXT=vector([b"a"], object),
-            CONTEXT_SPEAKER=vector([0], np.int32),
-            CONTEXT_AUDIO=vector([0.0, math.inf], np.float32),
-            CONTEXT_AUDIO_LENGTHS=vector([2], np.int32),
-        ),
-        "CONTEXT_AUDIO: samples must be finite",
-    ),
+    "NaN context audio": (with_context_audio([0.0, math.nan, 0.1]), "CONTEXT_AUDIO: samples must be finite"),
+    "infinite context audio": (with_context_audio([0.0, math.inf]), "CONTEXT_AUDIO: samples must be finite"),
     "prompt over 2048 positions": (request(LONG_TEXT), "prompt: .* exceed the model's 2048-position limit"),
 }
 

@@ -77,7 +77,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         context = [read_segment(kind, values) for kind, values in args.segments or []]
         with CSMClient(args.url, args.protocol, args.model_name) as client:
-            audio, sample_rate = client.generate(args.text, args.speaker, context, args.temperature, args.topk, args.max_ms, args.seed)
+            audio, sample_rate = client.generate(
+                args.text,
+                args.speaker,
+                context,
+                temperature=args.temperature,
+                topk=args.topk,
+                max_audio_length_ms=args.max_ms,
+                seed=args.seed,
+            )
     except (CSMError, ValueError, RuntimeError) as error:
         print(f"csm-say: error: {error}", file=sys.stderr)
         sys.exit(1)

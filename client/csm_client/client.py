@@ -12,10 +12,11 @@ import importlib
 import logging
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from typing_extensions import Unpack  # typing.Unpack needs Python 3.11; NVIDIA's container has 3.10
 
 from .segment import SAMPLE_RATE, context_arrays
 
@@ -98,6 +99,15 @@ def transport_errors(protocol: str, aio: bool) -> tuple[type[BaseException], ...
     return errors
 
 
+class Options(TypedDict, total=False):
+    """Optional sampling settings; those left out take the server's defaults."""
+
+    temperature: float
+    topk: int
+    max_audio_length_ms: int
+    seed: int
+
+
 def _audio(result: Any) -> np.ndarray:
     return result.as_numpy("AUDIO")[0].copy()  # [1, samples] -> [samples]; copied: tritonclient's view is read-only
 
@@ -142,32 +152,12 @@ class CSMClient:
         except self._errors as error:
             raise CSMError.wrap(error, self.url) from error
 
-    def generate(
-        self,
-        text: str,
-        speaker: int,
-        context: Sequence[Any] = (),
-        temperature: float | None = None,
-        topk: int | None = None,
-        max_audio_length_ms: int | None = None,
-        seed: int | None = None,
-    ) -> tuple[np.ndarray, int]:
+    def generate(self, text: str, speaker: int, context: Sequence[Any] = (), **options: Unpack[Options]) -> tuple[np.ndarray, int]:
         """Speak `text` as `speaker` after `context`: (mono float32 audio [samples], sample rate)."""
-        options = {"temperature": temperature, "topk": topk, "max_audio_length_ms": max_audio_length_ms, "seed": seed}
         return _audio(self._infer("AUDIO", text, speaker, context, **options)), SAMPLE_RATE
 
-    def generate_codes(
-        self,
-        text: str,
-        speaker: int,
-        context: Sequence[Any] = (),
-        temperature: float | None = None,
-        topk: int | None = None,
-        max_audio_length_ms: int | None = None,
-        seed: int | None = None,
-    ) -> np.ndarray:
+    def generate_codes(self, text: str, speaker: int, context: Sequence[Any] = (), **options: Unpack[Options]) -> np.ndarray:
         """The sampled Mimi codes, int32 [frames, 32], without decoding them to audio."""
-        options = {"temperature": temperature, "topk": topk, "max_audio_length_ms": max_audio_length_ms, "seed": seed}
         return _codes(self._infer("AUDIO_CODES", text, speaker, context, **options))
 
     def close(self) -> None:
@@ -223,32 +213,12 @@ class AsyncCSMClient:
         except self._errors as error:
             raise CSMError.wrap(error, self.url) from error
 
-    async def generate(
-        self,
-        text: str,
-        speaker: int,
-        context: Sequence[Any] = (),
-        temperature: float | None = None,
-        topk: int | None = None,
-        max_audio_length_ms: int | None = None,
-        seed: int | None = None,
-    ) -> tuple[np.ndarray, int]:
+    async def generate(self, text: str, speaker: int, context: Sequence[Any] = (), **options: Unpack[Options]) -> tuple[np.ndarray, int]:
         """Speak `text` as `speaker` after `context`: (mono float32 audio [samples], sample rate)."""
-        options = {"temperature": temperature, "topk": topk, "max_audio_length_ms": max_audio_length_ms, "seed": seed}
         return _audio(await self._infer("AUDIO", text, speaker, context, **options)), SAMPLE_RATE
 
-    async def generate_codes(
-        self,
-        text: str,
-        speaker: int,
-        context: Sequence[Any] = (),
-        temperature: float | None = None,
-        topk: int | None = None,
-        max_audio_length_ms: int | None = None,
-        seed: int | None = None,
-    ) -> np.ndarray:
+    async def generate_codes(self, text: str, speaker: int, context: Sequence[Any] = (), **options: Unpack[Options]) -> np.ndarray:
         """The sampled Mimi codes, int32 [frames, 32], without decoding them to audio."""
-        options = {"temperature": temperature, "topk": topk, "max_audio_length_ms": max_audio_length_ms, "seed": seed}
         return _codes(await self._infer("AUDIO_CODES", text, speaker, context, **options))
 
     async def close(self) -> None:

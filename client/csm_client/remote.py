@@ -43,7 +43,9 @@ class RemoteGenerator:
         """Speak `text` as `speaker` after `context`: mono float32 audio [samples] at 24 kHz."""
         import torch
 
-        audio, _ = self.client.generate(text, speaker, context, temperature, topk, max_audio_length_ms, seed)
+        audio, _ = self.client.generate(
+            text, speaker, context, temperature=temperature, topk=topk, max_audio_length_ms=max_audio_length_ms, seed=seed
+        )
         return torch.from_numpy(audio)
 
     def generate_codes(
@@ -59,7 +61,11 @@ class RemoteGenerator:
         """The sampled Mimi codes [frames, 32] (int64, as in process)."""
         import torch
 
-        return torch.from_numpy(self.client.generate_codes(text, speaker, context, temperature, topk, max_audio_length_ms, seed)).long()
+        return torch.from_numpy(
+            self.client.generate_codes(
+                text, speaker, context, temperature=temperature, topk=topk, max_audio_length_ms=max_audio_length_ms, seed=seed
+            )
+        ).long()
 
     def close(self) -> None:
         self.client.close()
