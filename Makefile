@@ -21,11 +21,14 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(UV) pip install --quiet --python $(PYTHON) --no-deps -e .
 	touch $@
 
-export-tiny: setup
-	$(PYTHON) -m export tiny --out $(TINY_DIR) --force
+EXPORT_TINY = $(PYTHON) -m export tiny --out $(TINY_DIR) --force
 
+export-tiny: setup
+	$(EXPORT_TINY)
+
+# `make serve` makes the tiny model only when it is not there yet.
 $(TINY_DIR)/manifest.json: | setup
-	$(PYTHON) -m export tiny --out $(TINY_DIR) --force
+	$(EXPORT_TINY)
 
 # Real weights from the Hugging Face Hub (HF_TOKEN from the environment for the gated tokenizer).
 export: setup

@@ -41,7 +41,6 @@ class TritonPythonModel:
                 make_tiny(weights)
         dtype = None if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
         self.generator = load_csm_1b(weights, device=device, dtype=dtype, slots=self.config.slots)
-        self.vocab_size = self.generator.engine.vocab_size
         logger.info("csm ready on %s with %d slots, weights %s", device, self.config.slots, weights)
 
     def _device(self, args: dict) -> str:
@@ -59,7 +58,7 @@ class TritonPythonModel:
                 arrays = {
                     name: tensor.as_numpy() for name in INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None
                 }
-                parsed.append(parse_request(arrays, self.config, self.vocab_size))
+                parsed.append(parse_request(arrays, self.config, self.generator.engine.vocab_size))
                 indices.append(index)
             except ValueError as error:
                 responses[index] = self._error(error)
