@@ -45,6 +45,7 @@ test: setup
 bench: setup
 	$(PYTHON) bench/engine_bench.py --json docs/engine_bench.json
 	$(PYTHON) bench/triton_bench.py --json docs/triton_bench.json
+	$(PYTHON) bench/load_bench.py --json docs/load_bench.json --plot docs/load_bench.png
 
 lint: setup
 	$(VENV)/bin/ruff check python_backend client export model_repository tests bench

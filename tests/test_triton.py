@@ -11,42 +11,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
 from csm_triton import Generator, Segment
 from csm_triton.codec import SAMPLES_PER_FRAME
 from csm_triton.server import TritonServer
+from triton_tensors import request, scalar, tensors, vector
 
 MODEL = "csm"
-
-
-def tensors(module, arrays: dict[str, np.ndarray]) -> list:
-    inputs = []
-    for name, array in arrays.items():
-        infer_input = module.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else np_to_triton_dtype(array.dtype))
-        infer_input.set_data_from_numpy(array)
-        inputs.append(infer_input)
-    return inputs
-
-
-def request(text: bytes | str = "Hello from Sesame.", speaker: int = 0, **extra: np.ndarray) -> dict[str, np.ndarray]:
-    """A request's arrays, batch dimension first; `extra` adds or (as None) drops inputs."""
-    arrays = {
-        "TEXT": np.array([[text.encode() if isinstance(text, str) else text]], dtype=object),
-        "SPEAKER": np.array([[speaker]], dtype=np.int32),
-        "MAX_AUDIO_LENGTH_MS": np.array([[400]], dtype=np.int32),
-        "SEED": np.array([[3]], dtype=np.int64),
-    }
-    arrays.update(extra)
-    return {name: array for name, array in arrays.items() if array is not None}
-
-
-def scalar(value, dtype) -> np.ndarray:
-    return np.array([[value]], dtype=dtype)
-
-
-def vector(values, dtype) -> np.ndarray:
-    return np.array([values], dtype=dtype)
 
 
 def infer(server: TritonServer, arrays: dict[str, np.ndarray], protocol: str = "grpc", outputs: tuple[str, ...] = ("AUDIO", "AUDIO_CODES")):

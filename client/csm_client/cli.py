@@ -4,20 +4,25 @@
       --context-text "Hello, how are you?" 0 --context earlier.wav "I'm fine, thanks." 1 -o reply.wav
 
 Context segments are given in conversation order, both flags interleaved as on the command line.
+With --stream (gRPC) the WAV is written chunk by chunk as the audio arrives, and the time to the
+first audio and the real-time factor (wall time / audio duration) are reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import soundfile
 
-from .client import CSMClient, CSMError
-from .segment import Segment
+from .client import DEFAULT_STREAM_MODEL, CSMClient, CSMError
+from .segment import SAMPLE_RATE, Segment
 
 
 class AppendSegment(argparse.Action):
@@ -52,9 +57,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", help="server address (default localhost:8001 for gRPC, localhost:8000 for HTTP)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--model-name", default="csm")
+    parser.add_argument("--stream", action="store_true", help="write the WAV as the audio arrives, and report latency (gRPC only)")
+    parser.add_argument("--first-chunk-frames", type=int, help="with --stream: frames of 80 ms in the first chunk (server default 2)")
+    parser.add_argument("--chunk-frames", type=int, help="with --stream: frames of 80 ms in each later chunk (server default 12)")
+    parser.add_argument("--stream-model-name", default=DEFAULT_STREAM_MODEL)
     parser.add_argument("-o", "--output", type=Path, required=True, help="WAV file to write")
     parser.add_argument("-v", "--verbose", action="store_true", help="log requests")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.stream and (args.first_chunk_frames is not None or args.chunk_frames is not None):
+        parser.error("--first-chunk-frames and --chunk-frames need --stream")
+    return args
 
 
 def read_segment(kind: str, values: list) -> Segment:
@@ -71,21 +83,39 @@ def read_segment(kind: str, values: list) -> Segment:
     return Segment(speaker=speaker, text=text, audio=audio[:, 0], sample_rate=sample_rate)
 
 
+def stream_to_wav(client: CSMClient, args: argparse.Namespace, context: list[Segment], **options: Any) -> None:
+    """Write each chunk as it arrives (and flush it), so that the file can be played while the
+    server still speaks; print the time to the first audio and the real-time factor."""
+    start = time.perf_counter()
+    chunks = client.stream(
+        args.text, args.speaker, context, first_chunk_frames=args.first_chunk_frames, chunk_frames=args.chunk_frames, **options
+    )
+    first = next(chunks, None)  # an invalid request fails here, before the file is created
+    if first is not None:
+        print(f"time to first audio: {time.perf_counter() - start:.3f} s", flush=True)
+    samples = 0
+    with soundfile.SoundFile(args.output, "w", SAMPLE_RATE, channels=1) as wav:
+        for chunk in itertools.chain([] if first is None else [first], chunks):
+            wav.write(chunk)
+            wav.flush()
+            samples += len(chunk)
+    wall_s, audio_s = time.perf_counter() - start, samples / SAMPLE_RATE
+    factor = f"{wall_s / audio_s:.2f}" if samples else "n/a"
+    print(f"real-time factor: {factor} ({wall_s:.2f} s to make {audio_s:.2f} s of audio)")
+    print(f"wrote {args.output}: {audio_s:.2f} s of audio at {SAMPLE_RATE} Hz")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options = {"temperature": args.temperature, "topk": args.topk, "max_audio_length_ms": args.max_ms, "seed": args.seed}
     try:
         context = [read_segment(kind, values) for kind, values in args.segments or []]
-        with CSMClient(args.url, args.protocol, args.model_name) as client:
-            audio, sample_rate = client.generate(
-                args.text,
-                args.speaker,
-                context,
-                temperature=args.temperature,
-                topk=args.topk,
-                max_audio_length_ms=args.max_ms,
-                seed=args.seed,
-            )
+        with CSMClient(args.url, args.protocol, args.model_name, stream_model_name=args.stream_model_name) as client:
+            if args.stream:
+                stream_to_wav(client, args, context, **options)
+                return
+            audio, sample_rate = client.generate(args.text, args.speaker, context, **options)
     except (CSMError, ValueError, RuntimeError) as error:
         print(f"csm-say: error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -1,4 +1,5 @@
-"""Clients for the "csm" Triton model over gRPC or HTTP, blocking and asyncio.
+"""Clients for the "csm" Triton model over gRPC or HTTP, blocking and asyncio, and for the
+decoupled "csm_stream" model over gRPC streams (`stream`: audio chunks as they are generated).
 
 All four transports (grpc, http, grpc.aio, http.aio) share `build_inputs`, so a request is the
 same tensors whichever way it travels; they differ only in the tritonclient class they drive.
@@ -10,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from collections.abc import Sequence
+import queue
+from collections.abc import AsyncIterator, Iterator, Sequence
 from types import ModuleType
 from typing import Any, TypedDict
 
@@ -24,6 +26,13 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 DEFAULT_TIMEOUT_S = 300.0  # generation of long audio on a busy server takes a while
+DEFAULT_STREAM_MODEL = "csm_stream"
+# Triton's message when a model's queue is full (max_queue_size); the request was refused, not failed.
+QUEUE_FULL = "Exceeds maximum queue size"
+BUSY_PREFIX = "server busy: "
+# Asks Triton (24.09 and later) to end a stream with the request's gRPC status (INVALID_ARGUMENT, ...)
+# instead of an error message alone, so that streamed errors carry a status like unary ones.
+STREAM_HEADERS = {"triton_grpc_error": "true"}
 
 
 class CSMError(Exception):
@@ -35,10 +44,18 @@ class CSMError(Exception):
         self.message = message
         self.status = status
 
+    @property
+    def busy(self) -> bool:
+        """The server's queue was full and refused the request: worth retrying later, unlike an invalid request."""
+        return self.message.startswith(BUSY_PREFIX)
+
     @classmethod
     def wrap(cls, error: BaseException, url: str) -> CSMError:
+        """The CSMError for what a tritonclient call raised. A request refused because the queue
+        is full gets the message "server busy: <Triton's message>", whichever transport it used."""
         if isinstance(error, InferenceServerException):
-            return cls(error.message(), error.status())
+            message = error.message() or str(error)
+            return cls(f"{BUSY_PREFIX}{message}" if QUEUE_FULL in message else message, error.status())
         return cls(f"cannot reach the server at {url}: {type(error).__name__}: {error}")
 
 
@@ -50,9 +67,12 @@ def request_arrays(
     topk: int | None = None,
     max_audio_length_ms: int | None = None,
     seed: int | None = None,
+    first_chunk_frames: int | None = None,
+    chunk_frames: int | None = None,
 ) -> dict[str, np.ndarray]:
     """One request's input arrays, each with its batch dimension of 1. Optional inputs left as
-    None are not sent, so the server's defaults apply."""
+    None are not sent, so the server's defaults apply. The chunk sizes (frames of 80 ms) are
+    inputs of the streaming model only."""
     if not isinstance(text, str):
         raise ValueError(f"text: must be a string, got {type(text).__name__}")
     arrays = {"TEXT": np.array([[text.encode("utf-8")]], dtype=np.object_), "SPEAKER": np.array([[speaker]], dtype=np.int32)}
@@ -62,6 +82,8 @@ def request_arrays(
         "TOPK": (topk, np.int32),
         "MAX_AUDIO_LENGTH_MS": (max_audio_length_ms, np.int32),
         "SEED": (seed, np.int64),
+        "FIRST_CHUNK_FRAMES": (first_chunk_frames, np.int32),
+        "CHUNK_FRAMES": (chunk_frames, np.int32),
     }
     for name, (value, dtype) in optional.items():
         if value is not None:
@@ -71,7 +93,8 @@ def request_arrays(
 
 def build_inputs(module: ModuleType, text: str, speaker: int, context: Sequence[Any] = (), **options: Any) -> list:
     """The InferInput list of one request for a tritonclient protocol module (tritonclient.grpc,
-    tritonclient.http or their .aio). `options`: temperature, topk, max_audio_length_ms, seed."""
+    tritonclient.http or their .aio). `options`: temperature, topk, max_audio_length_ms, seed, and
+    for the streaming model first_chunk_frames, chunk_frames."""
     inputs = []
     for name, array in request_arrays(text, speaker, context, **options).items():
         infer_input = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -86,6 +109,12 @@ def protocol_module(protocol: str, aio: bool = False) -> ModuleType:
     if protocol not in DEFAULT_URLS:
         raise ValueError(f"protocol: must be 'grpc' or 'http', got {protocol!r}")
     return importlib.import_module(f"tritonclient.{protocol}{'.aio' if aio else ''}")
+
+
+def check_streaming(protocol: str) -> None:
+    """Streams are gRPC's: tritonclient's HTTP clients cannot receive a decoupled model's responses."""
+    if protocol != "grpc":
+        raise CSMError(f"streaming needs protocol='grpc' (tritonclient streams only over gRPC); this client uses {protocol!r}")
 
 
 def transport_errors(protocol: str, aio: bool) -> tuple[type[BaseException], ...]:
@@ -116,19 +145,38 @@ def _codes(result: Any) -> np.ndarray:
     return result.as_numpy("AUDIO_CODES")[0].copy()  # [1, frames, 32] -> [frames, 32]
 
 
+def _chunk(result: Any) -> np.ndarray | None:
+    """A streamed response's samples; None for an empty one (the final flag alone, or zero samples)."""
+    audio = result.as_numpy("AUDIO")
+    return audio[0].copy() if audio is not None and audio.size else None
+
+
+def _is_final(result: Any) -> bool:
+    parameters = result.get_response().parameters
+    return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
+
+
 class CSMClient:
     """Blocking client: `generate` -> (float32 audio [samples], 24000), `generate_codes` ->
-    int32 Mimi codes [frames, 32]. One client per thread (tritonclient's are not thread-safe)."""
+    int32 Mimi codes [frames, 32], `stream` -> audio chunks as they are made (gRPC). One client
+    per thread (tritonclient's are not thread-safe)."""
 
     def __init__(
-        self, url: str | None = None, protocol: str = "grpc", model_name: str = "csm", timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        model_name: str = "csm",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        stream_model_name: str = DEFAULT_STREAM_MODEL,
     ) -> None:
         self.module = protocol_module(protocol)
         self.url = url or DEFAULT_URLS[protocol]
         self.protocol = protocol
         self.model_name = model_name
+        self.stream_model_name = stream_model_name
         self.timeout_s = timeout_s
         self._errors = transport_errors(protocol, aio=False)
+        self._streaming = False  # whether self._client's one gRPC stream is taken
         if protocol == "grpc":
             self._client = self.module.InferenceServerClient(self.url)
             self._infer_options = {"client_timeout": timeout_s}
@@ -160,6 +208,68 @@ class CSMClient:
         """The sampled Mimi codes, int32 [frames, 32], without decoding them to audio."""
         return _codes(self._infer("AUDIO_CODES", text, speaker, context, **options))
 
+    def stream(
+        self,
+        text: str,
+        speaker: int,
+        context: Sequence[Any] = (),
+        *,
+        first_chunk_frames: int | None = None,
+        chunk_frames: int | None = None,
+        **options: Unpack[Options],
+    ) -> Iterator[np.ndarray]:
+        """Speak `text` as `speaker` after `context`, yielding mono float32 audio chunks as the
+        server makes them, so playback can start after the first `first_chunk_frames` frames (80 ms
+        each) instead of at the end; later chunks hold `chunk_frames` frames (None: the server's
+        defaults). Joined, the chunks are `generate`'s audio. Closing the iterator early (break,
+        .close()) cancels the request on the server. gRPC only."""
+        check_streaming(self.protocol)
+        inputs = build_inputs(
+            self.module, text, speaker, context, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames, **options
+        )
+        logger.debug("stream %s: speaker %d, %d context segments, %s", self.url, speaker, len(context), options)
+        return self._chunks(inputs)
+
+    def _chunks(self, inputs: list) -> Iterator[np.ndarray]:
+        # tritonclient allows one stream per client: the first uses our client (its channel is
+        # already connected), a stream opened while it runs gets a client of its own.
+        own = self._streaming
+        triton = self.module.InferenceServerClient(self.url) if own else self._client
+        self._streaming = True
+        responses: queue.Queue[tuple[Any, InferenceServerException | None]] = queue.Queue()
+        finished = False
+        try:
+            triton.start_stream(lambda result, error: responses.put((result, error)), stream_timeout=self.timeout_s, headers=STREAM_HEADERS)
+            # The empty final response (of a request the server cancels) tells that the request ended.
+            outputs = [self.module.InferRequestedOutput("AUDIO")]
+            try:
+                triton.async_stream_infer(self.stream_model_name, inputs, outputs=outputs, enable_empty_final_response=True)
+            except InferenceServerException:
+                # The stream broke before the request went out (an unreachable server): its callback has the reason.
+                _, error = responses.get(timeout=self.timeout_s)
+                raise CSMError.wrap(error, self.url) from error
+            while not finished:
+                try:
+                    result, error = responses.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise CSMError(f"{self.stream_model_name} at {self.url}: no response in {self.timeout_s:.0f} s") from None
+                if error is not None:
+                    raise CSMError.wrap(error, self.url) from error
+                finished = _is_final(result)
+                audio = _chunk(result)
+                if audio is not None:
+                    yield audio
+        except self._errors as error:
+            raise CSMError.wrap(error, self.url) from error
+        finally:
+            if not finished:
+                logger.debug("stream %s: cancelling the request", self.url)
+            triton.stop_stream(cancel_requests=not finished)
+            if own:
+                triton.close()
+            else:
+                self._streaming = False
+
     def close(self) -> None:
         self._client.close()
 
@@ -171,16 +281,22 @@ class CSMClient:
 
 
 class AsyncCSMClient:
-    """asyncio client with CSMClient's methods as coroutines; concurrent calls (asyncio.gather)
-    are batched together by the server. Use it from one event loop."""
+    """asyncio client with CSMClient's methods as coroutines (`stream` as an async iterator);
+    concurrent calls (asyncio.gather) are batched together by the server. Use it from one event loop."""
 
     def __init__(
-        self, url: str | None = None, protocol: str = "grpc", model_name: str = "csm", timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        model_name: str = "csm",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        stream_model_name: str = DEFAULT_STREAM_MODEL,
     ) -> None:
         self.module = protocol_module(protocol, aio=True)
         self.url = url or DEFAULT_URLS[protocol]
         self.protocol = protocol
         self.model_name = model_name
+        self.stream_model_name = stream_model_name
         self.timeout_s = timeout_s
         self._errors = transport_errors(protocol, aio=True)
         self._infer_options = {"client_timeout": timeout_s} if protocol == "grpc" else {}
@@ -220,6 +336,53 @@ class AsyncCSMClient:
     async def generate_codes(self, text: str, speaker: int, context: Sequence[Any] = (), **options: Unpack[Options]) -> np.ndarray:
         """The sampled Mimi codes, int32 [frames, 32], without decoding them to audio."""
         return _codes(await self._infer("AUDIO_CODES", text, speaker, context, **options))
+
+    def stream(
+        self,
+        text: str,
+        speaker: int,
+        context: Sequence[Any] = (),
+        *,
+        first_chunk_frames: int | None = None,
+        chunk_frames: int | None = None,
+        **options: Unpack[Options],
+    ) -> AsyncIterator[np.ndarray]:
+        """CSMClient.stream as an async iterator (`async for chunk in client.stream(...)`).
+        Closing it early (aclose(), or cancelling the task that iterates) cancels the request on
+        the server; after a `break`, wrap it in contextlib.aclosing to cancel at once rather than
+        when it is garbage-collected. gRPC only."""
+        check_streaming(self.protocol)
+        inputs = build_inputs(
+            self.module, text, speaker, context, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames, **options
+        )
+        logger.debug("stream.aio %s: speaker %d, %d context segments, %s", self.url, speaker, len(context), options)
+        return self._chunks(inputs)
+
+    async def _chunks(self, inputs: list) -> AsyncIterator[np.ndarray]:
+        import grpc  # grpc.aio's stream call raises its own errors, not tritonclient's
+
+        async def requests() -> AsyncIterator[dict]:
+            # One request, then the request side closes: the server ends the call after the last response.
+            yield {"model_name": self.stream_model_name, "inputs": inputs, "outputs": [self.module.InferRequestedOutput("AUDIO")]}
+
+        responses = self._triton().stream_infer(requests(), stream_timeout=self.timeout_s, headers=STREAM_HEADERS)
+        finished = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise CSMError.wrap(error, self.url) from error
+                audio = _chunk(result)
+                if audio is not None:
+                    yield audio
+            finished = True
+        except grpc.RpcError as error:
+            raise CSMError.wrap(InferenceServerException(error.details(), str(error.code())), self.url) from error
+        except self._errors as error:
+            raise CSMError.wrap(error, self.url) from error
+        finally:
+            if not finished:
+                logger.debug("stream.aio %s: cancelling the request", self.url)
+                responses.cancel()
 
     async def close(self) -> None:
         if self._client is not None:

@@ -8,27 +8,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .client import DEFAULT_TIMEOUT_S, CSMClient
+from .client import DEFAULT_STREAM_MODEL, DEFAULT_TIMEOUT_S, CSMClient
 from .segment import SAMPLE_RATE
 
 if TYPE_CHECKING:
     import torch
 
+# The in-process Generator's chunking defaults (csm_triton.streaming), kept here so that the
+# client needs no model stack: frames of 80 ms in the first audio chunk and in each later one.
+FIRST_CHUNK_FRAMES = 2
+CHUNK_FRAMES = 12
+
 
 class RemoteGenerator:
-    """`generate` / `generate_codes` with the design document's signature and defaults,
+    """`generate` / `generate_codes` / `generate_streaming` with the design document's signature and defaults,
     returning torch tensors like the in-process Generator. torch is imported on first use, so
     the rest of the client works without it."""
 
     sample_rate = SAMPLE_RATE
 
     def __init__(
-        self, url: str | None = None, protocol: str = "grpc", model_name: str = "csm", timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        model_name: str = "csm",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        stream_model_name: str = DEFAULT_STREAM_MODEL,
     ) -> None:
-        self.client = CSMClient(url, protocol, model_name, timeout_s)
+        self.client = CSMClient(url, protocol, model_name, timeout_s, stream_model_name)
 
     def generate(
         self,
@@ -66,6 +76,29 @@ class RemoteGenerator:
                 text, speaker, context, temperature=temperature, topk=topk, max_audio_length_ms=max_audio_length_ms, seed=seed
             )
         ).long()
+
+    def generate_streaming(
+        self,
+        text: str,
+        speaker: int,
+        context: Sequence[Any],
+        temperature: float = 0.9,
+        topk: int = 50,
+        max_audio_length_ms: int = 10_000,
+        seed: int | None = None,
+        first_chunk_frames: int = FIRST_CHUNK_FRAMES,
+        chunk_frames: int = CHUNK_FRAMES,
+    ) -> Iterator[torch.Tensor]:
+        """Audio chunks [samples] as they are generated (gRPC); joined, they are `generate`'s audio.
+        Closing the iterator early cancels the generation on the server."""
+        import torch
+
+        chunks = self.client.stream(
+            text, speaker, context, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames,
+            temperature=temperature, topk=topk, max_audio_length_ms=max_audio_length_ms, seed=seed,
+        )  # fmt: skip
+        # Closing this generator drops the last reference to `chunks`, which closes it: the request is cancelled.
+        return (torch.from_numpy(chunk) for chunk in chunks)
 
     def close(self) -> None:
         self.client.close()

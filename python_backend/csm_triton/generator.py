@@ -1,24 +1,28 @@
 """The design document's in-process API: `load_csm_1b`, `Generator.generate`, `Segment`.
 
-A Generator owns one engine; `generate` is a batch of one, `generate_batch` runs many requests in
-the same running batch.
+A Generator owns one serving loop (engine + audio decoder threads); `generate` is a batch of one,
+`generate_batch` runs many requests together, `generate_streaming` and `generate_async` are the
+design document's extensions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import queue
 import random
-import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import checkpoint
-from .codec import SAMPLE_RATE, MimiCodec
+from .codec import SAMPLE_RATE, MimiCodec, StreamingDecoder
 from .engine import Engine, EngineRequest
 from .prompt import PromptBuilder, Segment, TextTokenizer, check_speaker, check_text
+from .streaming import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, Chunk, LoopStats, ServingLoop, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +66,17 @@ class GenerationRequest:
 
 
 class Generator:
+    """The in-process API over one serving loop: every call, blocking, streaming or async, joins
+    the same running batch, so many threads or tasks can share one Generator."""
+
     sample_rate = SAMPLE_RATE
 
     def __init__(self, engine: Engine, prompts: PromptBuilder, codec: MimiCodec) -> None:
         self.engine = engine
         self.prompts = prompts
         self.codec = codec
-        self._lock = threading.Lock()  # one caller drives the engine at a time
+        rows = 2 * engine.num_slots
+        self.loop = ServingLoop(engine, StreamingDecoder(codec, rows), rows)
 
     def prompt(self, text: str, speaker: int, context: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """The 33-column prompt frames (tokens [T, 33], mask [T, 33]) the model is given."""
@@ -81,11 +89,33 @@ class Generator:
         self.engine.check(engine_request)
         return engine_request
 
-    def generate_codes_batch(self, requests: list[GenerationRequest], return_exceptions: bool = False) -> list[torch.Tensor | Exception]:
-        """Codes [frames, 32] for each request, generated in one running batch. With
-        `return_exceptions`, an invalid request yields its ValueError in its place and the others
-        still run; without, the first invalid request raises before anything runs."""
-        outcomes: list[torch.Tensor | Exception | None] = [None] * len(requests)
+    def submit(
+        self,
+        request: GenerationRequest,
+        deliver: Callable[[Chunk], None],
+        decode_audio: bool = True,
+        first_chunk_frames: int = FIRST_CHUNK_FRAMES,
+        chunk_frames: int = CHUNK_FRAMES,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> Stream:
+        """Start generating; `deliver` gets the chunks in order from the loop's threads. Raises
+        ValueError naming the field for a request that cannot run."""
+        stream = Stream(self.engine_request(request), deliver, decode_audio, first_chunk_frames, chunk_frames, is_cancelled)
+        return self.loop.submit(stream)
+
+    def cancel(self, stream: Stream) -> None:
+        self.loop.cancel(stream)
+
+    def stats(self) -> LoopStats:
+        return self.loop.stats()
+
+    def close(self) -> None:
+        """Cancel what is running and stop the loop's threads."""
+        self.loop.close()
+
+    def _run_batch(self, requests: list[GenerationRequest], decode_audio: bool, return_exceptions: bool) -> list[Chunk | Exception]:
+        """Each request's whole output as one Chunk, all generated in the running batch."""
+        outcomes: list[Chunk | Exception | None] = [None] * len(requests)
         prepared: dict[int, EngineRequest] = {}
         for index, request in enumerate(requests):
             try:
@@ -94,25 +124,31 @@ class Generator:
                 if not return_exceptions:
                     raise
                 outcomes[index] = error
-        frames: dict[int, list[torch.Tensor]] = {index: [] for index in prepared}
-        with self._lock:
-            owner = {self.engine.submit(request): index for index, request in prepared.items()}
-            remaining = set(owner)
-            while remaining:
-                for result in self.engine.step():
-                    if result.request_id not in owner:
-                        continue
-                    if result.codes is not None:
-                        frames[owner[result.request_id]].append(result.codes)
-                    if result.finish is not None:
-                        remaining.discard(result.request_id)
-        for index, collected in frames.items():
-            outcomes[index] = torch.stack(collected) if collected else torch.zeros(0, self.engine.num_codebooks, dtype=torch.long)
+        chunks: dict[int, list[Chunk]] = {index: [] for index in prepared}
+        streams = {
+            index: self.loop.submit(Stream(request, chunks[index].append, decode_audio, first_chunk_frames=request.max_frames))
+            for index, request in prepared.items()
+        }
+        for index, stream in streams.items():
+            stream.finished.wait()
+            try:
+                outcomes[index] = _joined(chunks[index])
+            except RuntimeError as error:
+                if not return_exceptions:
+                    raise
+                outcomes[index] = error
         return outcomes
+
+    def generate_codes_batch(self, requests: list[GenerationRequest], return_exceptions: bool = False) -> list[torch.Tensor | Exception]:
+        """Codes [frames, 32] for each request, generated in one running batch. With
+        `return_exceptions`, an invalid request yields its ValueError in its place and the others
+        still run; without, the first invalid request raises before anything runs."""
+        outcomes = self._run_batch(requests, decode_audio=False, return_exceptions=return_exceptions)
+        return [outcome if isinstance(outcome, Exception) else outcome.codes for outcome in outcomes]
 
     def generate_batch(self, requests: list[GenerationRequest]) -> list[torch.Tensor]:
         """Audio [samples] at 24 kHz for each request, generated together."""
-        return self.codec.decode_batch(self.generate_codes_batch(requests))
+        return [chunk.audio for chunk in self._run_batch(requests, decode_audio=True, return_exceptions=False)]
 
     def generate_codes(
         self,
@@ -139,7 +175,82 @@ class Generator:
         seed: int | None = None,
     ) -> torch.Tensor:
         """Speak `text` as `speaker` after `context`: mono float32 audio [samples] at 24 kHz."""
-        return self.codec.decode(self.generate_codes(text, speaker, context, temperature, topk, max_audio_length_ms, seed))
+        request = GenerationRequest(text, speaker, list(context), temperature, topk, max_audio_length_ms, seed)
+        return self.generate_batch([request])[0]
+
+    def generate_streaming(
+        self,
+        text: str,
+        speaker: int,
+        context: list[Segment],
+        temperature: float = 0.9,
+        topk: int = 50,
+        max_audio_length_ms: int = 10_000,
+        seed: int | None = None,
+        first_chunk_frames: int = FIRST_CHUNK_FRAMES,
+        chunk_frames: int = CHUNK_FRAMES,
+    ) -> Iterator[torch.Tensor]:
+        """Audio chunks [samples] as they are generated; joined, they are `generate`'s audio.
+        Closing the iterator early cancels the generation."""
+        request = GenerationRequest(text, speaker, list(context), temperature, topk, max_audio_length_ms, seed)
+        chunks: queue.Queue[Chunk] = queue.Queue()
+        stream = self.submit(request, chunks.put, True, first_chunk_frames, chunk_frames)
+        return self._chunks_of(stream, chunks)
+
+    def _chunks_of(self, stream: Stream, chunks: queue.Queue[Chunk]) -> Iterator[torch.Tensor]:
+        try:
+            while True:
+                chunk = chunks.get()
+                _raise_for(chunk)
+                if len(chunk.audio):
+                    yield chunk.audio
+                if chunk.finish is not None:
+                    return
+        finally:
+            if not stream.finished.is_set():
+                self.cancel(stream)
+
+    async def generate_async(
+        self,
+        text: str,
+        speaker: int,
+        context: list[Segment],
+        temperature: float = 0.9,
+        topk: int = 50,
+        max_audio_length_ms: int = 10_000,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """`generate` for asyncio: awaiting does not block the event loop, and cancelling the
+        task cancels the generation."""
+        request = GenerationRequest(text, speaker, list(context), temperature, topk, max_audio_length_ms, seed)
+        event_loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Chunk]] = event_loop.create_future()
+        pieces: list[Chunk] = []
+
+        def deliver(chunk: Chunk) -> None:
+            pieces.append(chunk)
+            if chunk.finish is not None:
+                event_loop.call_soon_threadsafe(lambda: done.done() or done.set_result(pieces))
+
+        stream = self.submit(request, deliver, first_chunk_frames=request.max_frames)
+        try:
+            return _joined(await done).audio
+        except asyncio.CancelledError:
+            self.cancel(stream)
+            raise
+
+
+def _raise_for(chunk: Chunk) -> None:
+    if chunk.error is not None:
+        raise RuntimeError(f"generation failed: {chunk.error}") from chunk.error
+
+
+def _joined(chunks: list[Chunk]) -> Chunk:
+    """A stream's chunks as one; raises if it ended in an error."""
+    for chunk in chunks:
+        _raise_for(chunk)
+    audio = None if chunks[-1].audio is None else torch.cat([chunk.audio for chunk in chunks])
+    return Chunk(torch.cat([chunk.codes for chunk in chunks]), audio, chunks[-1].finish)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -48,18 +48,21 @@ class ServerOptions:
         return cls(model_repository, *ports)
 
 
-def model_repository_with(target: Path, parameters: dict[str, str], source: Path | None = None) -> Path:
-    """A copy of the model repository at `target` with some config.pbtxt parameters replaced:
-    how tests and benchmarks point the server at their own weights and slot counts."""
+def model_repository_with(target: Path, parameters: dict[str, str], source: Path | None = None, max_queue_size: int | None = None) -> Path:
+    """A copy of the model repository at `target` with some csm_stream parameters (and its queue
+    bound) replaced: how tests and benchmarks point the server at their own weights and slots."""
     shutil.copytree(source or ServerOptions().model_repository, target)
-    config = target / "csm" / "config.pbtxt"
+    config = target / "csm_stream" / "config.pbtxt"
     text = config.read_text()
-    for key, value in parameters.items():
-        marker = f'{{ key: "{key}", value: {{ string_value: "'
+    replacements = {f'{{ key: "{key}", value: {{ string_value: "': value for key, value in parameters.items()}
+    if max_queue_size is not None:
+        replacements["max_queue_size: "] = str(max_queue_size)
+    for marker, value in replacements.items():
         if marker not in text:
-            raise KeyError(f"config.pbtxt has no parameter {key!r}")
+            raise KeyError(f"csm_stream/config.pbtxt has no {marker!r}")
         start = text.index(marker) + len(marker)
-        text = text[:start] + value + text[text.index('"', start) :]
+        end = start + next(i for i, char in enumerate(text[start:]) if char in '" }')
+        text = text[:start] + value + text[end:]
     config.write_text(text)
     return target
 

@@ -15,6 +15,7 @@ import numpy as np
 from .codec import SAMPLE_RATE
 from .generator import FRAME_MS, GenerationRequest
 from .prompt import Segment
+from .streaming import CHUNK_FRAMES, FIRST_CHUNK_FRAMES
 
 INPUTS = (
     "TEXT",
@@ -28,6 +29,8 @@ INPUTS = (
     "TOPK",
     "MAX_AUDIO_LENGTH_MS",
     "SEED",
+    "FIRST_CHUNK_FRAMES",
+    "CHUNK_FRAMES",
 )
 
 
@@ -41,6 +44,8 @@ class ServingConfig:
     dtype: str = "auto"
     slots: int = 8
     max_audio_length_ms: int = 30_000
+    first_chunk_frames: int = FIRST_CHUNK_FRAMES
+    chunk_frames: int = CHUNK_FRAMES
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, dict[str, str]]) -> ServingConfig:
@@ -49,10 +54,11 @@ class ServingConfig:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"config.pbtxt parameters: unknown keys {sorted(unknown)}")
-        typed = {key: int(value) if key in ("slots", "max_audio_length_ms") else value for key, value in values.items()}
+        numbers = ("slots", "max_audio_length_ms", "first_chunk_frames", "chunk_frames")
+        typed = {key: int(value) if key in numbers else value for key, value in values.items()}
         config = cls(**typed)
-        if config.max_audio_length_ms < FRAME_MS or config.slots < 1:
-            raise ValueError("config.pbtxt parameters: slots must be >= 1 and max_audio_length_ms >= 80")
+        if config.max_audio_length_ms < FRAME_MS or min(config.slots, config.first_chunk_frames, config.chunk_frames) < 1:
+            raise ValueError("config.pbtxt parameters: slots and chunk frames must be >= 1 and max_audio_length_ms >= 80")
         return config
 
     def weights_dir(self, project_root: Path) -> tuple[Path, bool]:
@@ -150,3 +156,15 @@ def parse_request(arrays: dict[str, np.ndarray], config: ServingConfig, vocab_si
         raise ValueError(f"MAX_AUDIO_LENGTH_MS: must be in [{FRAME_MS}, {config.max_audio_length_ms}], got {max_ms}")
     seed = int(_single(arrays, "SEED")) if "SEED" in arrays else None
     return GenerationRequest(text, speaker, _context(arrays), temperature, topk, max_ms, seed)
+
+
+def parse_chunking(arrays: dict[str, np.ndarray], config: ServingConfig) -> tuple[int, int]:
+    """(frames in the first audio chunk, frames in each later chunk) for a streaming request."""
+    most = config.max_audio_length_ms // FRAME_MS
+    chunking = []
+    for name, default in (("FIRST_CHUNK_FRAMES", config.first_chunk_frames), ("CHUNK_FRAMES", config.chunk_frames)):
+        frames = int(_single(arrays, name, default))
+        if not 1 <= frames <= most:
+            raise ValueError(f"{name}: must be in [1, {most}] frames of 80 ms, got {frames}")
+        chunking.append(frames)
+    return chunking[0], chunking[1]

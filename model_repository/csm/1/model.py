@@ -1,86 +1,67 @@
-"""Triton python-backend adapter for CSM: parses request tensors, runs every request of an
-`execute` call in the engine together, and builds one response per request."""
+"""The unary "csm" model: forwards each request to the streaming model that holds the weights
+(a decoupled BLS call) and answers with its chunks joined. It imports no torch and holds no
+weights, so unary and streaming requests share one copy of the model and one running batch."""
 
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+import re
+import threading
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
-from csm_triton import load_csm_1b
-from csm_triton.serving import INPUTS, ServingConfig, parse_request
+logger = logging.getLogger("csm_triton.triton.unary")
 
-logger = logging.getLogger("csm_triton.triton")
-
-# The project root: relative paths in config.pbtxt parameters are taken from here.
-PROJECT_ROOT = Path(__file__).resolve().parents[3]
+# A BLS response arrives with its error code set to INTERNAL whatever the code sent (python
+# backend 24.10), so the code is recovered from the message: csm_stream's invalid-argument
+# messages start with the field they name ("TOPK: ...", "CONTEXT (segment 1): ...", "prompt: ...").
+INVALID_FIELD = re.compile(r"^(prompt|[A-Z_]+( \(segment \d+\))?(, [A-Z_]+)*): ")
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         model_config = json.loads(args["model_config"])
-        self.config = ServingConfig.from_parameters(model_config.get("parameters", {}))
-        device = self._device(args)
-        weights, staged = self.config.weights_dir(PROJECT_ROOT)
-        if not staged:
-            logger.warning(
-                "no real weights staged in %s: serving the small random-weight model in %s, which speaks noise. "
-                "Stage CSM-1B with `make export` (python -m export fetch --out models/csm-1b), or point the "
-                "model_dir parameter of config.pbtxt at a staged directory.",
-                self.config.model_dir,
-                weights,
-            )
-            if not (weights / "config.json").exists():
-                from export.tiny import make_tiny
+        self.stream_model = model_config["parameters"]["stream_model"]["string_value"]
+        self.input_names = [tensor["name"] for tensor in model_config["input"]]
 
-                make_tiny(weights)
-        dtype = None if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
-        self.generator = load_csm_1b(weights, device=device, dtype=dtype, slots=self.config.slots)
-        logger.info("csm ready on %s with %d slots, weights %s", device, self.config.slots, weights)
+    def execute(self, requests: list) -> None:
+        # One thread per request, so that a request arriving now joins the running batch instead of
+        # waiting behind the requests before it (the response sender works outside execute()).
+        for request in requests:
+            threading.Thread(target=self._forward, args=(request,), name="csm-unary", daemon=True).start()
+        return None
 
-    def _device(self, args: dict) -> str:
-        if self.config.device != "auto":
-            return self.config.device
-        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
-            return f"cuda:{args['model_instance_device_id']}"
-        return "cpu"
+    def _forward(self, request) -> None:
+        sender = request.get_response_sender()
+        try:
+            response = self._joined_response(request)
+        except Exception as error:  # never leave a request unanswered
+            logger.exception("forwarding to %s failed", self.stream_model)
+            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.stream_model}: {error}"))
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def execute(self, requests: list) -> list:
-        responses: list = [None] * len(requests)
-        parsed, indices = [], []
-        for index, request in enumerate(requests):
-            try:
-                arrays = {
-                    name: tensor.as_numpy() for name in INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None
-                }
-                parsed.append(parse_request(arrays, self.config, self.generator.engine.vocab_size))
-                indices.append(index)
-            except ValueError as error:
-                responses[index] = self._error(error)
-        outcomes = self.generator.generate_codes_batch(parsed, return_exceptions=True)
-        generated = {}
-        for index, outcome in zip(indices, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                responses[index] = self._error(outcome)
-            else:
-                generated[index] = outcome
-        speaking = [index for index in generated if "AUDIO" in requests[index].requested_output_names()]
-        audio = dict(zip(speaking, self.generator.codec.decode_batch([generated[i] for i in speaking]), strict=True))
-        for index, codes in generated.items():
-            outputs = [pb_utils.Tensor("AUDIO_CODES", codes.numpy().astype(np.int32)[None])]
-            if index in audio:
-                outputs.append(pb_utils.Tensor("AUDIO", audio[index].numpy()[None]))
-            responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
-        return responses
+    def _joined_response(self, request):
+        wanted = sorted(request.requested_output_names())
+        inputs = [tensor for name in self.input_names if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None]
+        forwarded = pb_utils.InferenceRequest(model_name=self.stream_model, inputs=inputs, requested_output_names=wanted)
+        chunks: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+        for response in forwarded.exec(decoupled=True):
+            if response.has_error():
+                message = response.error().message()
+                return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, _error_code(message)))
+            for name in wanted:
+                tensor = pb_utils.get_output_tensor_by_name(response, name)
+                if tensor is not None:
+                    chunks[name].append(tensor.as_numpy())
+        outputs = [pb_utils.Tensor(name, np.concatenate(parts, axis=1)) for name, parts in chunks.items() if parts]
+        return pb_utils.InferenceResponse(output_tensors=outputs)
 
-    @staticmethod
-    def _error(error: Exception):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
 
-    def finalize(self) -> None:
-        logger.info("csm unloading")
+def _error_code(message: str):
+    if INVALID_FIELD.match(message):
+        return pb_utils.TritonError.INVALID_ARG
+    if "Exceeds maximum queue size" in message:
+        return pb_utils.TritonError.UNAVAILABLE
+    return pb_utils.TritonError.INTERNAL

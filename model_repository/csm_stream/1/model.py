@@ -1,0 +1,138 @@
+"""Triton python-backend adapter for CSM, streaming (decoupled): parses request tensors, hands
+each request to the generator's serving loop and sends its audio chunks as they are made.
+
+execute() returns once every request it was given has a slot: the requests beyond the slots wait
+in Triton's queue, where max_queue_size bounds them."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from csm_triton import load_csm_1b
+from csm_triton.serving import INPUTS, ServingConfig, parse_chunking, parse_request
+from csm_triton.streaming import Chunk
+
+logger = logging.getLogger("csm_triton.triton")
+
+# The project root: relative paths in config.pbtxt parameters are taken from here.
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+METRICS_INTERVAL_S = 0.5
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        model_config = json.loads(args["model_config"])
+        self.config = ServingConfig.from_parameters(model_config.get("parameters", {}))
+        device = self._device(args)
+        weights, staged = self.config.weights_dir(PROJECT_ROOT)
+        if not staged:
+            logger.warning(
+                "no real weights staged in %s: serving the small random-weight model in %s, which speaks noise. "
+                "Stage CSM-1B with `make export` (python -m export fetch --out models/csm-1b), or point the "
+                "model_dir parameter of config.pbtxt at a staged directory.",
+                self.config.model_dir,
+                weights,
+            )
+            if not (weights / "config.json").exists():
+                from export.tiny import make_tiny
+
+                make_tiny(weights)
+        dtype = None if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
+        self.generator = load_csm_1b(weights, device=device, dtype=dtype, slots=self.config.slots)
+        self._start_metrics()
+        logger.info("csm_stream ready on %s with %d slots, weights %s", device, self.config.slots, weights)
+
+    def _device(self, args: dict) -> str:
+        if self.config.device != "auto":
+            return self.config.device
+        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+            return f"cuda:{args['model_instance_device_id']}"
+        return "cpu"
+
+    def execute(self, requests: list) -> None:
+        streams = []
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                arrays = {
+                    name: tensor.as_numpy() for name in INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None
+                }
+                generation = parse_request(arrays, self.config, self.generator.engine.vocab_size)
+                first_chunk_frames, chunk_frames = parse_chunking(arrays, self.config)
+                wanted = request.requested_output_names()
+                deliver = functools.partial(_send_chunk, sender, wanted)
+                streams.append(
+                    self.generator.submit(generation, deliver, "AUDIO" in wanted, first_chunk_frames, chunk_frames, request.is_cancelled)
+                )
+            except ValueError as error:
+                error_response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+                sender.send(error_response, flags=FINAL)
+        for stream in streams:
+            stream.started.wait()
+        return None
+
+    def _start_metrics(self) -> None:
+        """Gauges beside Triton's own metrics, so that leaks and saturation show on the dashboard;
+        the same thread notices when the server has died under us."""
+        descriptions = {
+            "active_slots": "Engine slots generating now",
+            "waiting_requests": "Requests handed to the engine and waiting for a slot",
+            "streams": "Requests accepted and not yet finished",
+            "loop_threads": "Serving-loop threads alive (2 when healthy)",
+        }
+        # The families must outlive their metrics: Triton drops a metric whose family is gone.
+        self._metric_families = {
+            name: pb_utils.MetricFamily(name=f"csm_{name}", description=description, kind=pb_utils.MetricFamily.GAUGE)
+            for name, description in descriptions.items()
+        }
+        gauges = {name: family.Metric(labels={"model": "csm_stream"}) for name, family in self._metric_families.items()}
+        self._stopping = threading.Event()
+
+        server = os.getppid()
+
+        def report_forever() -> None:
+            while not self._stopping.wait(METRICS_INTERVAL_S):
+                if os.getppid() != server:
+                    # tritonserver died without unloading us: a stub left running would keep
+                    # generating (and holding the GPU) for requests nobody will read.
+                    logger.error("tritonserver (pid %d) is gone; exiting", server)
+                    os._exit(1)
+                stats = self.generator.stats()
+                gauges["active_slots"].set(stats.active_slots)
+                gauges["waiting_requests"].set(stats.waiting)
+                gauges["streams"].set(stats.streams)
+                gauges["loop_threads"].set(stats.threads_alive)
+
+        self._reporter = threading.Thread(target=report_forever, name="csm-metrics", daemon=True)
+        self._reporter.start()
+
+    def finalize(self) -> None:
+        logger.info("csm_stream unloading")
+        self._stopping.set()
+        self.generator.close()
+
+
+def _send_chunk(sender, wanted: list[str], chunk: Chunk) -> None:
+    if chunk.error is not None:
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {chunk.error}")), flags=FINAL)
+        return
+    if chunk.finish == "cancelled":
+        sender.send(flags=FINAL)
+        return
+    outputs = []
+    if "AUDIO" in wanted:
+        outputs.append(pb_utils.Tensor("AUDIO", chunk.audio.numpy()[None]))
+    if "AUDIO_CODES" in wanted:
+        outputs.append(pb_utils.Tensor("AUDIO_CODES", chunk.codes.numpy().astype(np.int32)[None]))
+    sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if chunk.finish is not None else 0)

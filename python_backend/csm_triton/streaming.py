@@ -1,0 +1,291 @@
+"""The serving loop: one thread steps the engine, another decodes audio, so that audio is sent
+while frames are still being generated and a request that arrives joins the running batch at the
+next frame instead of waiting for the others to finish.
+
+Every stream has its own Mimi decoding state (a row of the StreamingDecoder), so the chunks of a
+stream joined equal the one-shot decode of its codes. Callers see a stream only through its
+`deliver` callback, called in order from the loop's threads; the last chunk has `finish` set.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .codec import StreamingDecoder
+from .engine import Engine, EngineRequest
+
+logger = logging.getLogger(__name__)
+
+# Default chunking: a short first chunk for a fast first audio, then about a second of audio per
+# chunk, which keeps the decoder's per-call cost small against the audio it makes.
+FIRST_CHUNK_FRAMES = 2
+CHUNK_FRAMES = 12
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive frames of one stream: their codes and, if asked for, their audio."""
+
+    codes: torch.Tensor  # [frames, 32] int64 on the CPU
+    audio: torch.Tensor | None  # [frames * 1920] float32 at 24 kHz, None for a codes-only stream
+    finish: str | None = None  # on the last chunk: "eos", "length", "cancelled" or "error"
+    error: Exception | None = None  # why a stream ended with "error"
+
+
+@dataclass
+class Stream:
+    """One request in the loop: what to generate, how to chunk it and where chunks go."""
+
+    request: EngineRequest
+    deliver: Callable[[Chunk], None]
+    decode_audio: bool = True
+    first_chunk_frames: int = FIRST_CHUNK_FRAMES
+    chunk_frames: int = CHUNK_FRAMES
+    is_cancelled: Callable[[], bool] = lambda: False
+    started: threading.Event = field(default_factory=threading.Event)  # it has a slot, or has ended
+    finished: threading.Event = field(default_factory=threading.Event)  # its last chunk was delivered
+    request_id: int = -1
+    row: int = -1  # its StreamingDecoder row while audio is being decoded
+    frames: list[torch.Tensor] = field(default_factory=list)  # generated, not yet sent to the decoder
+    chunks: int = 0
+    silenced: bool = False  # its receiver failed or it has been told of an error: deliver nothing more
+
+    def __post_init__(self) -> None:
+        for name in ("first_chunk_frames", "chunk_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def next_chunk_frames(self) -> int:
+        return self.first_chunk_frames if self.chunks == 0 else self.chunk_frames
+
+
+@dataclass(frozen=True)
+class _DecodeJob:
+    stream: Stream
+    codes: torch.Tensor  # [frames, 32]
+    first: bool
+    finish: str | None
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    active_slots: int  # streams generating now
+    waiting: int  # submitted, not yet given a slot
+    streams: int  # submitted and not yet finished (waiting, generating or decoding)
+    threads_alive: int
+
+
+class ServingLoop:
+    """Owns an Engine and a StreamingDecoder and the two threads that drive them.
+
+    Decoder rows are twice the engine's slots, so a finished stream's last audio can still be
+    decoding while its slot already generates the next request."""
+
+    def __init__(self, engine: Engine, decoder: StreamingDecoder, decoder_rows: int) -> None:
+        self.engine = engine
+        self.decoder = decoder
+        self._free_rows = list(range(decoder_rows))
+        self._waiting: deque[Stream] = deque()
+        self._running: dict[int, Stream] = {}  # engine request id -> stream
+        self._unfinished = 0
+        self._wake = threading.Condition()
+        self._jobs: queue.Queue[_DecodeJob | None] = queue.Queue()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._generate_forever, name="csm-generate", daemon=True),
+            threading.Thread(target=self._decode_forever, name="csm-decode", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, stream: Stream) -> Stream:
+        """Queue a stream; raises ValueError (naming the field) if it can never run."""
+        self.engine.check(stream.request)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the serving loop is closed")
+            self._waiting.append(stream)
+            self._unfinished += 1
+            self._wake.notify_all()
+        return stream
+
+    def cancel(self, stream: Stream) -> None:
+        """Stop a stream; it ends with a "cancelled" chunk within a step."""
+        with self._wake:
+            if stream in self._waiting:
+                self._waiting.remove(stream)
+                self._jobs.put(_DecodeJob(stream, _no_codes(self.engine), first=False, finish="cancelled"))
+                return
+            if stream.request_id >= 0:
+                self.engine.cancel(stream.request_id)
+
+    def stats(self) -> LoopStats:
+        with self._wake:
+            return LoopStats(self.engine.active_slots, len(self._waiting), self._unfinished, sum(t.is_alive() for t in self._threads))
+
+    def close(self) -> None:
+        """Cancel everything, let the last chunks out, and stop the threads."""
+        with self._wake:
+            waiting = list(self._waiting)
+            running = list(self._running.values())
+        for stream in waiting + running:
+            self.cancel(stream)
+        with self._wake:
+            self._wake.wait_for(lambda: self._unfinished == 0, timeout=30)
+            self._closed = True
+            self._wake.notify_all()
+        self._jobs.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    # The generation thread.
+
+    def _generate_forever(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._closed or self._admissible() or self._running)
+                if self._closed:
+                    return
+                while self._admissible():
+                    self._start(self._waiting.popleft())
+            self._poll_cancellations()
+            try:
+                results = self.engine.step()
+            except Exception as error:  # a failed step ends the streams in it, not the loop
+                logger.exception("engine step failed")
+                with self._wake:
+                    for request_id, stream in list(self._running.items()):
+                        self.engine.cancel(request_id)
+                        self._end(stream, "error", error)
+                continue
+            with self._wake:
+                for result in results:
+                    stream = self._running.get(result.request_id)
+                    if stream is None:
+                        continue
+                    stream.started.set()
+                    if result.codes is not None:
+                        stream.frames.append(result.codes)
+                    if result.finish is not None:
+                        self._end(stream, result.finish)
+                    elif len(stream.frames) >= stream.next_chunk_frames:
+                        self._send(stream, finish=None)
+
+    def _poll_cancellations(self) -> None:
+        """Ask every stream's transport whether its receiver has gone, once a step."""
+        with self._wake:
+            waiting, running = list(self._waiting), list(self._running.values())
+        for stream in waiting + running:
+            if _cancelled(stream):
+                self.cancel(stream)
+
+    def _admissible(self) -> bool:
+        return bool(self._waiting) and bool(self._free_rows)
+
+    def _start(self, stream: Stream) -> None:
+        stream.row = min(self._free_rows)  # the lowest rows: the decoder runs only the span in use
+        self._free_rows.remove(stream.row)
+        stream.request_id = self.engine.submit(stream.request)
+        self._running[stream.request_id] = stream
+
+    def _send(self, stream: Stream, finish: str | None, error: Exception | None = None) -> None:
+        codes = torch.stack(stream.frames) if stream.frames else _no_codes(self.engine)
+        self._jobs.put(_DecodeJob(stream, codes, first=stream.chunks == 0, finish=finish, error=error))
+        stream.frames = []
+        stream.chunks += 1
+
+    def _end(self, stream: Stream, finish: str, error: Exception | None = None) -> None:
+        del self._running[stream.request_id]
+        stream.started.set()
+        self._send(stream, finish, error)
+
+    # The decode thread.
+
+    def _decode_forever(self) -> None:
+        while True:
+            jobs = [self._jobs.get()]
+            while not self._jobs.empty():
+                jobs.append(self._jobs.get())
+            if None in jobs:
+                return
+            for job, audio in self._decode(_merge(jobs)):
+                self._deliver(job, audio)
+
+    @torch.inference_mode()
+    def _decode(self, jobs: list[_DecodeJob]) -> list[tuple[_DecodeJob, torch.Tensor | None]]:
+        """One decoder call per chunk length: in steady state every stream sends the same length."""
+        audio: dict[int, torch.Tensor] = {}
+        starting = [job.stream.row for job in jobs if job.first and job.stream.row >= 0 and job.stream.decode_audio]
+        if starting:
+            self.decoder.start(starting)
+        by_length: dict[int, list[int]] = {}
+        for index, job in enumerate(jobs):
+            if job.stream.decode_audio and job.stream.row >= 0 and len(job.codes):
+                by_length.setdefault(len(job.codes), []).append(index)
+        for indices in by_length.values():
+            rows = [jobs[i].stream.row for i in indices]
+            try:
+                decoded = self.decoder.decode(rows, torch.stack([jobs[i].codes for i in indices]))
+            except Exception as error:
+                logger.exception("audio decode failed")
+                for i in indices:
+                    jobs[i] = _DecodeJob(jobs[i].stream, jobs[i].codes, jobs[i].first, jobs[i].finish, error)
+                continue
+            audio.update(zip(indices, decoded, strict=True))
+        empty = torch.zeros(0)
+        return [(job, audio.get(index, empty) if job.stream.decode_audio else None) for index, job in enumerate(jobs)]
+
+    def _deliver(self, job: _DecodeJob, audio: torch.Tensor | None) -> None:
+        stream = job.stream
+        if not stream.silenced:
+            try:
+                stream.deliver(Chunk(job.codes, audio, "error" if job.error else job.finish, job.error))
+            except Exception:  # the receiver is gone (a closed connection)
+                logger.exception("delivering a chunk failed; cancelling the stream")
+                stream.silenced = True
+        if job.finish is None and (stream.silenced or job.error is not None):
+            stream.silenced = True  # an error chunk was the receiver's last
+            self.cancel(stream)
+        if job.finish is not None:
+            with self._wake:
+                if stream.row >= 0:
+                    self._free_rows.append(stream.row)
+                    stream.row = -1
+                self._unfinished -= 1
+                self._wake.notify_all()
+            stream.started.set()
+            stream.finished.set()
+
+
+def _merge(jobs: list[_DecodeJob]) -> list[_DecodeJob]:
+    """Jobs of the same stream queued while the decoder was busy become one bigger chunk, so each
+    stream appears once per decoder call."""
+    merged: dict[int, _DecodeJob] = {}
+    for job in jobs:
+        key = id(job.stream)
+        if key in merged:
+            earlier = merged[key]
+            job = _DecodeJob(job.stream, torch.cat([earlier.codes, job.codes]), earlier.first, job.finish, job.error or earlier.error)
+        merged[key] = job
+    return list(merged.values())
+
+
+def _no_codes(engine: Engine) -> torch.Tensor:
+    return torch.zeros(0, engine.num_codebooks, dtype=torch.long)
+
+
+def _cancelled(stream: Stream) -> bool:
+    try:
+        return stream.is_cancelled()
+    except Exception:  # asking the transport failed: the receiver is gone
+        logger.exception("checking for cancellation failed; cancelling the stream")
+        return True

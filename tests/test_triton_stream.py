@@ -1,0 +1,229 @@
+"""The decoupled "csm_stream" model in a real tritonserver over gRPC streaming: chunks as frames
+are generated, requests joining a running batch, cancellation, and a bounded queue."""
+
+from __future__ import annotations
+
+import functools
+import queue
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+
+from csm_triton import Generator
+from csm_triton.codec import SAMPLES_PER_FRAME
+from csm_triton.server import ServerOptions, TritonServer, model_repository_with
+from triton_tensors import chunk_borders, request, scalar, tensors
+
+STREAM_MODEL = "csm_stream"
+
+
+@dataclass
+class Received:
+    """What one stream got: the audio chunks with their arrival times, or an error."""
+
+    start: float
+    chunks: list[np.ndarray] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    error: Exception | None = None
+    done: bool = False
+
+    @property
+    def audio(self) -> np.ndarray:
+        return np.concatenate(self.chunks)
+
+
+class Streams:
+    """Streaming requests, each on its own gRPC stream (Triton's stream errors carry no request
+    id), with their responses gathered in one queue in arrival order."""
+
+    def __init__(self, server: TritonServer) -> None:
+        self.url = server.grpc_url
+        self.events: queue.Queue = queue.Queue()
+        self.clients: dict[str, grpcclient.InferenceServerClient] = {}
+        self.received: dict[str, Received] = {}
+
+    def send(self, request_id: str, arrays: dict[str, np.ndarray]) -> None:
+        client = self.clients[request_id] = grpcclient.InferenceServerClient(self.url)
+        client.start_stream(callback=functools.partial(self._on_response, request_id))
+        self.received[request_id] = Received(time.monotonic())
+        client.async_stream_infer(STREAM_MODEL, tensors(grpcclient, arrays), request_id=request_id, enable_empty_final_response=True)
+
+    def _on_response(self, request_id: str, result, error) -> None:
+        self.events.put((request_id, time.monotonic(), result, error))
+
+    def pump(self, timeout_s: float = 60.0) -> tuple[str, Received]:
+        """Wait for the next response; returns (request id, what that request has so far)."""
+        request_id, arrival, result, error = self.events.get(timeout=timeout_s)
+        received = self.received[request_id]
+        if error is not None:
+            received.error, received.done = error, True
+            return request_id, received
+        audio = result.as_numpy("AUDIO")
+        if audio is not None:
+            received.chunks.append(audio[0])
+            received.arrivals.append(arrival - received.start)
+        received.done = result.get_response().parameters["triton_final_response"].bool_param
+        return request_id, received
+
+    def run_until_done(self, request_ids: list[str], timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not all(self.received[r].done for r in request_ids):
+            self.pump(timeout_s=max(0.1, deadline - time.monotonic()))
+
+    def cancel(self, request_id: str) -> None:
+        self.clients.pop(request_id).stop_stream(cancel_requests=True)
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.stop_stream(cancel_requests=True)
+            client.close()
+        self.clients.clear()
+
+
+@pytest.fixture
+def streaming(triton_server: TritonServer) -> Iterator[Streams]:
+    streams = Streams(triton_server)
+    yield streams
+    streams.close()
+
+
+def gauges(server: TritonServer) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://localhost:{server.options.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {name: float(value) for name, value in re.findall(r'^(csm_\w+)\{model="csm_stream"\} (\S+)$', text, re.MULTILINE)}
+
+
+def wait_for_idle_server(server: TritonServer, timeout_s: float = 20.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        values = gauges(server)
+        if values.get("csm_streams") == 0 and values.get("csm_active_slots") == 0:
+            return values
+        assert time.monotonic() < deadline, f"the server did not go idle: {values}"
+        time.sleep(0.25)
+
+
+def stream_model_process(server: TritonServer) -> psutil.Process:
+    """The python-backend stub process that runs csm_stream (it holds the serving loop)."""
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        if "csm_stream" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError("no python-backend stub process for csm_stream")
+
+
+def test_chunks_arrive_as_frames_are_generated_and_join_to_the_unary_audio(
+    triton_server: TritonServer, streaming: Streams, generator: Generator
+) -> None:
+    arrays = request(
+        "Streaming from Triton.",
+        1,
+        MAX_AUDIO_LENGTH_MS=scalar(3200, np.int32),
+        FIRST_CHUNK_FRAMES=scalar(2, np.int32),
+        CHUNK_FRAMES=scalar(6, np.int32),
+    )
+    streaming.send("s", arrays)
+    streaming.run_until_done(["s"])
+    received = streaming.received["s"]
+    assert received.error is None
+    sizes = [len(chunk) // SAMPLES_PER_FRAME for chunk in received.chunks if len(chunk)]
+    assert sizes[0] == 2 and len(sizes) >= 3
+    assert chunk_borders(sizes) <= {2, 8, 14, 20, 26, 32, 38, 40}
+    assert received.arrivals[0] < received.arrivals[-1] / 2  # the first audio came long before the last was generated
+    # Independent of the server's chunking: Mimi's one-shot decode of the same codes in process.
+    codes = generator.generate_codes("Streaming from Triton.", 1, [], max_audio_length_ms=3200, seed=3)
+    assert np.abs(received.audio - generator.codec.decode(codes).numpy()).max() < 1e-4
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    unary = client.infer("csm", tensors(grpcclient, request("Streaming from Triton.", 1, MAX_AUDIO_LENGTH_MS=scalar(3200, np.int32))))
+    assert np.abs(received.audio - unary.as_numpy("AUDIO")[0]).max() < 1e-4
+
+
+def test_a_short_request_joins_a_long_one_and_finishes_first(streaming: Streams) -> None:
+    streaming.send("long", request("A long answer to a long question.", 0, MAX_AUDIO_LENGTH_MS=scalar(6000, np.int32)))
+    while not streaming.received["long"].chunks:
+        streaming.pump()
+    streaming.send("short", request("Yes.", 1, MAX_AUDIO_LENGTH_MS=scalar(400, np.int32)))
+    finished = []
+    while len(finished) < 2:
+        request_id, received = streaming.pump()
+        assert received.error is None
+        if received.done:
+            finished.append(request_id)
+    long, short = streaming.received["long"], streaming.received["short"]
+    assert finished == ["short", "long"]
+    long_left_when_short_came = long.arrivals[-1] - (short.start - long.start)
+    assert short.arrivals[0] < long_left_when_short_came / 3
+
+
+def test_cancelled_streams_free_their_slots_and_leave_nothing_behind(triton_server: TritonServer, generator: Generator) -> None:
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    client.infer("csm", tensors(grpcclient, request("Warm up.", 0)))  # torch's worker threads start on first use
+    wait_for_idle_server(triton_server)
+    stub = stream_model_process(triton_server)
+    threads_before, memory_before = stub.num_threads(), stub.memory_info().rss
+    streams = Streams(triton_server)
+    for index in range(100):
+        name = f"c{index}"
+        streams.send(name, request("Cancel me.", index % 3, MAX_AUDIO_LENGTH_MS=scalar(20_000, np.int32), SEED=scalar(index, np.int64)))
+        if index % 10 == 0:  # some after their audio has started, the rest at once
+            while not streams.received[name].chunks:
+                streams.pump()
+        streams.cancel(name)
+    streams.close()
+    values = wait_for_idle_server(triton_server, timeout_s=60)
+    assert values["csm_waiting_requests"] == 0 and values["csm_loop_threads"] == 2
+    assert stub.num_threads() == threads_before
+    assert stub.memory_info().rss - memory_before < 200 * 2**20
+    # The slots are free: a new request runs and gives the same codes as in process.
+    codes = client.infer("csm", tensors(grpcclient, request("After the storm.", 2))).as_numpy("AUDIO_CODES")[0]
+    assert np.array_equal(codes, generator.generate_codes("After the storm.", 2, [], max_audio_length_ms=400, seed=3).numpy())
+
+
+def test_invalid_chunk_sizes_fail_alone(streaming: Streams) -> None:
+    streaming.send("bad", request(CHUNK_FRAMES=scalar(0, np.int32)))
+    streaming.send("good", request("Fine.", 0))
+    streaming.run_until_done(["bad", "good"])
+    assert "CHUNK_FRAMES: must be in [1, 375] frames of 80 ms, got 0" in str(streaming.received["bad"].error)
+    assert streaming.received["good"].error is None and len(streaming.received["good"].audio) == 5 * SAMPLES_PER_FRAME
+
+
+@pytest.fixture(scope="module")
+def one_slot_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[TritonServer]:
+    """A server with one slot and room for one request in Triton's queue."""
+    root = tmp_path_factory.mktemp("one-slot")
+    parameters = {"model_dir": str(root / "none"), "tiny_model_dir": str(tiny_model_dir), "slots": "1"}
+    repository = model_repository_with(root / "model_repository", parameters, max_queue_size=1)
+    server = TritonServer(ServerOptions.on_free_ports(repository), log_file=root / "tritonserver.log").start()
+    yield server
+    server.stop()
+
+
+def test_a_full_queue_answers_server_busy_at_once(one_slot_server: TritonServer) -> None:
+    streaming = Streams(one_slot_server)
+    try:
+        for index in range(14):
+            streaming.send(f"r{index}", request(f"Caller {index}.", 0, MAX_AUDIO_LENGTH_MS=scalar(8000, np.int32)))
+        rejected = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                request_id, received = streaming.pump(timeout_s=max(0.05, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if received.error is not None:
+                rejected.append((request_id, time.monotonic() - received.start, str(received.error)))
+        assert rejected, "no request was refused"
+        for _, seconds, message in rejected:
+            assert "Exceeds maximum queue size" in message
+            assert seconds < 2.0
+    finally:
+        streaming.close()
+    assert grpcclient.InferenceServerClient(one_slot_server.grpc_url).is_server_ready()
+    wait_for_idle_server(one_slot_server, timeout_s=60)

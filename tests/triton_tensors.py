@@ -1,0 +1,42 @@
+"""Request tensors for raw tritonclient calls in the tests (arrays with the batch dimension first),
+and what streamed chunks may look like."""
+
+from __future__ import annotations
+
+import numpy as np
+from tritonclient.utils import np_to_triton_dtype
+
+
+def tensors(module, arrays: dict[str, np.ndarray]) -> list:
+    inputs = []
+    for name, array in arrays.items():
+        infer_input = module.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else np_to_triton_dtype(array.dtype))
+        infer_input.set_data_from_numpy(array)
+        inputs.append(infer_input)
+    return inputs
+
+
+def request(text: bytes | str = "Hello from Sesame.", speaker: int = 0, **extra: np.ndarray) -> dict[str, np.ndarray]:
+    """A request's arrays, batch dimension first; `extra` adds or (as None) drops inputs."""
+    arrays = {
+        "TEXT": np.array([[text.encode() if isinstance(text, str) else text]], dtype=object),
+        "SPEAKER": np.array([[speaker]], dtype=np.int32),
+        "MAX_AUDIO_LENGTH_MS": np.array([[400]], dtype=np.int32),
+        "SEED": np.array([[3]], dtype=np.int64),
+    }
+    arrays.update(extra)
+    return {name: array for name, array in arrays.items() if array is not None}
+
+
+def scalar(value, dtype) -> np.ndarray:
+    return np.array([[value]], dtype=dtype)
+
+
+def vector(values, dtype) -> np.ndarray:
+    return np.array([values], dtype=dtype)
+
+
+def chunk_borders(sizes: list[int]) -> set[int]:
+    """Where chunks end, in frames. While the decoder is behind, consecutive chunks of a stream
+    go out as one, so the borders are a subset of the asked-for ones, never others."""
+    return {sum(sizes[: i + 1]) for i in range(len(sizes))}
