@@ -13,11 +13,19 @@ from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.modules.streaming import State, StreamingContainer
 from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
+from moshi.utils import compile as moshi_compile
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24_000
 SAMPLES_PER_FRAME = 1920
+
+# moshi compiles a few functions lazily unless its module-wide `_compile_disabled` flag is set,
+# which its `no_compile()` context (used on the CPU) sets and restores without a lock: with Mimi
+# encoding in one thread and decoding in another, one thread's exit re-enables compilation under
+# the other, which then compiles mid-request (and fails without a compiler toolchain). Serving
+# wants neither, so compilation stays off for good; the context then restores "off".
+moshi_compile._compile_disabled = True
 
 
 def as_mono(audio: torch.Tensor | np.ndarray, field: str = "audio") -> torch.Tensor:

@@ -71,12 +71,12 @@ class Generator:
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, engine: Engine, prompts: PromptBuilder, codec: MimiCodec) -> None:
+    def __init__(self, engine: Engine, prompts: PromptBuilder, codec: MimiCodec, cpu_threads: int | None = None) -> None:
         self.engine = engine
         self.prompts = prompts
         self.codec = codec
         rows = 2 * engine.num_slots
-        self.loop = ServingLoop(engine, StreamingDecoder(codec, rows), rows)
+        self.loop = ServingLoop(engine, StreamingDecoder(codec, rows), rows, cpu_threads)
 
     def prompt(self, text: str, speaker: int, context: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """The 33-column prompt frames (tokens [T, 33], mask [T, 33]) the model is given."""
@@ -261,10 +261,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def load_csm_1b(
-    ckpt_path: str | Path = "ckpt.pt", device: str | torch.device = "cuda", dtype: torch.dtype | None = None, slots: int = DEFAULT_SLOTS
+    ckpt_path: str | Path = "ckpt.pt",
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype | None = None,
+    slots: int = DEFAULT_SLOTS,
+    cpu_threads: int | None = None,
 ) -> Generator:
     """Load a staged model directory, `ckpt.pt` or `model.safetensors` (tokenizer and Mimi beside
-    it). Weights are bf16 on CUDA and fp32 on the CPU unless `dtype` says otherwise."""
+    it). Weights are bf16 on CUDA and fp32 on the CPU unless `dtype` says otherwise. On the CPU,
+    generation and audio decoding each use `cpu_threads` torch threads (default half the cores)."""
     device = resolve_device(device)
     paths = checkpoint.resolve(ckpt_path)
     if dtype is None:
@@ -272,4 +277,4 @@ def load_csm_1b(
     model = checkpoint.load_model(paths, device, dtype)
     codec = MimiCodec(paths.mimi, device, model.config.audio_num_codebooks)
     prompts = PromptBuilder(TextTokenizer(paths.tokenizer), codec, model.config.audio_num_codebooks, model.config.text_vocab_size)
-    return Generator(Engine(model, slots), prompts, codec)
+    return Generator(Engine(model, slots), prompts, codec, cpu_threads)

@@ -46,6 +46,7 @@ class ServingConfig:
     max_audio_length_ms: int = 30_000
     first_chunk_frames: int = FIRST_CHUNK_FRAMES
     chunk_frames: int = CHUNK_FRAMES
+    cpu_threads: int = 0  # 0: half the cores for each of the serving loop's two threads
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, dict[str, str]]) -> ServingConfig:
@@ -54,7 +55,7 @@ class ServingConfig:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"config.pbtxt parameters: unknown keys {sorted(unknown)}")
-        numbers = ("slots", "max_audio_length_ms", "first_chunk_frames", "chunk_frames")
+        numbers = ("slots", "max_audio_length_ms", "first_chunk_frames", "chunk_frames", "cpu_threads")
         typed = {key: int(value) if key in numbers else value for key, value in values.items()}
         config = cls(**typed)
         if config.max_audio_length_ms < FRAME_MS or min(config.slots, config.first_chunk_frames, config.chunk_frames) < 1:

@@ -10,6 +10,7 @@ stream joined equal the one-shot decode of its codes. Callers see a stream only 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections import deque
@@ -55,6 +56,7 @@ class Stream:
     row: int = -1  # its StreamingDecoder row while audio is being decoded
     frames: list[torch.Tensor] = field(default_factory=list)  # generated, not yet sent to the decoder
     chunks: int = 0
+    decoding: int = 0  # frames sent to the decoder and not yet delivered
     silenced: bool = False  # its receiver failed or it has been told of an error: deliver nothing more
 
     def __post_init__(self) -> None:
@@ -88,11 +90,15 @@ class ServingLoop:
     """Owns an Engine and a StreamingDecoder and the two threads that drive them.
 
     Decoder rows are twice the engine's slots, so a finished stream's last audio can still be
-    decoding while its slot already generates the next request."""
+    decoding while its slot already generates the next request. On the CPU each thread runs
+    torch with `cpu_threads` intra-op threads (default: half the cores), so that generating and
+    decoding share the cores instead of oversubscribing them: on 2 cores, one thread each made
+    8 concurrent tiny-model requests 4.4x as productive as one, against 3.8x with two each."""
 
-    def __init__(self, engine: Engine, decoder: StreamingDecoder, decoder_rows: int) -> None:
+    def __init__(self, engine: Engine, decoder: StreamingDecoder, decoder_rows: int, cpu_threads: int | None = None) -> None:
         self.engine = engine
         self.decoder = decoder
+        self.cpu_threads = cpu_threads or max(1, (os.cpu_count() or 2) // 2)
         self._free_rows = list(range(decoder_rows))
         self._waiting: deque[Stream] = deque()
         self._running: dict[int, Stream] = {}  # engine request id -> stream
@@ -149,10 +155,15 @@ class ServingLoop:
 
     # The generation thread.
 
+    def _use_cpu_threads(self) -> None:
+        if self.engine.device.type == "cpu":
+            torch.set_num_threads(self.cpu_threads)  # OpenMP keeps this per calling thread
+
     def _generate_forever(self) -> None:
+        self._use_cpu_threads()
         while True:
             with self._wake:
-                self._wake.wait_for(lambda: self._closed or self._admissible() or self._running)
+                self._wake.wait_for(lambda: self._closed or ((self._admissible() or self._running) and not self._decoder_behind()))
                 if self._closed:
                     return
                 while self._admissible():
@@ -188,6 +199,12 @@ class ServingLoop:
             if _cancelled(stream):
                 self.cancel(stream)
 
+    def _decoder_behind(self) -> bool:
+        """Whether some stream has more than two chunks waiting for the decoder. Generation then
+        waits: running ahead of the decoder would only queue audio (which then goes out late, in
+        one lump) and take the cores the decoder needs."""
+        return any(stream.decode_audio and stream.decoding > 2 * stream.chunk_frames for stream in self._running.values())
+
     def _admissible(self) -> bool:
         return bool(self._waiting) and bool(self._free_rows)
 
@@ -200,6 +217,7 @@ class ServingLoop:
     def _send(self, stream: Stream, finish: str | None, error: Exception | None = None) -> None:
         codes = torch.stack(stream.frames) if stream.frames else _no_codes(self.engine)
         self._jobs.put(_DecodeJob(stream, codes, first=stream.chunks == 0, finish=finish, error=error))
+        stream.decoding += len(codes)
         stream.frames = []
         stream.chunks += 1
 
@@ -211,38 +229,37 @@ class ServingLoop:
     # The decode thread.
 
     def _decode_forever(self) -> None:
+        self._use_cpu_threads()
         while True:
             jobs = [self._jobs.get()]
             while not self._jobs.empty():
                 jobs.append(self._jobs.get())
             if None in jobs:
                 return
-            for job, audio in self._decode(_merge(jobs)):
-                self._deliver(job, audio)
+            jobs = _merge(jobs)
+            starting = [job.stream.row for job in jobs if job.first and job.stream.row >= 0 and job.stream.decode_audio]
+            try:
+                self.decoder.start(starting)
+            except Exception as error:  # these jobs fail; the thread goes on
+                logger.exception("starting decoder rows failed")
+                jobs = [_DecodeJob(job.stream, job.codes, job.first, job.finish, error) for job in jobs]
+            for group in _by_length(jobs):
+                for job, audio in self._decode(group):
+                    self._deliver(job, audio)
 
     @torch.inference_mode()
     def _decode(self, jobs: list[_DecodeJob]) -> list[tuple[_DecodeJob, torch.Tensor | None]]:
-        """One decoder call per chunk length: in steady state every stream sends the same length."""
-        audio: dict[int, torch.Tensor] = {}
-        starting = [job.stream.row for job in jobs if job.first and job.stream.row >= 0 and job.stream.decode_audio]
-        if starting:
-            self.decoder.start(starting)
-        by_length: dict[int, list[int]] = {}
-        for index, job in enumerate(jobs):
-            if job.stream.decode_audio and job.stream.row >= 0 and len(job.codes):
-                by_length.setdefault(len(job.codes), []).append(index)
-        for indices in by_length.values():
-            rows = [jobs[i].stream.row for i in indices]
-            try:
-                decoded = self.decoder.decode(rows, torch.stack([jobs[i].codes for i in indices]))
-            except Exception as error:
-                logger.exception("audio decode failed")
-                for i in indices:
-                    jobs[i] = _DecodeJob(jobs[i].stream, jobs[i].codes, jobs[i].first, jobs[i].finish, error)
-                continue
-            audio.update(zip(indices, decoded, strict=True))
-        empty = torch.zeros(0)
-        return [(job, audio.get(index, empty) if job.stream.decode_audio else None) for index, job in enumerate(jobs)]
+        """Audio for jobs of one chunk length, in one decoder call."""
+        speaking = [job for job in jobs if job.stream.decode_audio and job.error is None]
+        if not speaking or not len(speaking[0].codes):
+            return [(job, torch.zeros(0) if job.stream.decode_audio else None) for job in jobs]
+        try:
+            decoded = self.decoder.decode([job.stream.row for job in speaking], torch.stack([job.codes for job in speaking]))
+        except Exception as error:
+            logger.exception("audio decode failed")
+            return [(_DecodeJob(job.stream, job.codes, job.first, job.finish, error), None) for job in jobs]
+        audio = dict(zip(map(id, speaking), decoded, strict=True))
+        return [(job, audio.get(id(job), torch.zeros(0) if job.stream.decode_audio else None)) for job in jobs]
 
     def _deliver(self, job: _DecodeJob, audio: torch.Tensor | None) -> None:
         stream = job.stream
@@ -255,6 +272,9 @@ class ServingLoop:
         if job.finish is None and (stream.silenced or job.error is not None):
             stream.silenced = True  # an error chunk was the receiver's last
             self.cancel(stream)
+        with self._wake:
+            stream.decoding -= len(job.codes)
+            self._wake.notify_all()
         if job.finish is not None:
             with self._wake:
                 if stream.row >= 0:
@@ -277,6 +297,15 @@ def _merge(jobs: list[_DecodeJob]) -> list[_DecodeJob]:
             job = _DecodeJob(job.stream, torch.cat([earlier.codes, job.codes]), earlier.first, job.finish, job.error or earlier.error)
         merged[key] = job
     return list(merged.values())
+
+
+def _by_length(jobs: list[_DecodeJob]) -> list[list[_DecodeJob]]:
+    """Jobs grouped by chunk length, shortest first: in steady state every stream sends the same
+    length, and a new stream's short first chunk goes out before the backlog of long ones."""
+    groups: dict[int, list[_DecodeJob]] = {}
+    for job in jobs:
+        groups.setdefault(len(job.codes), []).append(job)
+    return [groups[length] for length in sorted(groups)]
 
 
 def _no_codes(engine: Engine) -> torch.Tensor:
