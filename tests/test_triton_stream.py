@@ -82,8 +82,10 @@ class Streams:
         self.clients.pop(request_id).stop_stream(cancel_requests=True)
 
     def close(self) -> None:
-        for client in self.clients.values():
-            client.stop_stream(cancel_requests=True)
+        """Cancel the requests still running. (Cancelling the stream of a request that Triton
+        refused for a full queue leaves tritonserver 2.51 unable to unload the model at exit.)"""
+        for request_id, client in self.clients.items():
+            client.stop_stream(cancel_requests=not self.received[request_id].done)
             client.close()
         self.clients.clear()
 

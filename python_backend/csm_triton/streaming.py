@@ -159,37 +159,46 @@ class ServingLoop:
         if self.engine.device.type == "cpu":
             torch.set_num_threads(self.cpu_threads)  # OpenMP keeps this per calling thread
 
+    # Each thread's work between two waits is a method of its own: a local left over from the
+    # last round would keep a finished stream, and with it Triton's request and response sender,
+    # alive while the thread waits, and Triton unloads the model only once every one is gone.
+
     def _generate_forever(self) -> None:
         self._use_cpu_threads()
-        while True:
+        while self._generate_round():
+            pass
+
+    def _generate_round(self) -> bool:
+        """Wait for work, admit waiting streams, step the engine once; False once closed."""
+        with self._wake:
+            self._wake.wait_for(lambda: self._closed or ((self._admissible() or self._running) and not self._decoder_behind()))
+            if self._closed:
+                return False
+            while self._admissible():
+                self._start(self._waiting.popleft())
+        self._poll_cancellations()
+        try:
+            results = self.engine.step()
+        except Exception as error:  # a failed step ends the streams in it, not the loop
+            logger.exception("engine step failed")
             with self._wake:
-                self._wake.wait_for(lambda: self._closed or ((self._admissible() or self._running) and not self._decoder_behind()))
-                if self._closed:
-                    return
-                while self._admissible():
-                    self._start(self._waiting.popleft())
-            self._poll_cancellations()
-            try:
-                results = self.engine.step()
-            except Exception as error:  # a failed step ends the streams in it, not the loop
-                logger.exception("engine step failed")
-                with self._wake:
-                    for request_id, stream in list(self._running.items()):
-                        self.engine.cancel(request_id)
-                        self._end(stream, "error", error)
-                continue
-            with self._wake:
-                for result in results:
-                    stream = self._running.get(result.request_id)
-                    if stream is None:
-                        continue
-                    stream.started.set()
-                    if result.codes is not None:
-                        stream.frames.append(result.codes)
-                    if result.finish is not None:
-                        self._end(stream, result.finish)
-                    elif len(stream.frames) >= stream.next_chunk_frames:
-                        self._send(stream, finish=None)
+                for request_id, stream in list(self._running.items()):
+                    self.engine.cancel(request_id)
+                    self._end(stream, "error", error)
+            return True
+        with self._wake:
+            for result in results:
+                stream = self._running.get(result.request_id)
+                if stream is None:
+                    continue
+                stream.started.set()
+                if result.codes is not None:
+                    stream.frames.append(result.codes)
+                if result.finish is not None:
+                    self._end(stream, result.finish)
+                elif len(stream.frames) >= stream.next_chunk_frames:
+                    self._send(stream, finish=None)
+        return True
 
     def _poll_cancellations(self) -> None:
         """Ask every stream's transport whether its receiver has gone, once a step."""
@@ -230,22 +239,27 @@ class ServingLoop:
 
     def _decode_forever(self) -> None:
         self._use_cpu_threads()
-        while True:
-            jobs = [self._jobs.get()]
-            while not self._jobs.empty():
-                jobs.append(self._jobs.get())
-            if None in jobs:
-                return
-            jobs = _merge(jobs)
-            starting = [job.stream.row for job in jobs if job.first and job.stream.row >= 0 and job.stream.decode_audio]
-            try:
-                self.decoder.start(starting)
-            except Exception as error:  # these jobs fail; the thread goes on
-                logger.exception("starting decoder rows failed")
-                jobs = [_DecodeJob(job.stream, job.codes, job.first, job.finish, error) for job in jobs]
-            for group in _by_length(jobs):
-                for job, audio in self._decode(group):
-                    self._deliver(job, audio)
+        while self._decode_round():
+            pass
+
+    def _decode_round(self) -> bool:
+        """Wait for chunks, decode everything queued and deliver it; False once closed."""
+        jobs = [self._jobs.get()]
+        while not self._jobs.empty():
+            jobs.append(self._jobs.get())
+        if None in jobs:
+            return False
+        jobs = _merge(jobs)
+        starting = [job.stream.row for job in jobs if job.first and job.stream.row >= 0 and job.stream.decode_audio]
+        try:
+            self.decoder.start(starting)
+        except Exception as error:  # these jobs fail; the thread goes on
+            logger.exception("starting decoder rows failed")
+            jobs = [_DecodeJob(job.stream, job.codes, job.first, job.finish, error) for job in jobs]
+        for group in _by_length(jobs):
+            for job, audio in self._decode(group):
+                self._deliver(job, audio)
+        return True
 
     @torch.inference_mode()
     def _decode(self, jobs: list[_DecodeJob]) -> list[tuple[_DecodeJob, torch.Tensor | None]]:

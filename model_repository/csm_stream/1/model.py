@@ -6,10 +6,11 @@ in Triton's queue, where max_queue_size bounds them."""
 
 from __future__ import annotations
 
-import functools
+import faulthandler
 import json
 import logging
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -32,6 +33,7 @@ METRICS_INTERVAL_S = 0.5
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <stub pid>`: every thread's stack, in the server log
         model_config = json.loads(args["model_config"])
         self.config = ServingConfig.from_parameters(model_config.get("parameters", {}))
         device = self._device(args)
@@ -49,7 +51,9 @@ class TritonPythonModel:
 
                 make_tiny(weights)
         dtype = None if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
-        self.generator = load_csm_1b(weights, device=device, dtype=dtype, slots=self.config.slots)
+        self.generator = load_csm_1b(
+            weights, device=device, dtype=dtype, slots=self.config.slots, cpu_threads=self.config.cpu_threads or None
+        )
         self._start_metrics()
         logger.info("csm_stream ready on %s with %d slots, weights %s", device, self.config.slots, weights)
 
@@ -71,13 +75,16 @@ class TritonPythonModel:
                 generation = parse_request(arrays, self.config, self.generator.engine.vocab_size)
                 first_chunk_frames, chunk_frames = parse_chunking(arrays, self.config)
                 wanted = request.requested_output_names()
-                deliver = functools.partial(_send_chunk, sender, wanted)
+                link = _Link(request, sender, wanted)
                 streams.append(
-                    self.generator.submit(generation, deliver, "AUDIO" in wanted, first_chunk_frames, chunk_frames, request.is_cancelled)
+                    self.generator.submit(generation, link.deliver, "AUDIO" in wanted, first_chunk_frames, chunk_frames, link.is_cancelled)
                 )
             except ValueError as error:
                 error_response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
                 sender.send(error_response, flags=FINAL)
+            except Exception as error:  # this request alone fails; the others of the call go on
+                logger.exception("preparing a request failed")
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preparing the request failed: {error}")), flags=FINAL)
         for stream in streams:
             stream.started.wait()
         return None
@@ -121,6 +128,26 @@ class TritonPythonModel:
         logger.info("csm_stream unloading")
         self._stopping.set()
         self.generator.close()
+
+
+class _Link:
+    """A request's way out to its client. It lets go of the Triton request and its response
+    sender with the final response: the python backend unloads the model only once every one of
+    them is gone, so a finished stream that something still holds must not hold them."""
+
+    def __init__(self, request, sender, wanted: list[str]) -> None:
+        self._request, self._sender, self._wanted = request, sender, wanted
+
+    def deliver(self, chunk: Chunk) -> None:
+        sender = self._sender
+        if chunk.error is not None or chunk.finish is not None:
+            self._request = self._sender = None
+        if sender is not None:
+            _send_chunk(sender, self._wanted, chunk)
+
+    def is_cancelled(self) -> bool:
+        request = self._request
+        return request is not None and request.is_cancelled()
 
 
 def _send_chunk(sender, wanted: list[str], chunk: Chunk) -> None:
