@@ -140,7 +140,7 @@ class _Link:
 
     def deliver(self, chunk: Chunk) -> None:
         sender = self._sender
-        if chunk.error is not None or chunk.finish is not None:
+        if chunk.finish is not None:  # the last chunk, an error's included
             self._request = self._sender = None
         if sender is not None:
             _send_chunk(sender, self._wanted, chunk)
