@@ -112,3 +112,23 @@ def test_a_hundred_cancelled_requests_leave_nothing_behind(generator: Generator)
 def test_invalid_streaming_chunk_sizes_are_refused(generator: Generator) -> None:
     with pytest.raises(ValueError, match="chunk_frames: must be at least 1"):
         generator.generate_streaming("Hi.", 0, [], chunk_frames=0)
+
+
+def test_requests_beyond_the_slots_count_as_waiting(generator: Generator) -> None:
+    wait_until_idle(generator)
+    slots = generator.engine.num_slots
+    streams = [
+        generator.submit(GenerationRequest("Queue up.", 0, max_audio_length_ms=20_000, seed=index), lambda chunk: None)
+        for index in range(slots + 2)
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while sum(stream.started.is_set() for stream in streams) < slots:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        stats = generator.stats()
+        assert (stats.active_slots, stats.waiting, stats.streams) == (slots, 2, slots + 2)
+    finally:
+        for stream in streams:
+            generator.cancel(stream)
+    wait_until_idle(generator)

@@ -81,7 +81,7 @@ class _DecodeJob:
 @dataclass(frozen=True)
 class LoopStats:
     active_slots: int  # streams generating now
-    waiting: int  # submitted, not yet given a slot
+    waiting: int  # submitted, not yet given a slot (in the loop's queue or the engine's)
     streams: int  # submitted and not yet finished (waiting, generating or decoding)
     threads_alive: int
 
@@ -136,7 +136,8 @@ class ServingLoop:
 
     def stats(self) -> LoopStats:
         with self._wake:
-            return LoopStats(self.engine.active_slots, len(self._waiting), self._unfinished, sum(t.is_alive() for t in self._threads))
+            waiting = len(self._waiting) + sum(not stream.started.is_set() for stream in self._running.values())
+            return LoopStats(self.engine.active_slots, waiting, self._unfinished, sum(t.is_alive() for t in self._threads))
 
     def close(self) -> None:
         """Cancel everything, let the last chunks out, and stop the threads."""

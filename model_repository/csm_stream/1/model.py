@@ -94,7 +94,7 @@ class TritonPythonModel:
         the same thread notices when the server has died under us."""
         descriptions = {
             "active_slots": "Engine slots generating now",
-            "waiting_requests": "Requests handed to the engine and waiting for a slot",
+            "waiting_requests": "Requests accepted and waiting for a slot",
             "streams": "Requests accepted and not yet finished",
             "loop_threads": "Serving-loop threads alive (2 when healthy)",
         }
