@@ -17,11 +17,6 @@ from .segment import SAMPLE_RATE
 if TYPE_CHECKING:
     import torch
 
-# The in-process Generator's chunking defaults (csm_triton.streaming), kept here so that the
-# client needs no model stack: frames of 80 ms in the first audio chunk and in each later one.
-FIRST_CHUNK_FRAMES = 2
-CHUNK_FRAMES = 12
-
 
 class RemoteGenerator:
     """`generate` / `generate_codes` / `generate_streaming` with the design document's signature and defaults,
@@ -86,11 +81,12 @@ class RemoteGenerator:
         topk: int = 50,
         max_audio_length_ms: int = 10_000,
         seed: int | None = None,
-        first_chunk_frames: int = FIRST_CHUNK_FRAMES,
-        chunk_frames: int = CHUNK_FRAMES,
+        first_chunk_frames: int | None = None,
+        chunk_frames: int | None = None,
     ) -> Iterator[torch.Tensor]:
         """Audio chunks [samples] as they are generated (gRPC); joined, they are `generate`'s audio.
-        Closing the iterator early cancels the generation on the server."""
+        Chunk sizes (frames of 80 ms) left as None take the server's configured defaults. Closing
+        the iterator early cancels the generation on the server."""
         import torch
 
         chunks = self.client.stream(
