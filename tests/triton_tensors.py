@@ -36,7 +36,9 @@ def vector(values, dtype) -> np.ndarray:
     return np.array([values], dtype=dtype)
 
 
-def chunk_borders(sizes: list[int]) -> set[int]:
-    """Where chunks end, in frames. While the decoder is behind, consecutive chunks of a stream
-    go out as one, so the borders are a subset of the asked-for ones, never others."""
-    return {sum(sizes[: i + 1]) for i in range(len(sizes))}
+def chunk_sizes(frames: int, first_chunk_frames: int, chunk_frames: int) -> list[int]:
+    """The frames of each chunk a stream of `frames` frames is cut into."""
+    sizes = [min(frames, first_chunk_frames)]
+    while sum(sizes) < frames:
+        sizes.append(min(chunk_frames, frames - sum(sizes)))
+    return sizes

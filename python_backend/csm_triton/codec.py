@@ -103,9 +103,8 @@ class StreamingDecoder:
     """Mimi decoding state for `rows` independent streams (one per engine slot), so that audio can be sent as frames are generated.
 
     Uses moshi's own streaming state (`streaming_forever(rows)`): each streaming module keeps its
-    causal context per batch row, `reset_streaming(mask)` clears chosen rows and `set_exec_mask`
-    freezes the rows not listed in a call (they are fed zeros and their state is left as it was).
-    Mimi is causal, so the chunks of a stream joined equal `MimiCodec.decode` of all its codes.
+    causal context per batch row and `reset_streaming(mask)` clears chosen rows; a call runs only
+    the rows it lists (see Cost). Mimi is causal, so the chunks of a stream joined equal `MimiCodec.decode` of all its codes.
 
     - Own state: moshi keeps streaming state on the modules themselves, and a streaming module
       takes its streaming path for every caller, so streaming the shared `mimi` would break an
@@ -115,14 +114,13 @@ class StreamingDecoder:
     - Wider KV rings: moshi sizes the decoder transformer's ring KV cache to its attention
       context (250 steps at 25 Hz = 125 frames = 10 s) and writes a call's new keys before
       attending, so a call of T > 1 steps overwrites keys its own first steps still need once a
-      stream is past 10 s (one Mimi frame is 2 steps; a frozen row's slots are written too). The
+      stream is past 10 s (one Mimi frame is 2 steps). The
       rings here hold `context + 2 * FRAMES_PER_PASS - 1` steps (281), which makes every pass
       exact; a longer `decode` runs in passes of FRAMES_PER_PASS frames. State per row is about
       9.2 MB of KV ring (8 layers x 2 x 281 x 512 fp32) plus the convolutions' context.
-    - Cost: a call runs the rows from the first listed to the last (views of their state stand
-      in for the whole; moshi's exec mask keeps the unlisted ones in that span as they were), so
-      callers that keep their streams in the lowest rows pay for the streams they have. One
-      batched call beats a loop of single-row decoders: on a 2-core CPU 8 rows of 1 (4) frames
+    - Cost: a call runs only the rows listed, on copies of their state (about 9 MB a row, copied
+      in and back: a few percent of a call), so it costs the streams it has. One batched call
+      beats a loop of single-row decoders: on a 2-core CPU 8 rows of 1 (4) frames
       took 101 (231) ms in one call and 670 (828) ms in a loop.
     """
 
@@ -161,18 +159,18 @@ class StreamingDecoder:
             dtype=cache.dtype,
         )
 
-    def _mask(self, rows: list[int]) -> torch.Tensor:
+    def _check(self, rows: list[int]) -> None:
         if len(set(rows)) != len(rows) or not all(0 <= row < self.rows for row in rows):
             raise ValueError(f"rows: expected distinct rows in [0, {self.rows}), got {rows}")
-        mask = torch.zeros(self.rows, dtype=torch.bool)
-        mask[rows] = True
-        return mask.to(self.device)
 
     @torch.inference_mode()
     def start(self, rows: list[int]) -> None:
         """Begin new streams in these rows (drops whatever state they held)."""
+        self._check(rows)
         if rows:
-            self._modules.reset_streaming(self._mask(rows))
+            mask = torch.zeros(self.rows, dtype=torch.bool)
+            mask[rows] = True
+            self._modules.reset_streaming(mask.to(self.device))
 
     @torch.inference_mode()
     def decode(self, rows: list[int], codes: torch.Tensor) -> torch.Tensor:
@@ -181,62 +179,58 @@ class StreamingDecoder:
         Rows not listed keep their state untouched."""
         if codes.dim() != 3 or codes.shape[0] != len(rows):
             raise ValueError(f"codes: expected shape [{len(rows)}, frames, codebooks], got {list(codes.shape)}")
-        mask = self._mask(rows)
+        self._check(rows)
         frames = codes.shape[1]
         if not rows or frames == 0:
             return torch.zeros(len(rows), frames * SAMPLES_PER_FRAME)
-        # Only the span of rows from the first listed to the last runs: views of those rows' state
-        # stand in for the whole, so a call costs what its streams need, not what `rows` allows.
-        low, high = min(rows), max(rows) + 1
+        # Only the listed rows run: copies of their state stand in for the whole, so a call costs
+        # what its streams need, not what `rows` allows; their new state is copied back after.
+        index = torch.tensor(rows, device=self.device)
         full = self._modules.get_streaming_state()
-        span = {name: _rows_of(state, low, high, mask[low:high]) for name, state in full.items()}
-        index = torch.tensor(rows, device=self.device) - low
+        listed = {name: _rows_of(state, index) for name, state in full.items()}
         codes = in_codebook(codes.to(self.device), self._cardinality).transpose(1, 2)  # [len(rows), codebooks, frames]
         chunks = []
-        self._modules.set_streaming_state(span)
+        self._modules.set_streaming_state(listed)
         try:
             for first in range(0, frames, self.FRAMES_PER_PASS):
-                listed = self._quantizer.decode(codes[..., first : first + self.FRAMES_PER_PASS])
-                latent = listed.new_zeros(high - low, *listed.shape[1:])  # frozen rows get zeros
-                latent[index] = listed
-                chunks.append(self._modules(latent)[index, 0].float().cpu())
+                latent = self._quantizer.decode(codes[..., first : first + self.FRAMES_PER_PASS])
+                chunks.append(self._modules(latent)[:, 0].float().cpu())
         finally:
             for name, state in full.items():
-                _write_back(state, span[name], low, high)
+                _write_back(state, listed[name], index)
             self._modules.set_streaming_state(full)
         return torch.cat(chunks, dim=1)
 
 
-def _rows_of(state: State, low: int, high: int, exec_mask: torch.Tensor) -> State:
-    """A streaming state for rows [low, high) of `state`: views of its per-row tensors, so that
-    moshi's in-place updates land in the whole state."""
+def _rows_of(state: State, index: torch.Tensor) -> State:
+    """A streaming state for the rows `index` of `state`, all executing: copies of their per-row
+    tensors."""
     rows = copy.copy(state)
     for name, value in vars(state).items():
         if _per_row(state, value):
-            setattr(rows, name, value[low:high])
+            setattr(rows, name, value[index])
         elif isinstance(value, RingKVCache):
             ring = copy.copy(value)
-            ring.cache, ring.end_offset = value.cache[:, low:high], value.end_offset[low:high]
+            ring.cache, ring.end_offset = value.cache[:, index], value.end_offset[index]
             setattr(rows, name, ring)
-    rows.batch_size = high - low
-    rows.exec_mask = exec_mask
+    rows.batch_size = len(index)
+    rows.exec_mask = torch.ones(len(index), dtype=torch.bool, device=index.device)
     return rows
 
 
-def _write_back(state: State, rows: State, low: int, high: int) -> None:
-    """Copy into `state` the per-row tensors moshi replaced instead of updating in place."""
+def _write_back(state: State, rows: State, index: torch.Tensor) -> None:
+    """Copy the rows' new state into `state`, whether moshi updated a tensor in place or replaced it."""
     for name, value in vars(state).items():
         if _per_row(state, value):
-            if not _same_storage(getattr(rows, name), value):
-                value[low:high] = getattr(rows, name)
-        elif not isinstance(value, (torch.Tensor, RingKVCache)) and name != "batch_size":
+            value[index] = getattr(rows, name)
+        elif isinstance(value, RingKVCache):
+            ring = getattr(rows, name)
+            value.cache[:, index] = ring.cache
+            value.end_offset[index] = ring.end_offset
+        elif not isinstance(value, torch.Tensor) and name != "batch_size":
             setattr(state, name, getattr(rows, name))
 
 
 def _per_row(state: State, value: object) -> bool:
     """Whether a field of a moshi streaming state holds one entry per batch row."""
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == state.batch_size
-
-
-def _same_storage(view: torch.Tensor, whole: torch.Tensor) -> bool:
-    return view.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
