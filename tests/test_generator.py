@@ -104,6 +104,7 @@ def test_segment_accepts_both_forms_and_resamples() -> None:
         ({"is_audio": True}, "is_audio=True but no audio"),
         ({"audio": torch.zeros(480), "sample_rate": 0}, "sample_rate: must be a positive"),
         ({"speaker": -2}, "segment speaker"),
+        ({"audio": torch.zeros(0)}, "at least one sample"),
     ],
 )
 def test_bad_segments_are_clear_errors(kwargs: dict, message: str) -> None:
@@ -122,6 +123,21 @@ def test_audio_context_is_its_codes_then_an_end_of_audio_frame(generator: Genera
     end_of_audio = tokens[audio_rows][-1]
     assert not end_of_audio.any()
     assert tokens[audio_rows][:-1, :-1].any()
+
+
+@pytest.mark.parametrize("samples", [1, 1919, 1921, 24_000])
+def test_prompt_positions_are_known_before_encoding(generator: Generator, samples: int) -> None:
+    """Requests with context audio are checked at once and encoded later, on the prompt length
+    computed from the sample counts: it must be the built prompt's."""
+    context = [Segment(speaker=1, text="Listen.", audio=torch.rand(samples) - 0.5), Segment(speaker=0, text="Text only.")]
+    tokens, _ = generator.prompt("Reply.", 0, context)
+    assert generator.prompts.positions("Reply.", 0, context) == len(tokens)
+
+
+def test_a_too_long_audio_context_is_refused_at_submit(generator: Generator) -> None:
+    context = [Segment(speaker=1, text="Long.", audio=torch.zeros(2000 * SAMPLES_PER_FRAME))]
+    with pytest.raises(ValueError, match="^prompt: .* exceed the model's 2048-position limit"):
+        generator.submit(GenerationRequest("Reply.", 0, context), lambda chunk: None)
 
 
 def test_tokenizer_uses_the_speaker_template_with_bos_and_eos(generator: Generator) -> None:

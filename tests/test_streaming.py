@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from csm_triton import GenerationRequest, Generator
-from csm_triton.codec import SAMPLES_PER_FRAME
+from csm_triton import GenerationRequest, Generator, Segment
+from csm_triton.codec import SAMPLE_RATE, SAMPLES_PER_FRAME
 from csm_triton.streaming import Chunk
 from triton_tensors import chunk_sizes
 
@@ -106,6 +106,24 @@ def test_a_hundred_cancelled_requests_leave_nothing_behind(generator: Generator)
     assert threading.active_count() == threads_before
     # The slots are usable: a request after all that generates as before.
     assert len(generator.generate_codes("Still here.", 0, [], max_audio_length_ms=400, seed=9)) == 5
+
+
+def test_context_audio_is_encoded_in_the_loop_and_such_requests_cancel_cleanly(generator: Generator) -> None:
+    wait_until_idle(generator)
+    context = [Segment(speaker=1, text="Listen.", audio=torch.rand(10 * SAMPLE_RATE) - 0.5)]
+    chunks: list[list[Chunk]] = [[], [], []]
+    streams = [
+        generator.submit(GenerationRequest("Reply.", 0, context, max_audio_length_ms=10_000, seed=index), chunks[index].append)
+        for index in range(3)
+    ]
+    # submit() returned before encoding 30 s of audio: the prompts are built by the loop, one a round.
+    assert streams[-1].request is None
+    assert generator.stats().waiting == 3
+    for stream in streams:
+        generator.cancel(stream)
+    wait_until_idle(generator, timeout_s=30)
+    assert [[chunk.finish for chunk in received] for received in chunks] == [["cancelled"]] * 3
+    assert all(chunk.error is None for received in chunks for chunk in received)
 
 
 def test_invalid_streaming_chunk_sizes_are_refused(generator: Generator) -> None:

@@ -75,6 +75,11 @@ class MimiCodec:
         return self.mimi.decode(codes.T[None])[0, 0, : len(codes) * SAMPLES_PER_FRAME].float().cpu()
 
 
+def frames_of(samples: int) -> int:
+    """Mimi frames that encoding `samples` samples at 24 kHz makes (it pads the last frame)."""
+    return -(-samples // SAMPLES_PER_FRAME)
+
+
 def in_codebook(codes: torch.Tensor, cardinality: int) -> torch.Tensor:
     """CSM's audio vocabulary (2051) is wider than Mimi's codebooks (2048); the trained model does
     not sample the extra ids, but a sampled one must not crash the decoder: it decodes as code 0."""

@@ -82,18 +82,22 @@ class Engine:
             raise ValueError(
                 f"prompt: expected tokens and mask of shape [T, {width}], got {list(request.tokens.shape)} and {list(request.mask.shape)}"
             )
-        if not request.temperature > 0 or request.temperature == float("inf"):
-            raise ValueError(f"temperature: must be a finite number > 0, got {request.temperature}")
-        if not 1 <= request.topk <= self.vocab_size:
-            raise ValueError(f"topk: must be in [1, {self.vocab_size}], got {request.topk}")
-        if request.max_frames < 1:
-            raise ValueError(f"max_frames: must be at least 1, got {request.max_frames}")
-        if not -(2**63) <= request.seed < 2**63:
-            raise ValueError(f"seed: must fit in 64 bits, got {request.seed}")
+        self.check_fields(len(request.tokens), request.max_frames, request.temperature, request.topk, request.seed)
+
+    def check_fields(self, positions: int, max_frames: int, temperature: float, topk: int, seed: int) -> None:
+        """`check` for a prompt of `positions` positions that is not built yet."""
+        if not temperature > 0 or temperature == float("inf"):
+            raise ValueError(f"temperature: must be a finite number > 0, got {temperature}")
+        if not 1 <= topk <= self.vocab_size:
+            raise ValueError(f"topk: must be in [1, {self.vocab_size}], got {topk}")
+        if max_frames < 1:
+            raise ValueError(f"max_frames: must be at least 1, got {max_frames}")
+        if not -(2**63) <= seed < 2**63:
+            raise ValueError(f"seed: must fit in 64 bits, got {seed}")
         # The last sampled frame is never fed back, so the prompt and all but one frame must fit.
-        if len(request.tokens) >= self.max_seq_len - request.max_frames:
+        if positions >= self.max_seq_len - max_frames:
             raise ValueError(
-                f"prompt: {len(request.tokens)} positions of context and text plus up to {request.max_frames} frames "
+                f"prompt: {positions} positions of context and text plus up to {max_frames} frames "
                 f"exceed the model's {self.max_seq_len}-position limit; shorten the context or the maximum audio length"
             )
 

@@ -8,6 +8,7 @@ design document's extensions.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import queue
@@ -89,6 +90,19 @@ class Generator:
         self.engine.check(engine_request)
         return engine_request
 
+    def _stream(self, request: GenerationRequest, deliver: Callable[[Chunk], None], *options) -> Stream:
+        """A checked Stream for the loop (ValueError naming the field otherwise); `options` are
+        Stream's, in its order. Context audio is left for the loop's audio thread to encode, so
+        that the caller's thread (Triton's execute()) is not held by Mimi's encoder."""
+        if not any(segment.audio is not None for segment in request.context):
+            return Stream(self.engine_request(request), deliver, *options)
+        positions = self.prompts.positions(request.text, request.speaker, request.context)
+        seed = request.seed if request.seed is not None else 0
+        self.engine.check_fields(positions, request.max_frames, float(request.temperature), request.topk, seed)
+        stream = Stream(None, deliver, *options)
+        stream.prepare = functools.partial(self.engine_request, request)
+        return stream
+
     def submit(
         self,
         request: GenerationRequest,
@@ -100,8 +114,7 @@ class Generator:
     ) -> Stream:
         """Start generating; `deliver` gets the chunks in order from the loop's threads. Raises
         ValueError naming the field for a request that cannot run."""
-        stream = Stream(self.engine_request(request), deliver, decode_audio, first_chunk_frames, chunk_frames, is_cancelled)
-        return self.loop.submit(stream)
+        return self.loop.submit(self._stream(request, deliver, decode_audio, first_chunk_frames, chunk_frames, is_cancelled))
 
     def cancel(self, stream: Stream) -> None:
         self.loop.cancel(stream)
@@ -116,19 +129,17 @@ class Generator:
     def _run_batch(self, requests: list[GenerationRequest], decode_audio: bool, return_exceptions: bool) -> list[Chunk | Exception]:
         """Each request's whole output as one Chunk, all generated in the running batch."""
         outcomes: list[Chunk | Exception | None] = [None] * len(requests)
-        prepared: dict[int, EngineRequest] = {}
+        chunks: dict[int, list[Chunk]] = {}
+        prepared: dict[int, Stream] = {}
         for index, request in enumerate(requests):
+            chunks[index] = []
             try:
-                prepared[index] = self.engine_request(request)
+                prepared[index] = self._stream(request, chunks[index].append, decode_audio, request.max_frames)
             except ValueError as error:
                 if not return_exceptions:
                     raise
                 outcomes[index] = error
-        chunks: dict[int, list[Chunk]] = {index: [] for index in prepared}
-        streams = {
-            index: self.loop.submit(Stream(request, chunks[index].append, decode_audio, first_chunk_frames=request.max_frames))
-            for index, request in prepared.items()
-        }
+        streams = {index: self.loop.submit(stream) for index, stream in prepared.items()}
         for index, stream in streams.items():
             stream.finished.wait()
             try:

@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 
-from .codec import SAMPLE_RATE, MimiCodec, as_mono, resample
+from .codec import SAMPLE_RATE, MimiCodec, as_mono, frames_of, resample
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -48,6 +48,8 @@ class Segment:
         if self.audio is not None:
             self.audio = resample(as_mono(self.audio, "segment audio"), self.sample_rate, "segment sample_rate")
             self.sample_rate = SAMPLE_RATE
+            if not len(self.audio):
+                raise ValueError("segment audio: must hold at least one sample")
 
 
 def check_speaker(speaker: int, field: str = "speaker") -> None:
@@ -85,11 +87,15 @@ class PromptBuilder:
         self.num_codebooks = num_codebooks
         self.text_vocab_size = text_vocab_size
 
-    def _text_frames(self, text: str, speaker: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text_ids(self, text: str, speaker: int) -> torch.Tensor:
         ids = torch.tensor(self.tokenizer.encode(text, speaker))
         # The shipped tokenizer knows special tokens (e.g. <|image|>) beyond the model's text vocabulary.
         if ids.max() >= self.text_vocab_size:
             raise ValueError(f"text: contains a special token outside the model's {self.text_vocab_size}-token text vocabulary: {text!r}")
+        return ids
+
+    def _text_frames(self, text: str, speaker: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self._text_ids(text, speaker)
         tokens = torch.zeros(len(ids), self.num_codebooks + 1, dtype=torch.long)
         mask = torch.zeros_like(tokens, dtype=torch.bool)
         tokens[:, -1] = ids
@@ -104,15 +110,30 @@ class PromptBuilder:
         mask[:, :-1] = True
         return tokens, mask
 
+    def positions(self, text: str, speaker: int, context: list[Segment]) -> int:
+        """How many positions `build` makes, found without encoding any audio, so that a request
+        can be checked at once and its context audio encoded later."""
+        total = len(self._text_ids(text, speaker))
+        for segment in _checked(context):
+            total += len(self._text_ids(segment.text, segment.speaker))
+            if segment.audio is not None:
+                total += frames_of(len(segment.audio)) + 1  # + the end-of-audio frame
+        return total
+
     def build(self, text: str, speaker: int, context: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (tokens [T, 33] int64, mask [T, 33] bool)."""
         parts = []
-        for segment in context:
-            if not isinstance(segment, Segment):
-                raise ValueError(f"context: expected Segment objects, got {type(segment).__name__}")
+        for segment in _checked(context):
             parts.append(self._text_frames(segment.text, segment.speaker))
             if segment.audio is not None:
                 parts.append(self._audio_frames(segment.audio))
         parts.append(self._text_frames(text, speaker))
         tokens, masks = zip(*parts, strict=True)
         return torch.cat(tokens), torch.cat(masks)
+
+
+def _checked(context: list[Segment]) -> list[Segment]:
+    for segment in context:
+        if not isinstance(segment, Segment):
+            raise ValueError(f"context: expected Segment objects, got {type(segment).__name__}")
+    return context

@@ -40,16 +40,20 @@ class Chunk:
     error: Exception | None = None  # why a stream ended with "error"
 
 
-@dataclass
+@dataclass(eq=False)
 class Stream:
-    """One request in the loop: what to generate, how to chunk it and where chunks go."""
+    """One request in the loop: what to generate, how to chunk it and where chunks go.
 
-    request: EngineRequest
+    A request whose prompt needs Mimi's encoder (context audio) comes without `request` and with
+    `prepare`, which the audio thread runs before the stream may take a slot."""
+
+    request: EngineRequest | None
     deliver: Callable[[Chunk], None]
     decode_audio: bool = True
     first_chunk_frames: int = FIRST_CHUNK_FRAMES
     chunk_frames: int = CHUNK_FRAMES
     is_cancelled: Callable[[], bool] = lambda: False
+    prepare: Callable[[], EngineRequest] | None = None
     started: threading.Event = field(default_factory=threading.Event)  # it has a slot, or has ended
     finished: threading.Event = field(default_factory=threading.Event)  # its last chunk was delivered
     request_id: int = -1
@@ -58,6 +62,7 @@ class Stream:
     chunks: int = 0
     decoding: int = 0  # frames sent to the decoder and not yet delivered
     silenced: bool = False  # its receiver failed or it has been told of an error: deliver nothing more
+    cancelled: bool = False  # cancel() came while its prompt was being prepared
 
     def __post_init__(self) -> None:
         for name in ("first_chunk_frames", "chunk_frames"):
@@ -123,11 +128,12 @@ class ServingLoop:
         self.decoder = decoder
         self.cpu_threads = cpu_threads or max(1, (os.cpu_count() or 2) // 2)
         self._free_rows = list(range(decoder_rows))
-        self._waiting: deque[Stream] = deque()
+        self._preparing: deque[Stream] = deque()  # for the audio thread to build their prompts
+        self._waiting: deque[Stream] = deque()  # ready for a slot
         self._running: dict[int, Stream] = {}  # engine request id -> stream
         self._unfinished = 0
         self._wake = threading.Condition()
-        self._jobs: queue.Queue[_DecodeJob | None] = queue.Queue()
+        self._jobs: queue.Queue[_DecodeJob | Stream | None] = queue.Queue()  # the audio thread's work; a Stream wakes it to prepare
         self._backlog: dict[int, deque[_DecodeJob]] = {}  # id(stream) -> its chunks at the decoder, oldest stream first
         self._closed = False
         self._threads = [
@@ -138,37 +144,44 @@ class ServingLoop:
             thread.start()
 
     def submit(self, stream: Stream) -> Stream:
-        """Queue a stream; raises ValueError (naming the field) if it can never run."""
-        self.engine.check(stream.request)
+        """Queue a stream; raises ValueError (naming the field) if it can never run. A stream to
+        prepare must have been checked by the caller (`Engine.check_fields`)."""
+        if stream.request is not None:
+            self.engine.check(stream.request)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the serving loop is closed")
-            self._waiting.append(stream)
             self._unfinished += 1
-            self._wake.notify_all()
+            if stream.request is None:
+                self._preparing.append(stream)
+                self._jobs.put(stream)
+            else:
+                self._waiting.append(stream)
+                self._wake.notify_all()
         return stream
 
     def cancel(self, stream: Stream) -> None:
         """Stop a stream; it ends with a "cancelled" chunk within a step."""
         with self._wake:
-            if stream in self._waiting:
-                self._waiting.remove(stream)
-                self._jobs.put(_DecodeJob(stream, _no_codes(self.engine), first=False, finish="cancelled"))
-                return
+            for queued in (self._preparing, self._waiting):
+                if stream in queued:
+                    queued.remove(stream)
+                    self._jobs.put(_DecodeJob(stream, _no_codes(self.engine), first=False, finish="cancelled"))
+                    return
             if stream.request_id >= 0:
                 self.engine.cancel(stream.request_id)
+            else:
+                stream.cancelled = True  # being prepared now: it ends once its prompt is built
 
     def stats(self) -> LoopStats:
         with self._wake:
-            waiting = len(self._waiting) + sum(not stream.started.is_set() for stream in self._running.values())
+            starting = sum(not stream.started.is_set() for stream in self._running.values())
+            waiting = len(self._preparing) + len(self._waiting) + starting
             return LoopStats(self.engine.active_slots, waiting, self._unfinished, sum(t.is_alive() for t in self._threads))
 
     def close(self) -> None:
         """Cancel everything, let the last chunks out, and stop the threads."""
-        with self._wake:
-            waiting = list(self._waiting)
-            running = list(self._running.values())
-        for stream in waiting + running:
+        for stream in self._unfinished_streams():
             self.cancel(stream)
         with self._wake:
             self._wake.wait_for(lambda: self._unfinished == 0, timeout=30)
@@ -227,11 +240,14 @@ class ServingLoop:
 
     def _poll_cancellations(self) -> None:
         """Ask every stream's transport whether its receiver has gone, once a step."""
-        with self._wake:
-            waiting, running = list(self._waiting), list(self._running.values())
-        for stream in waiting + running:
+        for stream in self._unfinished_streams():
             if _cancelled(stream):
                 self.cancel(stream)
+
+    def _unfinished_streams(self) -> list[Stream]:
+        """Those that can still be cancelled: preparing, waiting or generating."""
+        with self._wake:
+            return [*self._preparing, *self._waiting, *self._running.values()]
 
     def _decoder_behind(self) -> bool:
         """Whether some stream has more than two chunks waiting for the decoder. Generation then
@@ -272,9 +288,11 @@ class ServingLoop:
             pass
 
     def _decode_round(self) -> bool:
-        """Take the queued chunks, then run one decoder pass; False once closed."""
-        if not self._take_jobs(block=not self._backlog):
+        """Take the queued work, prepare one new stream's prompt, run one decoder pass; False once
+        closed. Alternating keeps both new requests and running streams moving."""
+        if not self._take_jobs(block=not self._backlog and not self._preparing):
             return False
+        self._prepare_next()
         self._deliver_ready()
         frames, jobs = self._next_pass()
         if jobs:
@@ -284,11 +302,12 @@ class ServingLoop:
 
     def _take_jobs(self, block: bool) -> bool:
         """Move the queued chunks to each stream's backlog; False once closed."""
-        jobs = [self._jobs.get()] if block else []
+        items = [self._jobs.get()] if block else []
         while not self._jobs.empty():
-            jobs.append(self._jobs.get_nowait())
-        if None in jobs:
+            items.append(self._jobs.get_nowait())
+        if None in items:
             return False
+        jobs = [item for item in items if isinstance(item, _DecodeJob)]
         starting = [job for job in jobs if job.first and job.stream.row >= 0 and job.stream.decode_audio]
         try:
             self.decoder.start([job.stream.row for job in starting])
@@ -299,6 +318,30 @@ class ServingLoop:
         for job in jobs:
             self._backlog.setdefault(id(job.stream), deque()).append(job)
         return True
+
+    def _prepare_next(self) -> None:
+        """Build the prompt of the oldest stream that needs one (its context audio encoded here,
+        so that encoding shares the audio thread's cores instead of competing for them), then
+        queue it for a slot."""
+        with self._wake:
+            if not self._preparing:
+                return
+            stream = self._preparing.popleft()
+        try:
+            with torch.inference_mode():
+                request = stream.prepare()
+            self.engine.check(request)
+        except Exception as error:
+            logger.exception("preparing a request failed")
+            self._jobs.put(_DecodeJob(stream, _no_codes(self.engine), first=False, finish="error", error=error))
+            return
+        with self._wake:
+            stream.request = request
+            if stream.cancelled:
+                self._jobs.put(_DecodeJob(stream, _no_codes(self.engine), first=False, finish="cancelled"))
+            else:
+                self._waiting.append(stream)
+                self._wake.notify_all()
 
     def _next_pass(self) -> tuple[int, list[_DecodeJob]]:
         """The chunks to advance by one decoder call, and by how many frames. First chunks go
