@@ -19,6 +19,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -152,6 +153,19 @@ def test_dockerfile_serves_the_repository_on_the_pinned_triton_without_weights()
     assert user.split(":")[0] not in ("0", "root")
     cmd = json.loads(next(line for line in lines if line.startswith("CMD ")).removeprefix("CMD "))
     assert cmd == ["tritonserver", f"--model-repository={PROJECT}/model_repository"]
+
+
+def test_dockerfile_installs_its_named_packages_on_python_310() -> None:
+    # A package installed by name whose metadata rules out the image's Python 3.10 fails the build
+    # unless pip is told to ignore that (checked against the same version installed here).
+    installs = [line for line in (DOCKER / "Dockerfile").read_text().splitlines() if "pip install" in line]
+    named = [(line, name, version) for line in installs for name, version in re.findall(r"([A-Za-z0-9_.-]+)==(\S+)", line)]
+    assert named
+    for line, name, version in named:
+        assert importlib.metadata.version(name) == version
+        requires = importlib.metadata.metadata(name)["Requires-Python"]
+        if requires and "3.10" not in SpecifierSet(requires):
+            assert "--ignore-requires-python" in line, f"{name} {version} declares Python {requires}"
 
 
 def test_image_lock_installs_the_tested_pins_on_python_310() -> None:
