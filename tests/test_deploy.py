@@ -31,7 +31,6 @@ K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 KUSTOMIZATIONS = ["base", "kserve", "overlays/cpu-dev", "overlays/gpu-prod"]
 PROJECT = "/opt/csm-triton"  # where the image puts the project; model.py takes its root from there
 WEIGHTS_MOUNT = f"{PROJECT}/models"
-MODEL_METRICS = ("csm_active_slots", "csm_waiting_requests", "csm_loop_threads")
 
 
 def csm_stream_parameter(key: str) -> str:
