@@ -126,7 +126,9 @@ class ServingLoop:
     def __init__(self, engine: Engine, decoder: StreamingDecoder, decoder_rows: int, cpu_threads: int | None = None) -> None:
         self.engine = engine
         self.decoder = decoder
-        self.cpu_threads = cpu_threads or max(1, (os.cpu_count() or 2) // 2)
+        # The cores this process may run on (a container's cpuset), not the host's; a CFS quota
+        # (a Kubernetes CPU limit) is not seen here: set cpu_threads under one.
+        self.cpu_threads = cpu_threads or max(1, len(os.sched_getaffinity(0)) // 2)
         self._free_rows = list(range(decoder_rows))
         self._preparing: deque[Stream] = deque()  # for the audio thread to build their prompts
         self._waiting: deque[Stream] = deque()  # ready for a slot
