@@ -157,3 +157,43 @@ def test_cpu_linear_swap_keeps_the_codes(tiny_model_dir: Path) -> None:
     for topk in (1, 50):
         expected = reference.generate_codes("Packed weights.", 0, context, topk=topk, max_audio_length_ms=800, seed=4)
         assert torch.equal(swapped.generate_codes("Packed weights.", 0, context, topk=topk, max_audio_length_ms=800, seed=4), expected)
+
+
+# Arrivals that move the highest busy slot across batch buckets (1, 2, 4 with 4 slots) and reuse freed slots.
+BUCKET_ARRIVALS = ((0, 0), (1, 1), (3, 2), (3, 0), (4, 1), (14, 2))
+
+
+def bucket_schedule(batch: list[EngineRequest]) -> dict[int, list[EngineRequest]]:
+    arrivals: dict[int, list[EngineRequest]] = {}
+    for step, which in BUCKET_ARRIVALS:
+        arrivals.setdefault(step, []).append(batch[which])
+    return arrivals
+
+
+@pytest.mark.parametrize("topk", [1, 50], ids=["greedy", "sampled"])
+def test_fixed_shape_frame_step_gives_the_dynamic_codes(generator: Generator, topk: int) -> None:
+    """The step that CUDA graphs capture (every slot below a bucket, all positions under the causal
+    mask, dummy rows), run eagerly on the CPU, against the engine's default CPU path."""
+    arrivals = bucket_schedule(requests(generator, topk))
+    dynamic = run(generator.engine, arrivals)
+    fixed_engine = Engine(generator.engine.model, generator.engine.num_slots, frame_graphs=True)
+    assert fixed_engine.graphs is not None and not fixed_engine.graphs.capture
+    fixed = run(fixed_engine, arrivals)
+    assert fixed_engine.stats.peak_batch == generator.engine.num_slots
+    for expected, got in zip(dynamic.values(), fixed.values(), strict=True):
+        assert torch.equal(expected, got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_gives_the_eager_greedy_codes(tiny_model_dir: Path) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    generator = load_csm_1b(tiny_model_dir, device="cuda", dtype=torch.float32, slots=4)
+    try:
+        arrivals = bucket_schedule(requests(generator, topk=1))
+        assert generator.engine.graphs is not None and generator.engine.graphs.capture
+        replayed = run(generator.engine, arrivals)
+        eager = run(Engine(generator.engine.model, 4, frame_graphs=False), arrivals)
+        for expected, got in zip(eager.values(), replayed.values(), strict=True):
+            assert torch.equal(expected, got)
+    finally:
+        generator.close()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .graphs import FrameGraphs
 from .model import CSM
 from .sampling import Sampler
 
@@ -58,7 +59,11 @@ class _Slot:
 
 
 class Engine:
-    def __init__(self, model: CSM, slots: int) -> None:
+    """`frame_graphs` (default: on CUDA) runs the running slots' frames through `FrameGraphs`:
+    fixed shapes, captured as CUDA graphs on CUDA, eager elsewhere (for tests). Otherwise the
+    step has the shapes of the slots it runs, which is fastest on the CPU."""
+
+    def __init__(self, model: CSM, slots: int, frame_graphs: bool | None = None) -> None:
         if slots <= 0:
             raise ValueError(f"slots: must be positive, got {slots}")
         self.model = model
@@ -69,6 +74,11 @@ class Engine:
         self.num_codebooks = model.config.audio_num_codebooks
         self.stats = EngineStats()
         model.setup_caches(slots)
+        if frame_graphs is None:
+            frame_graphs = self.device.type == "cuda"
+        self.graphs = FrameGraphs(model, slots, capture=self.device.type == "cuda") if frame_graphs else None
+        if self.graphs is not None:
+            self.graphs.warm_up()
         self._slots: list[_Slot | None] = [None] * slots
         self._waiting: deque[tuple[int, EngineRequest]] = deque()
         self._cancelled: set[int] = set()
@@ -127,20 +137,15 @@ class Engine:
     def step(self) -> list[StepResult]:
         results = self._drop_cancelled()
         admitted = self._admit()
-        hidden = self._decode_running(admitted) | self._prefill(admitted)
-        if not hidden:
+        running = [i for i, slot in enumerate(self._slots) if slot is not None and i not in admitted]
+        if self.graphs is None:
+            frames = self._sample(self._decode_running(running) | self._prefill(admitted))
+        else:
+            frames = self._sample(self._prefill(admitted)) | self._graph_frames(running)
+        if not frames:
             return results
-        indices = sorted(hidden)
-        slots = [self._slots[i] for i in indices]
-        sampler = Sampler(
-            temperature=torch.tensor([s.request.temperature for s in slots], device=self.device),
-            topk=torch.tensor([s.request.topk for s in slots], device=self.device),
-            seeds=torch.tensor([s.request.seed for s in slots], device=self.device),
-            frames=torch.tensor([s.frames for s in slots], device=self.device),
-            num_codebooks=self.num_codebooks,
-            max_topk=max(s.request.topk for s in slots),
-        )
-        codes = self.model.sample_frame(torch.stack([hidden[i] for i in indices]), sampler)
+        indices = sorted(frames)
+        codes = torch.stack([frames[i] for i in indices])
         codes_host = codes.cpu()  # the step's one device-to-host copy
         self.stats.steps += 1
         self.stats.peak_batch = max(self.stats.peak_batch, len(indices))
@@ -195,9 +200,43 @@ class Engine:
         last = hidden[torch.arange(len(slots)), torch.tensor(lengths) - 1]  # [B, D]
         return dict(zip(admitted, last, strict=True))
 
-    def _decode_running(self, admitted: list[int]) -> dict[int, torch.Tensor]:
+    def _sample(self, hidden: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The next frame's codes [32] of each slot from its backbone output [D]."""
+        if not hidden:
+            return {}
+        indices = sorted(hidden)
+        slots = [self._slots[i] for i in indices]
+        sampler = Sampler(
+            temperature=torch.tensor([s.request.temperature for s in slots], device=self.device),
+            topk=torch.tensor([s.request.topk for s in slots], device=self.device),
+            seeds=torch.tensor([s.request.seed for s in slots], device=self.device),
+            frames=torch.tensor([s.frames for s in slots], device=self.device),
+            num_codebooks=self.num_codebooks,
+            max_topk=max(s.request.topk for s in slots),
+        )
+        codes = self.model.sample_frame(torch.stack([hidden[i] for i in indices]), sampler)
+        return dict(zip(indices, codes, strict=True))
+
+    def _graph_frames(self, indices: list[int]) -> dict[int, torch.Tensor]:
+        """`_decode_running` and `_sample` in one fixed-shape step (see graphs.py)."""
+        if not indices:
+            return {}
+        slots = [self._slots[i] for i in indices]
+        codes = self.graphs.run(
+            indices,
+            torch.stack([s.pending for s in slots]),
+            [s.position for s in slots],
+            [s.request.temperature for s in slots],
+            [s.request.topk for s in slots],
+            [s.request.seed for s in slots],
+            [s.frames for s in slots],
+        )
+        for s in slots:
+            s.position += 1
+        return dict(zip(indices, codes, strict=True))
+
+    def _decode_running(self, indices: list[int]) -> dict[int, torch.Tensor]:
         """One backbone position for every slot that already has a frame to feed back."""
-        indices = [i for i, slot in enumerate(self._slots) if slot is not None and i not in admitted]
         if not indices:
             return {}
         slots = [self._slots[i] for i in indices]
