@@ -197,3 +197,32 @@ def test_cuda_graph_replay_gives_the_eager_greedy_codes(tiny_model_dir: Path) ->
             assert torch.equal(expected, got)
     finally:
         generator.close()
+
+
+@pytest.mark.parametrize("frame_graphs", [False, True], ids=["dynamic", "fixed-shape"])
+def test_chunked_prefill_gives_the_same_codes(generator: Generator, frame_graphs: bool) -> None:
+    arrivals = bucket_schedule(requests(generator, topk=50))
+    whole = run(generator.engine, arrivals)
+    chunked = run(Engine(generator.engine.model, generator.engine.num_slots, frame_graphs=frame_graphs, prefill_chunk=5), arrivals)
+    for expected, got in zip(whole.values(), chunked.values(), strict=True):
+        assert torch.equal(expected, got)
+
+
+def test_a_long_prompt_prefills_in_pieces_while_running_streams_go_on(generator: Generator) -> None:
+    engine = Engine(generator.engine.model, generator.engine.num_slots, prefill_chunk=8)
+    short, long = requests(generator, topk=50)[:2]
+    running = engine.submit(short)
+    engine.step()
+    waiting = engine.submit(long)
+    steps_to_first_frame = 0
+    while True:
+        results = engine.step()
+        steps_to_first_frame += 1
+        assert running in {result.request_id for result in results}  # a frame every step
+        if waiting in {result.request_id for result in results}:
+            break
+    assert steps_to_first_frame == -(-len(long.tokens) // 8)
+    for request_id in (running, waiting):
+        engine.cancel(request_id)
+    engine.step()
+    assert engine.active_slots == 0

@@ -53,7 +53,7 @@ class EngineStats:
 class _Slot:
     request_id: int
     request: EngineRequest
-    position: int = 0  # next cache position to write
+    position: int = 0  # next cache position to write (while prefilling: prompt positions cached so far)
     frames: int = 0  # frames generated so far
     pending: torch.Tensor | None = None  # [32] last frame, fed to the backbone next step
 
@@ -63,11 +63,14 @@ class Engine:
     fixed shapes, captured as CUDA graphs on CUDA, eager elsewhere (for tests). Otherwise the
     step has the shapes of the slots it runs, which is fastest on the CPU."""
 
-    def __init__(self, model: CSM, slots: int, frame_graphs: bool | None = None) -> None:
+    def __init__(self, model: CSM, slots: int, frame_graphs: bool | None = None, prefill_chunk: int | None = None) -> None:
         if slots <= 0:
             raise ValueError(f"slots: must be positive, got {slots}")
         self.model = model
         self.num_slots = slots
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk: must be positive or None, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk  # prompt positions a step prefills at most; None: whole prompts
         self.device = model.audio_head.device
         self.max_seq_len = model.config.backbone.max_seq_len
         self.vocab_size = model.config.audio_vocab_size
@@ -104,7 +107,8 @@ class Engine:
             raise ValueError(f"max_frames: must be at least 1, got {max_frames}")
         if not -(2**63) <= seed < 2**63:
             raise ValueError(f"seed: must fit in 64 bits, got {seed}")
-        # The last sampled frame is never fed back, so the prompt and all but one frame must fit.
+        # The last sampled frame is never fed back, so the prompt and all but one frame must fit,
+        # below the last position: prefill padding and the frame graphs' dummy rows write there.
         if positions >= self.max_seq_len - max_frames:
             raise ValueError(
                 f"prompt: {positions} positions of context and text plus up to {max_frames} frames "
@@ -136,12 +140,13 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepResult]:
         results = self._drop_cancelled()
-        admitted = self._admit()
-        running = [i for i, slot in enumerate(self._slots) if slot is not None and i not in admitted]
+        self._admit()
+        running = [i for i, slot in enumerate(self._slots) if slot is not None and slot.pending is not None]
+        prefilling = [i for i, slot in enumerate(self._slots) if slot is not None and slot.pending is None]
         if self.graphs is None:
-            frames = self._sample(self._decode_running(running) | self._prefill(admitted))
+            frames = self._sample(self._decode_running(running) | self._prefill(prefilling))
         else:
-            frames = self._sample(self._prefill(admitted)) | self._graph_frames(running)
+            frames = self._sample(self._prefill(prefilling)) | self._graph_frames(running)
         if not frames:
             return results
         indices = sorted(frames)
@@ -165,40 +170,53 @@ class Engine:
                 results.append(StepResult(slot.request_id, None, "cancelled"))
         return results
 
-    def _admit(self) -> list[int]:
-        admitted = []
+    def _admit(self) -> None:
         with self._lock:
             for index, slot in enumerate(self._slots):
                 if slot is None and self._waiting:
                     request_id, request = self._waiting.popleft()
                     self._slots[index] = _Slot(request_id, request)
-                    admitted.append(index)
-        return admitted
 
-    def _prefill(self, admitted: list[int]) -> dict[int, torch.Tensor]:
-        """All newly admitted prompts in one backbone pass, right-padded to the longest. A shorter
-        row writes padding into cache positions past its prompt; its own frames overwrite each of
-        them before any query attends to it."""
-        if not admitted:
+    def _prefill(self, indices: list[int]) -> dict[int, torch.Tensor]:
+        """The next piece of each admitted prompt, oldest request first, at most `prefill_chunk`
+        positions a step in all, in one backbone pass right-padded to the longest piece; the
+        backbone output of each prompt completed now. A long prompt thus takes several steps
+        instead of stalling the running streams' next frame. Padding is written at the last cache
+        position, which no request attends to (see `check_fields`)."""
+        budget = self.prefill_chunk or self.max_seq_len
+        pieces = []  # (slot index, first position, positions)
+        for index in sorted(indices, key=lambda i: self._slots[i].request_id):
+            slot = self._slots[index]
+            count = min(len(slot.request.tokens) - slot.position, budget)
+            if count < 1:
+                break
+            pieces.append((index, slot.position, count))
+            budget -= count
+        if not pieces:
             return {}
-        slots = [self._slots[i] for i in admitted]
-        lengths = [len(s.request.tokens) for s in slots]
-        longest = max(lengths)
-        tokens = torch.zeros(len(slots), longest, self.num_codebooks + 1, dtype=torch.long)
+        longest = max(count for _, _, count in pieces)
+        tokens = torch.zeros(len(pieces), longest, self.num_codebooks + 1, dtype=torch.long)
         mask = torch.zeros_like(tokens, dtype=torch.bool)
-        for row, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
-            tokens[row, :length] = slot.request.tokens
-            mask[row, :length] = slot.request.mask
-            slot.position = length
+        positions = torch.full((len(pieces), longest), self.max_seq_len - 1)
+        for row, (index, first, count) in enumerate(pieces):
+            request = self._slots[index].request
+            tokens[row, :count] = request.tokens[first : first + count]
+            mask[row, :count] = request.mask[first : first + count]
+            positions[row, :count] = torch.arange(first, first + count)
         hidden = self.model.backbone_forward(
             tokens.to(self.device),
             mask.to(self.device),
-            rows=torch.tensor(admitted, device=self.device),
-            positions=torch.arange(longest, device=self.device).expand(len(slots), longest),
-            length=longest,
+            rows=torch.tensor([index for index, _, _ in pieces], device=self.device),
+            positions=positions.to(self.device),
+            length=max(first + count for _, first, count in pieces),
         )
-        last = hidden[torch.arange(len(slots)), torch.tensor(lengths) - 1]  # [B, D]
-        return dict(zip(admitted, last, strict=True))
+        completed = {}
+        for row, (index, first, count) in enumerate(pieces):
+            slot = self._slots[index]
+            slot.position = first + count
+            if slot.position == len(slot.request.tokens):
+                completed[index] = hidden[row, count - 1]
+        return completed
 
     def _sample(self, hidden: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """The next frame's codes [32] of each slot from its backbone output [D]."""

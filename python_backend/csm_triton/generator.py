@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 FRAME_MS = 80  # one Mimi frame at 12.5 Hz
 DEFAULT_SLOTS = 8
+# Prompt positions prefilled per step on CUDA: a few milliseconds of the 1B backbone on an H100,
+# so a burst of long prompts never holds the running streams' next frame past its 80 ms.
+CUDA_PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -277,10 +280,13 @@ def load_csm_1b(
     dtype: torch.dtype | None = None,
     slots: int = DEFAULT_SLOTS,
     cpu_threads: int | None = None,
+    prefill_chunk: int | None = None,
 ) -> Generator:
     """Load a staged model directory, `ckpt.pt` or `model.safetensors` (tokenizer and Mimi beside
     it). Weights are bf16 on CUDA and fp32 on the CPU unless `dtype` says otherwise. On the CPU,
-    generation and audio decoding each use `cpu_threads` torch threads (default half the cores)."""
+    generation and audio decoding each use `cpu_threads` torch threads (default half the cores).
+    A step prefills at most `prefill_chunk` prompt positions (default: CUDA_PREFILL_CHUNK on CUDA,
+    whole prompts on the CPU, where a step's cost hardly depends on them)."""
     device = resolve_device(device)
     paths = checkpoint.resolve(ckpt_path)
     if dtype is None:
@@ -288,4 +294,6 @@ def load_csm_1b(
     model = checkpoint.load_model(paths, device, dtype)
     codec = MimiCodec(paths.mimi, device, model.config.audio_num_codebooks)
     prompts = PromptBuilder(TextTokenizer(paths.tokenizer), codec, model.config.audio_num_codebooks, model.config.text_vocab_size)
-    return Generator(Engine(model, slots), prompts, codec, cpu_threads)
+    if prefill_chunk is None and device.type == "cuda":
+        prefill_chunk = CUDA_PREFILL_CHUNK
+    return Generator(Engine(model, slots, prefill_chunk=prefill_chunk), prompts, codec, cpu_threads)

@@ -47,6 +47,7 @@ class ServingConfig:
     first_chunk_frames: int = FIRST_CHUNK_FRAMES
     chunk_frames: int = CHUNK_FRAMES
     cpu_threads: int = 0  # 0: half the cores for each of the serving loop's two threads
+    prefill_chunk: int = 0  # prompt positions prefilled per step at most; 0: load_csm_1b's default
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, dict[str, str]]) -> ServingConfig:
@@ -55,7 +56,7 @@ class ServingConfig:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"config.pbtxt parameters: unknown keys {sorted(unknown)}")
-        numbers = ("slots", "max_audio_length_ms", "first_chunk_frames", "chunk_frames", "cpu_threads")
+        numbers = ("slots", "max_audio_length_ms", "first_chunk_frames", "chunk_frames", "cpu_threads", "prefill_chunk")
         typed = {key: int(value) if key in numbers else value for key, value in values.items()}
         config = cls(**typed)
         if config.max_audio_length_ms < FRAME_MS or min(config.slots, config.first_chunk_frames, config.chunk_frames) < 1:

@@ -52,7 +52,12 @@ class TritonPythonModel:
                 make_tiny(weights)
         dtype = None if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
         self.generator = load_csm_1b(
-            weights, device=device, dtype=dtype, slots=self.config.slots, cpu_threads=self.config.cpu_threads or None
+            weights,
+            device=device,
+            dtype=dtype,
+            slots=self.config.slots,
+            cpu_threads=self.config.cpu_threads or None,
+            prefill_chunk=self.config.prefill_chunk or None,
         )
         self._start_metrics()
         logger.info("csm_stream ready on %s with %d slots, weights %s", device, self.config.slots, weights)
