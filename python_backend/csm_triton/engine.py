@@ -44,8 +44,11 @@ class StepResult:
 
 @dataclass
 class EngineStats:
-    steps: int = 0
-    frames: int = 0
+    """Running totals, written only by the thread that calls `step` (others may read them)."""
+
+    steps: int = 0  # steps that sampled a frame for at least one slot
+    frames: int = 0  # frames generated (end-of-audio frames excluded)
+    slot_steps: int = 0  # slots sampled, summed over steps: mean occupancy is slot_steps / (steps * slots)
     peak_batch: int = 0
 
 
@@ -153,6 +156,7 @@ class Engine:
         codes = torch.stack([frames[i] for i in indices])
         codes_host = codes.cpu()  # the step's one device-to-host copy
         self.stats.steps += 1
+        self.stats.slot_steps += len(indices)
         self.stats.peak_batch = max(self.stats.peak_batch, len(indices))
         for row, index in enumerate(indices):
             results.append(self._advance(index, codes[row], codes_host[row]))

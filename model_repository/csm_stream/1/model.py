@@ -12,11 +12,13 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+from csm_metrics import StreamMetrics  # beside this file: the stub puts the model directory on sys.path
 
 from csm_triton import load_csm_1b
 from csm_triton.serving import INPUTS, ServingConfig, parse_chunking, parse_request
@@ -59,7 +61,8 @@ class TritonPythonModel:
             cpu_threads=self.config.cpu_threads or None,
             prefill_chunk=self.config.prefill_chunk or None,
         )
-        self._start_metrics()
+        self.metrics = StreamMetrics(self.config.slots)
+        self._start_reporter()
         logger.info("csm_stream ready on %s with %d slots, weights %s", device, self.config.slots, weights)
 
     def _device(self, args: dict) -> str:
@@ -80,37 +83,26 @@ class TritonPythonModel:
                 generation = parse_request(arrays, self.config, self.generator.engine.vocab_size)
                 first_chunk_frames, chunk_frames = parse_chunking(arrays, self.config)
                 wanted = request.requested_output_names()
-                link = _Link(request, sender, wanted)
+                link = _Link(request, sender, wanted, self.metrics)
                 streams.append(
                     self.generator.submit(generation, link.deliver, "AUDIO" in wanted, first_chunk_frames, chunk_frames, link.is_cancelled)
                 )
             except ValueError as error:
+                self.metrics.invalid_argument(error)
                 error_response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
                 sender.send(error_response, flags=FINAL)
             except Exception as error:  # this request alone fails; the others of the call go on
                 logger.exception("preparing a request failed")
+                self.metrics.rejected("internal_error")
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preparing the request failed: {error}")), flags=FINAL)
         for stream in streams:
             stream.started.wait()
         return None
 
-    def _start_metrics(self) -> None:
-        """Gauges beside Triton's own metrics, so that leaks and saturation show on the dashboard;
-        the same thread notices when the server has died under us."""
-        descriptions = {
-            "active_slots": "Engine slots generating now",
-            "waiting_requests": "Requests accepted and waiting for a slot",
-            "streams": "Requests accepted and not yet finished",
-            "loop_threads": "Serving-loop threads alive (2 when healthy)",
-        }
-        # The families must outlive their metrics: Triton drops a metric whose family is gone.
-        self._metric_families = {
-            name: pb_utils.MetricFamily(name=f"csm_{name}", description=description, kind=pb_utils.MetricFamily.GAUGE)
-            for name, description in descriptions.items()
-        }
-        gauges = {name: family.Metric(labels={"model": "csm_stream"}) for name, family in self._metric_families.items()}
+    def _start_reporter(self) -> None:
+        """A thread that passes the metrics on to Triton (csm_metrics.py), and notices when the
+        server has died under us."""
         self._stopping = threading.Event()
-
         server = os.getppid()
 
         def report_forever() -> None:
@@ -120,11 +112,10 @@ class TritonPythonModel:
                     # generating (and holding the GPU) for requests nobody will read.
                     logger.error("tritonserver (pid %d) is gone; exiting", server)
                     os._exit(1)
-                stats = self.generator.stats()
-                gauges["active_slots"].set(stats.active_slots)
-                gauges["waiting_requests"].set(stats.waiting)
-                gauges["streams"].set(stats.streams)
-                gauges["loop_threads"].set(stats.threads_alive)
+                try:
+                    self.metrics.report(self.generator.stats(), self.generator.engine.stats)
+                except Exception:  # a failed metrics call must not stop the watchdog
+                    logger.exception("reporting metrics failed")
 
         self._reporter = threading.Thread(target=report_forever, name="csm-metrics", daemon=True)
         self._reporter.start()
@@ -136,19 +127,45 @@ class TritonPythonModel:
 
 
 class _Link:
-    """A request's way out to its client. It lets go of the Triton request and its response
-    sender with the final response: the python backend unloads the model only once every one of
-    them is gone, so a finished stream that something still holds must not hold them."""
+    """A request's way out to its client, which also measures what the client gets and when. It
+    lets go of the Triton request and its response sender with the final response: the python
+    backend unloads the model only once every one of them is gone, so a finished stream that
+    something still holds must not hold them."""
 
-    def __init__(self, request, sender, wanted: list[str]) -> None:
+    def __init__(self, request, sender, wanted: list[str], metrics: StreamMetrics) -> None:
         self._request, self._sender, self._wanted = request, sender, wanted
+        self._metrics = metrics
+        self._start = time.monotonic()  # csm_stream took the request; Triton's queue time is not known here
+        self._frames = 0  # sent so far
 
     def deliver(self, chunk: Chunk) -> None:
         sender = self._sender
         if chunk.finish is not None:  # the last chunk, an error's included
             self._request = self._sender = None
-        if sender is not None:
+        if sender is None:
+            return
+        try:
             _send_chunk(sender, self._wanted, chunk)
+        except Exception:  # the client has gone; the loop cancels the stream and sends it nothing more
+            self._metrics.rejected("cancelled")
+            raise
+        self._measure(chunk, time.monotonic() - self._start)
+
+    def _measure(self, chunk: Chunk, elapsed_s: float) -> None:
+        """Record a chunk that has just been sent (errors and cancellations send no audio)."""
+        if chunk.error is not None:
+            self._metrics.rejected("internal_error")
+            return
+        if chunk.finish == "cancelled":
+            self._metrics.rejected("cancelled")
+            return
+        frames = len(chunk.codes)
+        if frames and not self._frames:
+            self._metrics.first_audio(elapsed_s)
+        self._frames += frames
+        self._metrics.audio_sent(frames)
+        if chunk.finish is not None and self._frames:
+            self._metrics.finished(elapsed_s, self._frames)
 
     def is_cancelled(self) -> bool:
         request = self._request

@@ -1,0 +1,153 @@
+"""csm_stream's own Prometheus metrics (model_repository/csm_stream/1/csm_metrics.py): the real
+server's metrics port is scraped before and after requests whose frame counts are known from the
+in-process generator, and every metric must have moved by exactly what those requests did.
+
+The tests share the session's server: the metrics are cumulative, so differences between two
+scrapes taken while the server is idle need no clean slate, and a second server would cost
+another model load on a shared 2-core machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from test_triton_stream import Streams, wait_for_idle_server
+
+from conftest import SERVER_SLOTS
+from csm_triton import GenerationRequest, Generator
+from csm_triton.codec import SAMPLE_RATE, SAMPLES_PER_FRAME
+from csm_triton.server import TritonServer
+from triton_tensors import request, scalar
+
+FRAME_S = 0.08
+REPORT_INTERVAL_S = 0.5  # METRICS_INTERVAL_S of csm_stream's model.py
+
+
+def series(name: str, **labels: str) -> str:
+    """The key of one of csm_stream's series in `scrape`'s result."""
+    return name + "{" + ",".join(f'{key}="{value}"' for key, value in sorted({"model": "csm_stream", **labels}.items())) + "}"
+
+
+def scrape(server: TritonServer) -> dict[str, float]:
+    """Every sample on the metrics port, keyed by name and labels in sorted order."""
+    with urllib.request.urlopen(f"http://localhost:{server.options.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for name, labels, value in re.findall(r"^(\w+)(?:\{(.*)\})? (\S+)$", text, re.MULTILINE):
+        pairs = sorted(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels))
+        samples[name + "{" + ",".join(f'{key}="{value}"' for key, value in pairs) + "}"] = float(value)
+    return samples
+
+
+def settled(server: TritonServer, timeout_s: float = 30.0) -> dict[str, float]:
+    """A scrape once the server is idle and the model has reported everything: the reporter
+    passes records on every REPORT_INTERVAL_S, so two scrapes further apart that agree are final."""
+    wait_for_idle_server(server, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    last = scrape(server)
+    while True:
+        time.sleep(2 * REPORT_INTERVAL_S)
+        now = scrape(server)
+        if {k: v for k, v in now.items() if k.startswith("csm_")} == {k: v for k, v in last.items() if k.startswith("csm_")}:
+            return now
+        assert time.monotonic() < deadline, "csm_stream's metrics kept changing on an idle server"
+        last = now
+
+
+def moved(before: dict[str, float], after: dict[str, float], key: str) -> float:
+    assert key in after, f"{key} is not exported"
+    return after[key] - before.get(key, 0.0)
+
+
+def test_metrics_move_by_what_the_requests_did(triton_server: TritonServer, generator: Generator) -> None:
+    asks = {"m1": ("Counting frames.", 0, 1200, 21), "m2": ("And seconds of audio.", 1, 2000, 22)}
+    before = settled(triton_server)
+    streams = Streams(triton_server)
+    try:
+        for name, (text, speaker, max_ms, seed) in asks.items():
+            extra = {"MAX_AUDIO_LENGTH_MS": scalar(max_ms, np.int32), "SEED": scalar(seed, np.int64), "CHUNK_FRAMES": scalar(6, np.int32)}
+            streams.send(name, request(text, speaker, **extra))
+        streams.send("bad", request(TOPK=scalar(0, np.int32)))
+        streams.send("long", request("word " * 1990, 0, MAX_AUDIO_LENGTH_MS=scalar(10_000, np.int32)))  # refused by the engine
+        streams.run_until_done([*asks, "bad", "long"])
+    finally:
+        streams.close()
+    after = settled(triton_server)
+
+    frames = {
+        name: len(generator.generate_codes(text, speaker, [], max_audio_length_ms=max_ms, seed=seed))
+        for name, (text, speaker, max_ms, seed) in asks.items()
+    }
+    received = streams.received
+    assert "TOPK: must be in [1, 2051], got 0" in str(received["bad"].error)
+    assert "prompt: " in str(received["long"].error)
+    for name in asks:
+        assert received[name].error is None and len(received[name].audio) == frames[name] * SAMPLES_PER_FRAME
+    total = sum(frames.values())
+    assert moved(before, after, series("csm_frames_total")) == total
+    assert moved(before, after, series("csm_audio_seconds_total")) == pytest.approx(total * FRAME_S, abs=1e-9)
+
+    # Measured in the server from when it took the request: never later than the client saw it.
+    assert moved(before, after, series("csm_time_to_first_audio_seconds_count")) == 2
+    assert moved(before, after, series("csm_time_to_first_audio_seconds_bucket", le="+Inf")) == 2
+    assert 0 < moved(before, after, series("csm_time_to_first_audio_seconds_sum")) <= sum(received[n].arrivals[0] for n in asks)
+    assert moved(before, after, series("csm_real_time_factor_count")) == 2
+    client_rtf = sum(received[n].arrivals[-1] / (frames[n] * FRAME_S) for n in asks)
+    assert 0 < moved(before, after, series("csm_real_time_factor_sum")) <= client_rtf
+
+    for field in ("TOPK", "prompt"):
+        assert moved(before, after, series("csm_rejected_requests_total", reason="invalid_argument", field=field)) == 1
+    for reason in ("cancelled", "internal_error"):
+        assert moved(before, after, series("csm_rejected_requests_total", reason=reason, field="")) == 0
+
+    # Each request takes one slot for each of its frames, and one more if it ends on an
+    # end-of-audio frame; the two ran side by side, so some steps had both.
+    slot_steps, steps = (moved(before, after, series(name)) for name in ("csm_engine_slot_steps_total", "csm_engine_steps_total"))
+    assert total <= slot_steps <= total + len(asks)
+    assert max(frames.values()) <= steps < slot_steps
+
+    assert after[series("csm_slots")] == after[series("csm_free_slots")] == SERVER_SLOTS
+    assert after[series("csm_active_slots")] == after[series("csm_waiting_requests")] == after[series("csm_streams")] == 0
+    assert all('model="csm_stream"' in key for key in after if key.startswith("csm_"))
+
+
+def test_a_cancelled_stream_counts_as_cancelled_with_the_audio_it_was_sent(triton_server: TritonServer) -> None:
+    before = settled(triton_server)
+    streams = Streams(triton_server)
+    streams.send("c", request("Cancel me halfway.", 0, MAX_AUDIO_LENGTH_MS=scalar(20_000, np.int32)))
+    while not streams.received["c"].chunks:
+        streams.pump()
+    streams.cancel("c")
+    streams.close()
+    after = settled(triton_server)
+
+    assert moved(before, after, series("csm_rejected_requests_total", reason="cancelled", field="")) == 1
+    assert moved(before, after, series("csm_time_to_first_audio_seconds_count")) == 1
+    assert moved(before, after, series("csm_real_time_factor_count")) == 0  # it never finished
+    # The server may have sent a chunk or two more before it saw the cancellation.
+    received_s = len(streams.received["c"].audio) / SAMPLE_RATE
+    sent_s = moved(before, after, series("csm_audio_seconds_total"))
+    assert received_s <= sent_s + 1e-9
+    assert sent_s <= moved(before, after, series("csm_frames_total")) * FRAME_S + 1e-9 < 20
+
+
+def test_the_engine_counts_every_slot_of_every_step(generator: Generator) -> None:
+    """The occupancy counters' source, in process: requests prefilled together, stepped by hand
+    (the serving loop steps only its own streams)."""
+    engine = generator.engine
+    asks = [GenerationRequest(text, 0, max_audio_length_ms=max_ms, seed=5) for text, max_ms in (("One.", 400), ("Two and three.", 960))]
+    before = dataclasses.replace(engine.stats)
+    frames = {engine.submit(generator.engine_request(ask)): 0 for ask in asks}
+    ended_on_eos = set()
+    while engine.has_work:
+        for result in engine.step():
+            frames[result.request_id] += result.codes is not None
+            if result.finish == "eos":
+                ended_on_eos.add(result.request_id)
+    assert engine.stats.frames - before.frames == sum(frames.values())
+    assert engine.stats.slot_steps - before.slot_steps == sum(frames.values()) + len(ended_on_eos)
+    assert engine.stats.steps - before.steps == max(count + (rid in ended_on_eos) for rid, count in frames.items())
