@@ -287,7 +287,7 @@ def test_monitoring_scrapes_the_metrics_port_and_autoscales_on_the_model_gauges(
         assert re.fullmatch(served, name), f"prometheus-adapter does not serve {name}"
 
     alerts = " ".join(rule["expr"] for group in only(resources, "PrometheusRule")["spec"]["groups"] for rule in group["rules"])
-    for metric in ("csm_loop_threads", "csm_waiting_requests", "nv_inference_request_failure", "nv_inference_queue_duration_us"):
+    for metric in ("csm_loop_threads", "csm_waiting_requests", "csm_rejected_requests_total", "nv_inference_queue_duration_us"):
         assert metric in alerts
 
 
