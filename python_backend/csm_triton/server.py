@@ -21,6 +21,7 @@ import sysconfig
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,10 +49,20 @@ class ServerOptions:
         return cls(model_repository, *ports)
 
 
-def model_repository_with(target: Path, parameters: dict[str, str], source: Path | None = None, max_queue_size: int | None = None) -> Path:
+def model_repository_with(
+    target: Path,
+    parameters: dict[str, str],
+    source: Path | None = None,
+    max_queue_size: int | None = None,
+    extra_models: Sequence[Path] = (),
+) -> Path:
     """A copy of the model repository at `target` with some csm_stream parameters (and its queue
-    bound) replaced: how tests and benchmarks point the server at their own weights and slots."""
+    bound) replaced: how tests and benchmarks point the server at their own weights and slots.
+    `extra_models` are model directories copied in beside the repository's own (test stand-ins
+    such as tests/model_repository/fake_llm)."""
     shutil.copytree(source or ServerOptions().model_repository, target)
+    for model in extra_models:
+        shutil.copytree(model, target / model.name)
     config = target / "csm_stream" / "config.pbtxt"
     text = config.read_text()
     replacements = {f'{{ key: "{key}", value: {{ string_value: "': value for key, value in parameters.items()}
