@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sysconfig
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,6 +146,8 @@ def test_a_kv_cache_budget_given_at_load_bounds_the_slots(
     assert client.is_server_ready()
     log = Path(server.log_file).read_text()
     assert re.search(rf"KV caches: {per_slot} bytes .* 1 slots, .* \(slots {SLOTS}, kv_cache_memory_mb {one_slot_mb}\)", log)
+    with urllib.request.urlopen(f"http://localhost:{server.options.metrics_port}/metrics", timeout=5) as response:
+        assert re.search(r'^csm_slots\{model="csm_stream"\} 1$', response.read().decode(), re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
