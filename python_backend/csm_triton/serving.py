@@ -7,13 +7,17 @@ tensor's name, which the model returns as INVALID_ARG for that request alone.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .codec import SAMPLE_RATE
+from .config import ModelConfig
 from .generator import FRAME_MS, GenerationRequest
+from .model import kv_cache_bytes_per_slot
 from .prompt import Segment
 from .streaming import CHUNK_FRAMES, FIRST_CHUNK_FRAMES
 
@@ -33,6 +37,12 @@ INPUTS = (
     "CHUNK_FRAMES",
 )
 
+# Parameters the python backend itself reads (a packed environment for the stub); not the model's.
+BACKEND_PARAMETERS = frozenset({"EXECUTION_ENV_PATH"})
+MIB = 1 << 20
+
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ServingConfig:
@@ -48,20 +58,55 @@ class ServingConfig:
     chunk_frames: int = CHUNK_FRAMES
     cpu_threads: int = 0  # 0: half the cores for each of the serving loop's two threads
     prefill_chunk: int = 0  # prompt positions prefilled per step at most; 0: load_csm_1b's default
+    kv_cache_memory_mb: int = 0  # MiB the KV caches of all slots may take; 0: no bound
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, dict[str, str]]) -> ServingConfig:
         """Triton gives parameters as {"key": {"string_value": "..."}}."""
-        values = {key: value["string_value"] for key, value in parameters.items()}
+        values = {key: value["string_value"] for key, value in parameters.items() if key not in BACKEND_PARAMETERS}
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"config.pbtxt parameters: unknown keys {sorted(unknown)}")
-        numbers = ("slots", "max_audio_length_ms", "first_chunk_frames", "chunk_frames", "cpu_threads", "prefill_chunk")
+        numbers = (
+            "slots",
+            "max_audio_length_ms",
+            "first_chunk_frames",
+            "chunk_frames",
+            "cpu_threads",
+            "prefill_chunk",
+            "kv_cache_memory_mb",
+        )
         typed = {key: int(value) if key in numbers else value for key, value in values.items()}
         config = cls(**typed)
         if config.max_audio_length_ms < FRAME_MS or min(config.slots, config.first_chunk_frames, config.chunk_frames) < 1:
             raise ValueError("config.pbtxt parameters: slots and chunk frames must be >= 1 and max_audio_length_ms >= 80")
+        if config.kv_cache_memory_mb < 0:
+            raise ValueError(f"kv_cache_memory_mb: must be >= 0 (0: no bound), got {config.kv_cache_memory_mb}")
         return config
+
+    def kv_cache_slots(self, model: ModelConfig, dtype: torch.dtype) -> int:
+        """`slots`, or as many as `kv_cache_memory_mb` holds the KV caches of when that is fewer:
+        the caches' memory is fixed at load, so a server shared with other models can bound it.
+        Raises a ValueError naming the parameter when not even one slot fits."""
+        per_slot = kv_cache_bytes_per_slot(model, dtype)
+        fitting = self.kv_cache_memory_mb * MIB // per_slot if self.kv_cache_memory_mb else self.slots
+        if fitting < 1:
+            raise ValueError(
+                f"kv_cache_memory_mb: {self.kv_cache_memory_mb} MiB holds no slot; one slot's KV caches take "
+                f"{per_slot / MIB:.2f} MiB in {dtype}. Raise it, or set 0 for no bound"
+            )
+        slots = min(self.slots, fitting)
+        logger.info(
+            "KV caches: %d bytes (%.2f MiB) a slot in %s; %d slots, %.1f MiB in all (slots %d, kv_cache_memory_mb %d)",
+            per_slot,
+            per_slot / MIB,
+            dtype,
+            slots,
+            slots * per_slot / MIB,
+            self.slots,
+            self.kv_cache_memory_mb,
+        )
+        return slots
 
     def weights_dir(self, project_root: Path) -> tuple[Path, bool]:
         """(directory to load, whether it is the staged real model). Relative paths are taken

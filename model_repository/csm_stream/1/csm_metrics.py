@@ -36,7 +36,7 @@ FIELDS = frozenset({*INPUTS, "CONTEXT", "prompt"})
 _GAUGES = {
     "active_slots": "Engine slots generating now",
     "free_slots": "Engine slots free for a new request",
-    "slots": "Engine slots of this instance (the slots parameter)",
+    "slots": "Engine slots of this instance (the slots parameter, or fewer under kv_cache_memory_mb)",
     "waiting_requests": "Requests accepted and waiting for a slot",
     "streams": "Requests accepted and not yet finished (waiting, generating or sending audio)",
     "loop_threads": "Serving-loop threads alive (2 when healthy)",

@@ -20,7 +20,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 from csm_metrics import StreamMetrics  # beside this file: the stub puts the model directory on sys.path
 
-from csm_triton import load_csm_1b
+from csm_triton import checkpoint, load_csm_1b
+from csm_triton.config import ModelConfig
 from csm_triton.serving import INPUTS, ServingConfig, parse_chunking, parse_request
 from csm_triton.streaming import Chunk
 
@@ -52,18 +53,19 @@ class TritonPythonModel:
                 from export.tiny import make_tiny
 
                 make_tiny(weights)
-        dtype = None if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
+        dtype = self._dtype(device)
+        slots = self.config.kv_cache_slots(ModelConfig.from_json(checkpoint.resolve(weights).config), dtype)
         self.generator = load_csm_1b(
             weights,
             device=device,
             dtype=dtype,
-            slots=self.config.slots,
+            slots=slots,
             cpu_threads=self.config.cpu_threads or None,
             prefill_chunk=self.config.prefill_chunk or None,
         )
-        self.metrics = StreamMetrics(self.config.slots)
+        self.metrics = StreamMetrics(slots)
         self._start_reporter()
-        logger.info("csm_stream ready on %s with %d slots, weights %s", device, self.config.slots, weights)
+        logger.info("csm_stream ready on %s with %d slots, weights %s", device, slots, weights)
 
     def _device(self, args: dict) -> str:
         if self.config.device != "auto":
@@ -71,6 +73,13 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
             return f"cuda:{args['model_instance_device_id']}"
         return "cpu"
+
+    def _dtype(self, device: str) -> torch.dtype:
+        """The weights' and KV caches' dtype, resolved here (as load_csm_1b would: bfloat16 on CUDA,
+        float32 on the CPU) because the KV-cache budget depends on it."""
+        if self.config.dtype != "auto":
+            return getattr(torch, self.config.dtype)
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
     def execute(self, requests: list) -> None:
         streams = []

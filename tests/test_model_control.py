@@ -1,0 +1,172 @@
+"""csm and csm_stream in a tritonserver started with --model-control-mode=explicit, as in a server
+shared with other models: loaded, served, unloaded and loaded again without a restart, and loaded
+with other parameters (a KV-cache budget, a packed Python environment) given in the load request."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+import sysconfig
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException
+
+from csm_triton import Generator
+from csm_triton.config import ModelConfig
+from csm_triton.model import kv_cache_bytes_per_slot
+from csm_triton.server import PROJECT_ROOT, ServerOptions, TritonServer, model_repository_with
+from csm_triton.serving import MIB
+from triton_tensors import request, tensors
+
+# csm forwards every request to csm_stream: load csm_stream first, unload it last.
+MODELS = ("csm_stream", "csm")
+SLOTS = 2
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[TritonServer]:
+    root = tmp_path_factory.mktemp("explicit")
+    repository = model_repository_with(
+        root / "model_repository",
+        {"model_dir": str(root / "no-weights-staged"), "tiny_model_dir": str(tiny_model_dir), "slots": str(SLOTS)},
+    )
+    options = ServerOptions.on_free_ports(repository)
+    options.extra_args.append("--model-control-mode=explicit")
+    server = TritonServer(options, log_file=root / "tritonserver.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(server: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
+    """A gRPC client; the test's models are unloaded after it, so every test starts with none."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    yield client
+    for name in reversed(MODELS):
+        client.unload_model(name)
+    wait_unloaded(server, client)
+    client.close()
+
+
+def stubs(server: TritonServer, model: str) -> list[psutil.Process]:
+    """The python-backend stub processes running the model's model.py."""
+    script = str(server.options.model_repository / model / "1" / "model.py")
+    found = []
+    for process in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            if script in process.cmdline():
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def wait_unloaded(server: TritonServer, client: grpcclient.InferenceServerClient, timeout_s: float = 60.0) -> dict[str, dict]:
+    """Triton answers an unload request at once and unloads in the background: wait until the
+    repository index says every model is unavailable and their stubs have exited."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        index = {model["name"]: model for model in client.get_model_repository_index(as_json=True)["models"]}
+        if all(index[name].get("state", "UNAVAILABLE") == "UNAVAILABLE" and not stubs(server, name) for name in MODELS):
+            return index
+        if time.monotonic() > deadline:
+            raise AssertionError(f"models not unloaded within {timeout_s:.0f} s: {index}")
+        time.sleep(0.2)
+
+
+def config_with(server: TritonServer, model: str, **parameters: str) -> str:
+    """The model's config.pbtxt with some parameters set, as the JSON a load request takes."""
+    text = (server.options.model_repository / model / "config.pbtxt").read_text()
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    return json_format.MessageToJson(config)
+
+
+def codes(client: grpcclient.InferenceServerClient) -> np.ndarray:
+    result = client.infer("csm", tensors(grpcclient, request()), outputs=[grpcclient.InferRequestedOutput("AUDIO_CODES")])
+    return result.as_numpy("AUDIO_CODES")[0]
+
+
+def expected_codes(generator: Generator) -> np.ndarray:
+    return generator.generate_codes("Hello from Sesame.", 0, [], max_audio_length_ms=400, seed=3).numpy()
+
+
+def test_load_serve_unload_and_load_again_without_a_restart(
+    server: TritonServer, client: grpcclient.InferenceServerClient, generator: Generator
+) -> None:
+    assert not any(client.is_model_ready(name) for name in MODELS)  # explicit mode loads nothing by itself
+    for name in MODELS:
+        client.load_model(name)
+    first = codes(client)
+    assert np.array_equal(first, expected_codes(generator))
+    first_stubs = {process.pid for name in MODELS for process in stubs(server, name)}
+    assert len(first_stubs) == len(MODELS)
+
+    for name in reversed(MODELS):
+        client.unload_model(name)
+    index = wait_unloaded(server, client)
+    assert {name: index[name].get("reason") for name in MODELS} == {name: "unloaded" for name in MODELS}
+    assert client.is_server_live() and client.is_server_ready() and server.process.poll() is None
+    with pytest.raises(InferenceServerException, match="csm"):
+        codes(client)
+
+    for name in MODELS:
+        client.load_model(name)
+    assert np.array_equal(codes(client), first)
+    assert not first_stubs & {process.pid for name in MODELS for process in stubs(server, name)}  # new processes
+
+
+def test_a_kv_cache_budget_given_at_load_bounds_the_slots(
+    server: TritonServer, client: grpcclient.InferenceServerClient, tiny_model_dir: Path
+) -> None:
+    per_slot = kv_cache_bytes_per_slot(ModelConfig.from_json(tiny_model_dir / "config.json"), torch.float32)
+    one_slot_mb = math.ceil(per_slot / MIB)
+    assert one_slot_mb * MIB < SLOTS * per_slot
+
+    with pytest.raises(InferenceServerException, match="kv_cache_memory_mb: 1 MiB holds no slot"):
+        client.load_model("csm_stream", config=config_with(server, "csm_stream", kv_cache_memory_mb="1"))
+    # Triton's strict readiness: a model that failed to load leaves the server live but not ready.
+    assert client.is_server_live() and not client.is_server_ready()
+    assert not client.is_model_ready("csm_stream") and not stubs(server, "csm_stream")
+
+    client.load_model("csm_stream", config=config_with(server, "csm_stream", kv_cache_memory_mb=str(one_slot_mb)))
+    assert client.is_server_ready()
+    log = Path(server.log_file).read_text()
+    assert re.search(rf"KV caches: {per_slot} bytes .* 1 slots, .* \(slots {SLOTS}, kv_cache_memory_mb {one_slot_mb}\)", log)
+    with urllib.request.urlopen(f"http://localhost:{server.options.metrics_port}/metrics", timeout=5) as response:
+        assert re.search(r'^csm_slots\{model="csm_stream"\} 1$', response.read().decode(), re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def packed_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`make pack-env`, then moved elsewhere: the environment must not depend on where it was built."""
+    root = tmp_path_factory.mktemp("packed")
+    subprocess.run(["make", "--no-print-directory", "pack-env", f"PACK_ENV={root / 'built'}"], cwd=PROJECT_ROOT, check=True)
+    return Path(shutil.move(root / "built", root / "moved"))
+
+
+def test_csm_stream_runs_in_a_packed_environment(
+    server: TritonServer, client: grpcclient.InferenceServerClient, packed_env: Path, generator: Generator
+) -> None:
+    client.load_model("csm_stream", config=config_with(server, "csm_stream", EXECUTION_ENV_PATH=str(packed_env)))
+    client.load_model("csm")  # beside it, in the server's own environment
+    assert np.array_equal(codes(client), expected_codes(generator))
+
+    [stub] = stubs(server, "csm_stream")
+    mapped = {line.split()[-1] for line in Path(f"/proc/{stub.pid}/maps").read_text().splitlines() if line.split()[-1].startswith("/")}
+    assert [path for path in mapped if "libpython" in path] == [str(packed_env / "lib" / sysconfig.get_config_var("INSTSONAME"))]
+    torch_libraries = [path for path in mapped if "/torch/lib/" in path]
+    assert torch_libraries and all(path.startswith(f"{packed_env}/") for path in torch_libraries)
