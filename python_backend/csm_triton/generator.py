@@ -95,7 +95,7 @@ class Generator:
 
     def _stream(self, request: GenerationRequest, deliver: Callable[[Chunk], None], *options) -> Stream:
         """A checked Stream for the loop (ValueError naming the field otherwise); `options` are
-        Stream's, in its order. Context audio is left for the loop's audio thread to encode, so
+        Stream's, in its order. Context audio is left for the loop's generation thread to encode, so
         that the caller's thread (Triton's execute()) is not held by Mimi's encoder."""
         if not any(segment.audio is not None for segment in request.context):
             return Stream(self.engine_request(request), deliver, *options)
