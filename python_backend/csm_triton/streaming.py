@@ -341,7 +341,8 @@ class ServingLoop:
     def _prepare_next(self) -> None:
         """Build the prompt of the oldest stream that needs one (its context audio encoded here:
         this thread has time to spare while the decoder is behind, the audio thread has none, and
-        a third thread would only compete for the same cores), then queue it for a slot. It stays listed, and cancellable, while its prompt is built."""
+        a third thread would only compete for the same cores), then queue it for a slot. It stays
+        listed, and cancellable, while its prompt is built."""
         with self._wake:
             if not self._preparing:
                 return
