@@ -33,21 +33,6 @@ from sentences import SentenceSplitter
 logger = logging.getLogger("csm_triton.triton.text_stream")
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# Passed on to the speech model with every sentence as the client sent them (TEXT is the sentence,
-# SEED the sentence's own).
-SPEECH_INPUTS = (
-    "SPEAKER",
-    "CONTEXT_TEXT",
-    "CONTEXT_SPEAKER",
-    "CONTEXT_AUDIO",
-    "CONTEXT_AUDIO_LENGTHS",
-    "CONTEXT_SAMPLE_RATE",
-    "TEMPERATURE",
-    "TOPK",
-    "MAX_AUDIO_LENGTH_MS",
-    "FIRST_CHUNK_FRAMES",
-    "CHUNK_FRAMES",
-)
 # As in the "csm" model: a BLS response arrives with its error code set to INTERNAL whatever code
 # was sent (python backend 24.10), so csm_stream's invalid-argument errors are told by their
 # message, which starts with the field it names ("SPEAKER: ...", "CONTEXT (segment 1): ...").
@@ -115,7 +100,11 @@ def _constant_input(name: str, value) -> np.ndarray:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        self.settings = Settings.from_parameters(json.loads(args["model_config"]).get("parameters", {}))
+        model_config = json.loads(args["model_config"])
+        self.settings = Settings.from_parameters(model_config.get("parameters", {}))
+        # csm_stream's inputs, with PROMPT in place of TEXT: all but PROMPT and SEED are passed on
+        # with every sentence as the client sent them (TEXT is the sentence, SEED its own).
+        self.input_names = [tensor["name"] for tensor in model_config["input"]]
 
     def execute(self, requests: list) -> None:
         # One thread per request: a request streams for as long as its answer is spoken, and the
@@ -128,7 +117,7 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         answer = None
         try:
-            answer = SpokenAnswer(request, self.settings)
+            answer = SpokenAnswer(request, self.input_names, self.settings)
             answer.speak(sender)
             final = None
         except RequestFailed as failure:
@@ -144,11 +133,11 @@ class TritonPythonModel:
 class SpokenAnswer:
     """One request: its inputs, the text model's stream, and the sentences spoken from it."""
 
-    def __init__(self, request, settings: Settings) -> None:
+    def __init__(self, request, input_names: list[str], settings: Settings) -> None:
         self.request, self.settings = request, settings
         # Copies: the arrays outlive the BLS requests they are sent with, one per sentence.
         arrays = {}
-        for name in ("PROMPT", "SEED", *SPEECH_INPUTS):
+        for name in input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 arrays[name] = np.array(tensor.as_numpy())
