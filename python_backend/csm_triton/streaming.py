@@ -215,14 +215,12 @@ class ServingLoop:
         """Wait for work, prepare one new stream's prompt, admit waiting streams, step the engine
         once; False once closed."""
         with self._wake:
-            self._wake.wait_for(
-                lambda: self._closed or self._preparing or ((self._admissible() or self._running) and not self._decoder_behind())
-            )
+            self._wake.wait_for(lambda: self._closed or self._preparing or self._can_step())
             if self._closed:
                 return False
         self._prepare_next()
         with self._wake:
-            if not ((self._admissible() or self._running) and not self._decoder_behind()):
+            if not self._can_step():
                 return True
             while self._admissible():
                 self._start(self._waiting.popleft())
@@ -262,6 +260,9 @@ class ServingLoop:
         """Those that can still be cancelled: preparing, waiting or generating."""
         with self._wake:
             return [*self._preparing, *self._waiting, *self._running.values()]
+
+    def _can_step(self) -> bool:
+        return bool(self._admissible() or self._running) and not self._decoder_behind()
 
     def _decoder_behind(self) -> bool:
         """Whether some stream has more than two chunks waiting for the decoder. Generation then
