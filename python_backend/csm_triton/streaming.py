@@ -144,7 +144,7 @@ class ServingLoop:
         self._running: dict[int, Stream] = {}  # engine request id -> stream
         self._unfinished = 0
         self._wake = threading.Condition()
-        self._jobs: queue.Queue[_DecodeJob | Stream | None] = queue.Queue()  # the audio thread's work; a Stream wakes it to prepare
+        self._jobs: queue.Queue[_DecodeJob | None] = queue.Queue()  # the audio thread's work; None stops it
         self._backlog: dict[int, deque[_DecodeJob]] = {}  # id(stream) -> its chunks at the decoder, oldest stream first
         self._closed = False
         self._threads = [
@@ -261,6 +261,33 @@ class ServingLoop:
         with self._wake:
             return [*self._preparing, *self._waiting, *self._running.values()]
 
+    def _prepare_next(self) -> None:
+        """Build the prompt of the oldest stream that needs one (its context audio encoded here:
+        this thread has time to spare while the decoder is behind, the audio thread has none, and
+        a third thread would only compete for the same cores), then queue it for a slot. It stays
+        listed, and cancellable, while its prompt is built."""
+        with self._wake:
+            if not self._preparing:
+                return
+            stream = self._preparing[0]
+        try:
+            with torch.inference_mode():
+                request = stream.prepare()
+            self.engine.check(request)
+        except Exception as error:
+            logger.exception("preparing a request failed")
+            request, failure = None, error
+        with self._wake:
+            if stream not in self._preparing:  # cancelled meanwhile: its last chunk is queued
+                return
+            self._preparing.remove(stream)
+            if request is None:
+                self._jobs.put(_DecodeJob(stream, _no_codes(self.engine), finish="error", error=failure))
+                return
+            stream.request = request
+            self._waiting.append(stream)
+            self._wake.notify_all()
+
     def _can_step(self) -> bool:
         return bool(self._admissible() or self._running) and not self._decoder_behind()
 
@@ -309,8 +336,7 @@ class ServingLoop:
             pass
 
     def _decode_round(self) -> bool:
-        """Take the queued work, prepare one new stream's prompt, run one decoder pass; False once
-        closed. Alternating keeps both new requests and running streams moving."""
+        """Take the queued jobs, deliver what is decoded, run one decoder pass; False once closed."""
         if not self._take_jobs(block=not self._backlog):
             return False
         self._deliver_ready()
@@ -321,13 +347,12 @@ class ServingLoop:
         return True
 
     def _take_jobs(self, block: bool) -> bool:
-        """Move the queued chunks to each stream's backlog; False once closed."""
-        items = [self._jobs.get()] if block else []
+        """Move the queued jobs to each stream's backlog; False once closed."""
+        jobs = [self._jobs.get()] if block else []
         while not self._jobs.empty():
-            items.append(self._jobs.get_nowait())
-        if None in items:
+            jobs.append(self._jobs.get_nowait())
+        if None in jobs:
             return False
-        jobs = items
         starting = [job for job in jobs if job.first and job.stream.row >= 0 and job.stream.decode_audio]
         try:
             self.decoder.start([job.stream.row for job in starting])
@@ -338,33 +363,6 @@ class ServingLoop:
         for job in jobs:
             self._backlog.setdefault(id(job.stream), deque()).append(job)
         return True
-
-    def _prepare_next(self) -> None:
-        """Build the prompt of the oldest stream that needs one (its context audio encoded here:
-        this thread has time to spare while the decoder is behind, the audio thread has none, and
-        a third thread would only compete for the same cores), then queue it for a slot. It stays
-        listed, and cancellable, while its prompt is built."""
-        with self._wake:
-            if not self._preparing:
-                return
-            stream = self._preparing[0]
-        try:
-            with torch.inference_mode():
-                request = stream.prepare()
-            self.engine.check(request)
-        except Exception as error:
-            logger.exception("preparing a request failed")
-            request, failure = None, error
-        with self._wake:
-            if stream not in self._preparing:  # cancelled meanwhile: its last chunk is queued
-                return
-            self._preparing.remove(stream)
-            if request is None:
-                self._jobs.put(_DecodeJob(stream, _no_codes(self.engine), finish="error", error=failure))
-                return
-            stream.request = request
-            self._waiting.append(stream)
-            self._wake.notify_all()
 
     def _next_pass(self) -> tuple[int, list[_DecodeJob]]:
         """The jobs to advance by one decoder call, and by how many frames. First chunks go
