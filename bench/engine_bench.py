@@ -25,10 +25,12 @@ from csm_triton import GenerationRequest, Generator, load_csm_1b
 from csm_triton.config import CSM_1B
 from csm_triton.engine import Engine, EngineRequest
 from csm_triton.generator import FRAME_MS
-from csm_triton.model import CSM, use_cpu_linear
+from csm_triton.model import use_cpu_linear
 from export.tiny import make_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from gpu_bench import random_model  # noqa: E402  (beside this script)
+
 from hf_reference import build_hf_model, hf_generate  # noqa: E402  (the independent implementation)
 
 TEXTS = [
@@ -77,20 +79,6 @@ def bench_tiny(frames: int) -> dict:
     }
 
 
-def random_csm_1b() -> CSM:
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = CSM(CSM_1B)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, parameter in tqdm(list(model.named_parameters()), desc="random 1B weights", leave=False):
-            if name.endswith("scale"):
-                parameter.fill_(1.0)
-            else:
-                parameter.normal_(0.0, 0.02)
-    return model.eval()
-
-
 def timed_engine_run(engine: Engine, batch: list[EngineRequest]) -> tuple[float, float]:
     """(wall seconds from submission to the last frame, mean seconds of a step once all are running)."""
     start = time.perf_counter()
@@ -106,7 +94,7 @@ def timed_engine_run(engine: Engine, batch: list[EngineRequest]) -> tuple[float,
 
 
 def bench_1b(frames: int) -> dict:
-    model = random_csm_1b()
+    model = random_model(CSM_1B, torch.device("cpu"), torch.float32)
     hf_model = build_hf_model(model.state_dict(), CSM_1B)
     use_cpu_linear(model)  # as load_model does on the CPU; the weights are packed, state_dict no longer holds them
     prompt_tokens = torch.zeros(12, CSM_1B.frame_width, dtype=torch.long)

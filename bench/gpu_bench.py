@@ -47,12 +47,14 @@ PEAKS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}
 
 
 def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> CSM:
+    """Weights as `export tiny` draws them, made in place on the device (the 1B model's would be
+    4.4 GB to write and read back in fp32)."""
     torch.manual_seed(0)
     with torch.device("meta"):
         model = CSM(config)
     model.to_empty(device=device)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for name, parameter in tqdm(list(model.named_parameters()), desc="random weights", leave=False):
             if name.endswith("scale"):
                 parameter.fill_(1.0)
             else:
