@@ -113,11 +113,13 @@ def wait_for_idle_server(server: TritonServer, timeout_s: float = 20.0) -> dict[
         time.sleep(0.25)
 
 
-def stream_model_process(server: TritonServer) -> psutil.Process:
-    """The python-backend stub process that runs csm_stream (it holds the serving loop)."""
-    for child in psutil.Process(server.process.pid).children(recursive=True):
+def stream_model_processes(server: TritonServer) -> tuple[psutil.Process, psutil.Process]:
+    """csm_stream's python-backend stub (requests and response senders) and its engine process
+    (the serving loop, weights and caches), the stub's child."""
+    for child in psutil.Process(server.process.pid).children():
         if "csm_stream" in " ".join(child.cmdline()):
-            return child
+            (engine,) = child.children()
+            return child, engine
     raise AssertionError("no python-backend stub process for csm_stream")
 
 
@@ -167,8 +169,9 @@ def test_cancelled_streams_free_their_slots_and_leave_nothing_behind(triton_serv
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     client.infer("csm", tensors(grpcclient, request("Warm up.", 0)))  # torch's worker threads start on first use
     wait_for_idle_server(triton_server)
-    stub = stream_model_process(triton_server)
-    threads_before, memory_before = stub.num_threads(), stub.memory_info().rss
+    processes = stream_model_processes(triton_server)
+    threads_before = [process.num_threads() for process in processes]
+    memory_before = [process.memory_info().rss for process in processes]
     streams = Streams(triton_server)
     for index in range(100):
         name = f"c{index}"
@@ -180,8 +183,9 @@ def test_cancelled_streams_free_their_slots_and_leave_nothing_behind(triton_serv
     streams.close()
     values = wait_for_idle_server(triton_server, timeout_s=60)
     assert values["csm_waiting_requests"] == 0 and values["csm_loop_threads"] == 2
-    assert stub.num_threads() == threads_before
-    assert stub.memory_info().rss - memory_before < 200 * 2**20
+    assert [process.num_threads() for process in processes] == threads_before
+    for process, before in zip(processes, memory_before, strict=True):
+        assert process.memory_info().rss - before < 200 * 2**20
     # The slots are free: a new request runs and gives the same codes as in process.
     codes = client.infer("csm", tensors(grpcclient, request("After the storm.", 2))).as_numpy("AUDIO_CODES")[0]
     assert np.array_equal(codes, generator.generate_codes("After the storm.", 2, [], max_audio_length_ms=400, seed=3).numpy())
@@ -197,10 +201,10 @@ def test_invalid_chunk_sizes_fail_alone(streaming: Streams) -> None:
 
 @pytest.fixture(scope="module")
 def one_slot_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[TritonServer]:
-    """A server with one slot and room for one request in Triton's queue."""
+    """A server with one slot and room for one request waiting for it."""
     root = tmp_path_factory.mktemp("one-slot")
-    parameters = {"model_dir": str(root / "none"), "tiny_model_dir": str(tiny_model_dir), "slots": "1"}
-    repository = model_repository_with(root / "model_repository", parameters, max_queue_size=1)
+    parameters = {"model_dir": str(root / "none"), "tiny_model_dir": str(tiny_model_dir), "slots": "1", "max_waiting_requests": "1"}
+    repository = model_repository_with(root / "model_repository", parameters)
     server = TritonServer(ServerOptions.on_free_ports(repository), log_file=root / "tritonserver.log").start()
     yield server
     server.stop()
@@ -220,9 +224,9 @@ def test_a_full_queue_answers_server_busy_at_once(one_slot_server: TritonServer)
                 break
             if received.error is not None:
                 rejected.append((request_id, time.monotonic() - received.start, str(received.error)))
-        assert rejected, "no request was refused"
+        assert len(rejected) == 12, "one request generates, one waits for its slot, the others are refused"
         for _, seconds, message in rejected:
-            assert "Exceeds maximum queue size" in message
+            assert "Exceeds maximum queue size" in message and "max_waiting_requests" in message
             assert seconds < 2.0
     finally:
         streaming.close()

@@ -131,6 +131,13 @@ class Engine:
         with self._lock:
             self._cancelled.add(request_id)
 
+    def abort(self) -> list[int]:
+        """Drop every request in a slot (after a failed step, whose state is unknown) and return
+        their ids; requests still waiting for a slot stay queued."""
+        aborted = [slot.request_id for slot in self._slots if slot is not None]
+        self._slots = [None] * self.num_slots
+        return aborted
+
     @property
     def active_slots(self) -> int:
         return sum(slot is not None for slot in self._slots)

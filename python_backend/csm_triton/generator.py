@@ -23,7 +23,7 @@ from . import checkpoint
 from .codec import SAMPLE_RATE, MimiCodec, StreamingDecoder
 from .engine import Engine, EngineRequest
 from .prompt import PromptBuilder, Segment, TextTokenizer, check_speaker, check_text
-from .streaming import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, Chunk, LoopStats, ServingLoop, Stream
+from .streaming import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, STALL_TIMEOUT_S, Chunk, LoopStats, ServingLoop, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +75,20 @@ class Generator:
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, engine: Engine, prompts: PromptBuilder, codec: MimiCodec, cpu_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prompts: PromptBuilder,
+        codec: MimiCodec,
+        cpu_threads: int | None = None,
+        max_waiting: int | None = None,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
+    ) -> None:
         self.engine = engine
         self.prompts = prompts
         self.codec = codec
         rows = 2 * engine.num_slots
-        self.loop = ServingLoop(engine, StreamingDecoder(codec, rows), rows, cpu_threads)
+        self.loop = ServingLoop(engine, StreamingDecoder(codec, rows), rows, cpu_threads, max_waiting, stall_timeout_s)
 
     def prompt(self, text: str, speaker: int, context: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
         """The 33-column prompt frames (tokens [T, 33], mask [T, 33]) the model is given."""
@@ -125,9 +133,13 @@ class Generator:
     def stats(self) -> LoopStats:
         return self.loop.stats()
 
-    def close(self) -> None:
+    def health(self) -> str | None:
+        """None while requests can be served; otherwise why not (see ServingLoop.health)."""
+        return self.loop.health()
+
+    def close(self, timeout_s: float = 30.0) -> None:
         """Cancel what is running and stop the loop's threads."""
-        self.loop.close()
+        self.loop.close(timeout_s)
 
     def _run_batch(self, requests: list[GenerationRequest], decode_audio: bool, return_exceptions: bool) -> list[Chunk | Exception]:
         """Each request's whole output as one Chunk, all generated in the running batch."""
@@ -281,12 +293,15 @@ def load_csm_1b(
     slots: int = DEFAULT_SLOTS,
     cpu_threads: int | None = None,
     prefill_chunk: int | None = None,
+    max_waiting: int | None = None,
+    stall_timeout_s: float = STALL_TIMEOUT_S,
 ) -> Generator:
     """Load a staged model directory, `ckpt.pt` or `model.safetensors` (tokenizer and Mimi beside
     it). Weights are bf16 on CUDA and fp32 on the CPU unless `dtype` says otherwise. On the CPU,
     generation and audio decoding each use `cpu_threads` torch threads (default half the cores).
     A step prefills at most `prefill_chunk` prompt positions (default: CUDA_PREFILL_CHUNK on CUDA,
-    whole prompts on the CPU, where a step's cost hardly depends on them)."""
+    whole prompts on the CPU, where a step's cost hardly depends on them). `max_waiting` and
+    `stall_timeout_s` are the serving loop's (ServingLoop)."""
     device = resolve_device(device)
     paths = checkpoint.resolve(ckpt_path)
     if dtype is None:
@@ -296,4 +311,4 @@ def load_csm_1b(
     prompts = PromptBuilder(TextTokenizer(paths.tokenizer), codec, model.config.audio_num_codebooks, model.config.text_vocab_size)
     if prefill_chunk is None and device.type == "cuda":
         prefill_chunk = CUDA_PREFILL_CHUNK
-    return Generator(Engine(model, slots, prefill_chunk=prefill_chunk), prompts, codec, cpu_threads)
+    return Generator(Engine(model, slots, prefill_chunk=prefill_chunk), prompts, codec, cpu_threads, max_waiting, stall_timeout_s)

@@ -59,6 +59,11 @@ class ServingConfig:
     cpu_threads: int = 0  # 0: half the cores for each of the serving loop's two threads
     prefill_chunk: int = 0  # prompt positions prefilled per step at most; 0: load_csm_1b's default
     kv_cache_memory_mb: int = 0  # MiB the KV caches of all slots may take; 0: no bound
+    max_waiting_requests: int = 32  # requests waiting for a slot at most; more are refused as busy
+    stall_timeout_s: float = 120.0  # a serving-loop round longer than this: the engine is hung
+    max_engine_restarts: int = 3  # engine processes that may end within engine_restart_window_s
+    engine_restart_window_s: float = 600.0
+    engine_start_timeout_s: float = 900.0  # loading the engine longer than this fails the load
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, dict[str, str]]) -> ServingConfig:
@@ -67,19 +72,13 @@ class ServingConfig:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"config.pbtxt parameters: unknown keys {sorted(unknown)}")
-        numbers = (
-            "slots",
-            "max_audio_length_ms",
-            "first_chunk_frames",
-            "chunk_frames",
-            "cpu_threads",
-            "prefill_chunk",
-            "kv_cache_memory_mb",
-        )
-        typed = {key: int(value) if key in numbers else value for key, value in values.items()}
+        kinds = {"int": int, "float": float, "str": str}
+        typed = {key: kinds[cls.__dataclass_fields__[key].type](value) for key, value in values.items()}
         config = cls(**typed)
         if config.max_audio_length_ms < FRAME_MS or min(config.slots, config.first_chunk_frames, config.chunk_frames) < 1:
             raise ValueError("config.pbtxt parameters: slots and chunk frames must be >= 1 and max_audio_length_ms >= 80")
+        if min(config.max_waiting_requests, config.stall_timeout_s, config.engine_start_timeout_s) <= 0 or config.max_engine_restarts < 0:
+            raise ValueError("config.pbtxt parameters: max_waiting_requests and the timeouts must be > 0, max_engine_restarts >= 0")
         if config.kv_cache_memory_mb < 0:
             raise ValueError(f"kv_cache_memory_mb: must be >= 0 (0: no bound), got {config.kv_cache_memory_mb}")
         return config

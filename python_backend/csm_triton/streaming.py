@@ -1,10 +1,27 @@
-"""The serving loop: one thread steps the engine, another decodes audio, so that audio is sent
-while frames are still being generated and a request that arrives joins the running batch at the
-next frame instead of waiting for the others to finish.
+"""The serving loop: one thread generates frames, another decodes and delivers audio, so that audio
+is sent while frames are still being generated and a request that arrives joins the running
+batch at the next frame instead of waiting for the others to finish.
+
+Each thread owns its state and they share nothing but messages:
+- the generation thread owns the engine, the streams waiting for a slot, the decoder rows and
+  each stream's progress through generation (`_Progress`). It builds the prompts that need
+  Mimi's encoder, admits streams, steps the engine and sends each stream's frames to the audio
+  thread (`_DecodeJob`s on a queue);
+- the audio thread owns the StreamingDecoder and each stream's decoded pieces. It decodes,
+  joins the pieces into the asked chunks and delivers them through the stream's `deliver`
+  callback, in order, the last one with `finish` set; it tells the generation thread how many
+  frames it has decoded (backpressure) and when a stream's last chunk is out (its row is free).
+Submissions and cancellations reach the generation thread through the same inbox.
 
 Every stream has its own Mimi decoding state (a row of the StreamingDecoder), so the chunks of a
-stream joined equal the one-shot decode of its codes. Callers see a stream only through its
-`deliver` callback, called in order from the loop's threads; the last chunk has `finish` set.
+stream joined equal the one-shot decode of its codes.
+
+Faults: a failed engine step, decoder pass, prompt preparation or delivery ends the streams it
+concerned with an error chunk, and the loop goes on. Anything else that escapes a thread, or
+MAX_CONSECUTIVE_FAILURES failed steps or passes in a row (a broken device), means the thread
+cannot go on: the loop fails, every unfinished stream gets an error chunk, submissions are
+refused with LoopFailed, and `health()` says why. `health()` also reports a thread that has been
+busy with one round for longer than `stall_timeout_s`.
 """
 
 from __future__ import annotations
@@ -13,6 +30,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +46,16 @@ logger = logging.getLogger(__name__)
 # chunk, which keeps the decoder's per-call cost small against the audio it makes.
 FIRST_CHUNK_FRAMES = 2
 CHUNK_FRAMES = 12
+MAX_CONSECUTIVE_FAILURES = 3
+STALL_TIMEOUT_S = 120.0  # longer than any one round: a whole CPU prefill or a long context encode
+
+
+class LoopFailed(RuntimeError):
+    """The loop can no longer serve: a thread failed or it has been closed."""
+
+
+class Busy(RuntimeError):
+    """As many streams as the loop allows are waiting for a slot already; retry later."""
 
 
 @dataclass(frozen=True)
@@ -56,15 +84,8 @@ class Stream:
     prepare: Callable[[], EngineRequest] | None = None
     started: threading.Event = field(default_factory=threading.Event)  # it has a slot, or has ended
     finished: threading.Event = field(default_factory=threading.Event)  # its last chunk was delivered
-    request_id: int = -1
-    row: int = -1  # its StreamingDecoder row while audio is being decoded
-    frames: list[torch.Tensor] = field(default_factory=list)  # generated, not yet sent to the decoder
-    chunks: int = 0  # chunks completed (all their frames sent to the decoder)
-    chunk_sent: int = 0  # frames of the current chunk already sent to the decoder
-    decoder_started: bool = False  # its first frames have been sent to the decoder
-    decoding: int = 0  # frames sent to the decoder and not yet delivered
-    parts: list[_DecodeJob] = field(default_factory=list)  # decoded pieces of the chunk being completed (audio thread)
-    silenced: bool = False  # its receiver failed or it has been told of an error: deliver nothing more
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _ended: bool = False  # its last chunk has been handed to `deliver`
 
     def __post_init__(self) -> None:
         for name in ("first_chunk_frames", "chunk_frames"):
@@ -72,18 +93,79 @@ class Stream:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
 
     @property
-    def next_chunk_frames(self) -> int:
-        return self.first_chunk_frames if self.chunks == 0 else self.chunk_frames
+    def ended(self) -> bool:
+        return self._ended
+
+    def send(self, chunk: Chunk) -> None:
+        """`deliver` the chunk unless the stream has ended: every stream gets exactly one last
+        chunk and nothing after it, whichever thread ends it (the audio thread, or the thread
+        that fails the loop). Raises what `deliver` raises."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = chunk.finish is not None
+            self.deliver(chunk)
+
+    def fail(self, error: Exception) -> None:
+        """End the stream with an error chunk, if its receiver still takes one."""
+        try:
+            self.send(Chunk(torch.zeros(0, 0, dtype=torch.long), None, "error", error))
+        except Exception:
+            logger.exception("delivering an error to a stream failed")
+
+    def next_chunk_frames(self, chunks_done: int) -> int:
+        return self.first_chunk_frames if chunks_done == 0 else self.chunk_frames
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    active_slots: int  # streams generating now
+    waiting: int  # submitted, not yet given a slot (being prepared, or waiting in the loop or the engine)
+    streams: int  # submitted and not yet finished (waiting, generating or decoding)
+    threads_alive: int
+
+
+# Messages to the generation thread.
+
+
+@dataclass(frozen=True)
+class _Submit:
+    stream: Stream
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    stream: Stream
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    stream: Stream
+    frames: int
+
+
+@dataclass(frozen=True)
+class _Released:
+    """The stream's last chunk is out: its decoder row is free."""
+
+    stream: Stream
+
+
+@dataclass(frozen=True)
+class _Close:
+    pass
 
 
 @dataclass(eq=False)
 class _DecodeJob:
-    """Frames of a stream on their way through the decoder, which advances them pass by pass:
-    a whole chunk, or a piece of one (generation sends frames as soon as a pass's worth is
-    ready, so that passes find every stream's frames; the audio thread joins the pieces)."""
+    """Frames of a stream on their way through the decoder (the audio thread's work), which
+    advances them pass by pass: a whole chunk, or a piece of one (generation sends frames as soon
+    as a pass's worth is ready, so that passes find every stream's frames; the audio thread joins
+    the pieces)."""
 
     stream: Stream
     codes: torch.Tensor  # [frames, 32]
+    row: int = -1  # the stream's decoder row; -1 for a stream that never had a slot
     finish: str | None = None
     error: Exception | None = None
     first: bool = False  # the stream's first frames: its decoder row starts here
@@ -94,8 +176,8 @@ class _DecodeJob:
 
     @property
     def frames_left(self) -> int:
-        """Frames still to decode; none for a failed chunk or a codes-only or silenced stream."""
-        if not self.stream.decode_audio or self.stream.silenced or self.error is not None:
+        """Frames still to decode; none for a failed chunk or a codes-only or ended stream."""
+        if not self.stream.decode_audio or self.stream.ended or self.error is not None:
             return 0
         return len(self.codes) - self.decoded
 
@@ -105,12 +187,19 @@ class _DecodeJob:
         return torch.cat(self.audio) if self.audio else torch.zeros(0)
 
 
-@dataclass(frozen=True)
-class LoopStats:
-    active_slots: int  # streams generating now
-    waiting: int  # submitted, not yet given a slot (in the loop's queue or the engine's)
-    streams: int  # submitted and not yet finished (waiting, generating or decoding)
-    threads_alive: int
+@dataclass
+class _Progress:
+    """A stream's way through generation: the generation thread's, from submission until its
+    last chunk is out."""
+
+    request_id: int = -1  # the engine's, once it has been given to the engine
+    row: int = -1  # its StreamingDecoder row while it has one
+    frames: list[torch.Tensor] = field(default_factory=list)  # generated, not yet sent to the decoder
+    chunks: int = 0  # chunks completed (all their frames sent to the decoder)
+    chunk_sent: int = 0  # frames of the current chunk already sent to the decoder
+    decoder_started: bool = False  # its first frames have been sent to the decoder
+    decoding: int = 0  # frames sent to the decoder and not yet delivered
+    ended: bool = False  # its last job has been sent to the audio thread
 
 
 class ServingLoop:
@@ -128,165 +217,238 @@ class ServingLoop:
     pass of the others, and passes find most streams' frames ready. Four frames a row cost no more
     a frame than twelve at eight rows, while a call's cost grows little with its rows (2-core
     CPU, full-size Mimi: the mean pass went from 3 rows to most of 8, and 8 streams from 2.8 to
-    3.2 audio-seconds a second)."""
+    3.2 audio-seconds a second).
+
+    At most `max_waiting` streams (None: any number) may wait for a slot beyond those that a free
+    slot takes at once; `submit` refuses more with Busy."""
 
     DECODE_PASS_FRAMES = 4
 
-    def __init__(self, engine: Engine, decoder: StreamingDecoder, decoder_rows: int, cpu_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        decoder: StreamingDecoder,
+        decoder_rows: int,
+        cpu_threads: int | None = None,
+        max_waiting: int | None = None,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
+    ) -> None:
         self.engine = engine
         self.decoder = decoder
         # The cores this process may run on (a container's cpuset), not the host's; a CFS quota
         # (a Kubernetes CPU limit) is not seen here: set cpu_threads under one.
         self.cpu_threads = cpu_threads or max(1, len(os.sched_getaffinity(0)) // 2)
+        self.max_waiting = max_waiting
+        self.stall_timeout_s = stall_timeout_s
+        # Shared, under _wake: the generation thread's inbox, the unfinished streams, what the
+        # generation thread publishes for stats(), each thread's busy time, and the loop's end.
+        self._wake = threading.Condition()
+        self._inbox: deque[_Submit | _Cancel | _Decoded | _Released | _Close] = deque()
+        self._streams: set[Stream] = set()  # submitted, last chunk not yet delivered
+        self._waiting_published = 0
+        self._busy_since: dict[str, float | None] = {"generation": None, "audio": None}
+        self._closing = False
+        self._failure: LoopFailed | None = None
+        # The generation thread's own.
         self._free_rows = list(range(decoder_rows))
         self._preparing: deque[Stream] = deque()  # for the generation thread to build their prompts
         self._waiting: deque[Stream] = deque()  # ready for a slot
-        self._running: dict[int, Stream] = {}  # engine request id -> stream
-        self._unfinished = 0
-        self._wake = threading.Condition()
-        self._jobs: queue.Queue[_DecodeJob | None] = queue.Queue()  # the audio thread's work; None stops it
-        self._backlog: dict[int, deque[_DecodeJob]] = {}  # id(stream) -> its chunks at the decoder, oldest stream first
-        self._closed = False
+        self._running: dict[int, Stream] = {}  # engine request id -> stream (in a slot or the engine's queue)
+        self._progress: dict[Stream, _Progress] = {}
+        self._step_failures = 0
+        # The audio thread's own.
+        self._jobs: queue.Queue[_DecodeJob | None] = queue.Queue()  # its work; None stops it
+        self._backlog: dict[Stream, deque[_DecodeJob]] = {}  # each stream's jobs at the decoder, oldest stream first
+        self._parts: dict[Stream, list[_DecodeJob]] = {}  # decoded pieces of the chunk being completed
+        self._pass_failures = 0
         self._threads = [
-            threading.Thread(target=self._generate_forever, name="csm-generate", daemon=True),
-            threading.Thread(target=self._decode_forever, name="csm-decode", daemon=True),
+            threading.Thread(target=self._run, args=("generation", self._generate_round), name="csm-generate", daemon=True),
+            threading.Thread(target=self._run, args=("audio", self._decode_round), name="csm-decode", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
 
     def submit(self, stream: Stream) -> Stream:
-        """Queue a stream; raises ValueError (naming the field) if it can never run. A stream to
+        """Queue a stream; raises ValueError (naming the field) if it can never run, Busy when
+        `max_waiting` streams wait already, LoopFailed once the loop cannot serve. A stream to
         prepare must have been checked by the caller (`Engine.check_fields`)."""
         if stream.request is not None:
             self.engine.check(stream.request)
         with self._wake:
-            if self._closed:
-                raise RuntimeError("the serving loop is closed")
-            self._unfinished += 1
-            (self._waiting if stream.request is not None else self._preparing).append(stream)
-            self._wake.notify_all()
+            if self._failure is not None:
+                raise self._failure
+            if self._closing:
+                raise LoopFailed("the serving loop is closed")
+            if self.max_waiting is not None and self._waiting_count() + 1 - self._free_slots() > self.max_waiting:
+                raise Busy(f"{self.max_waiting} requests are waiting for a slot already")
+            self._streams.add(stream)
+            self._post(_Submit(stream))
         return stream
 
     def cancel(self, stream: Stream) -> None:
         """Stop a stream; it ends with a "cancelled" chunk within a step."""
         with self._wake:
-            for queued in (self._preparing, self._waiting):
-                if stream in queued:
-                    queued.remove(stream)
-                    self._jobs.put(_DecodeJob(stream, _no_codes(self.engine), finish="cancelled"))
-                    return
-            if stream.request_id >= 0:
-                self.engine.cancel(stream.request_id)
+            self._post(_Cancel(stream))
 
     def stats(self) -> LoopStats:
         with self._wake:
-            starting = sum(not stream.started.is_set() for stream in self._running.values())
-            waiting = len(self._preparing) + len(self._waiting) + starting
-            return LoopStats(self.engine.active_slots, waiting, self._unfinished, sum(t.is_alive() for t in self._threads))
+            return LoopStats(self.engine.active_slots, self._waiting_count(), len(self._streams), sum(t.is_alive() for t in self._threads))
 
-    def close(self) -> None:
-        """Cancel everything, let the last chunks out, and stop the threads."""
-        for stream in self._unfinished_streams():
-            self.cancel(stream)
+    def health(self) -> str | None:
+        """None while the loop serves; otherwise why it cannot."""
         with self._wake:
-            self._wake.wait_for(lambda: self._unfinished == 0, timeout=30)
-            self._closed = True
-            self._wake.notify_all()
-        self._jobs.put(None)
+            if self._failure is not None:
+                return str(self._failure)
+            busy = dict(self._busy_since)
         for thread in self._threads:
-            thread.join(timeout=30)
+            if not thread.is_alive() and not self._closing:
+                return f"the serving loop's thread {thread.name} is not running"
+        now = time.monotonic()
+        for name, since in busy.items():
+            if since is not None and now - since > self.stall_timeout_s:
+                limit = self.stall_timeout_s
+                return f"the serving loop's {name} thread has been busy with one round for {now - since:.0f} s (stall_timeout_s {limit:g})"
+        return None
 
-    # The generation thread.
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Cancel everything, let the last chunks out, and stop the threads."""
+        with self._wake:
+            self._closing = True
+            self._post(_Close())
+        for thread in self._threads:
+            thread.join(timeout=timeout_s)
 
-    def _use_cpu_threads(self) -> None:
+    def _post(self, message: _Submit | _Cancel | _Decoded | _Released | _Close) -> None:
+        """Hand a message to the generation thread (with _wake held)."""
+        self._inbox.append(message)
+        self._wake.notify_all()
+
+    def _free_slots(self) -> int:
+        return self.engine.num_slots - self.engine.active_slots
+
+    def _waiting_count(self) -> int:
+        """Streams without a slot yet (with _wake held): those the generation thread last counted
+        and the submissions it has not taken yet."""
+        return self._waiting_published + sum(isinstance(message, _Submit) for message in self._inbox)
+
+    # Both threads.
+
+    def _run(self, name: str, round_: Callable[[], bool]) -> None:
+        """A thread's life: rounds until it is told to stop; what escapes a round fails the loop."""
         if self.engine.device.type == "cpu":
             torch.set_num_threads(self.cpu_threads)  # OpenMP keeps this per calling thread
+        try:
+            while round_():
+                pass
+        except Exception as error:
+            logger.exception("the serving loop's %s thread failed", name)
+            self._fail(error if isinstance(error, LoopFailed) else LoopFailed(f"the serving loop's {name} thread failed: {error!r}"))
 
-    # Each thread's work between two waits is a method of its own: a local left over from the
-    # last round would keep a finished stream, and with it Triton's request and response sender,
-    # alive while the thread waits, and Triton unloads the model only once every one is gone.
+    def _fail(self, failure: LoopFailed) -> None:
+        """The loop cannot go on: every unfinished stream ends with the error, the threads stop."""
+        with self._wake:
+            if self._failure is None:
+                self._failure = failure
+            streams = list(self._streams)
+            self._wake.notify_all()
+        self._jobs.put(None)
+        for stream in streams:
+            stream.fail(failure)
+            stream.started.set()
+            stream.finished.set()
+        with self._wake:
+            self._streams.difference_update(streams)
 
-    def _generate_forever(self) -> None:
-        self._use_cpu_threads()
-        while self._generate_round():
-            pass
+    def _busy(self, name: str, busy: bool) -> None:
+        with self._wake:
+            self._busy_since[name] = time.monotonic() if busy else None
+
+    # The generation thread. Each round is a method of its own: a local left over from the last
+    # round would keep a finished stream, and with it Triton's request and response sender, alive
+    # while the thread waits, and Triton unloads the model only once every one is gone.
 
     def _generate_round(self) -> bool:
-        """Wait for work, prepare one new stream's prompt, admit waiting streams, step the engine
-        once; False once closed."""
+        """Wait for work, take the inbox, prepare one new stream's prompt, admit waiting streams,
+        step the engine once; False once closed and done, or failed."""
         with self._wake:
-            self._wake.wait_for(lambda: self._closed or self._preparing or self._can_step())
-            if self._closed:
+            self._wake.wait_for(lambda: self._failure is not None or self._inbox or self._preparing or self._can_step())
+            if self._failure is not None:
                 return False
+            messages, self._inbox = self._inbox, deque()
+            self._busy_since["generation"] = time.monotonic()
+        for message in messages:
+            self._handle(message)
         self._prepare_next()
-        with self._wake:
-            if not self._can_step():
-                return True
+        if self._can_step():
             while self._admissible():
                 self._start(self._waiting.popleft())
-        self._poll_cancellations()
-        try:
-            results = self.engine.step()
-        except Exception as error:  # a failed step ends the streams in it, not the loop
-            logger.exception("engine step failed")
-            with self._wake:
-                for request_id, stream in list(self._running.items()):
-                    self.engine.cancel(request_id)
-                    self._end(stream, "error", error)
-            return True
-        with self._wake:
-            for result in results:
-                stream = self._running.get(result.request_id)
-                if stream is None:
-                    continue
-                stream.started.set()
-                if result.codes is not None:
-                    stream.frames.append(result.codes)
-                if result.finish is not None:
-                    self._end(stream, result.finish)
-                elif stream.chunk_sent + len(stream.frames) >= stream.next_chunk_frames:
-                    self._send(stream, ends_chunk=True)
-                elif len(stream.frames) >= self.DECODE_PASS_FRAMES:
-                    self._send(stream, ends_chunk=False)
+            self._poll_cancellations()
+            self._step()
+        self._publish()
+        self._busy("generation", False)
+        if self._closing and not self._progress:
+            self._jobs.put(None)
+            return False
         return True
+
+    def _handle(self, message: _Submit | _Cancel | _Decoded | _Released | _Close) -> None:
+        match message:
+            case _Submit(stream):
+                self._progress[stream] = _Progress()
+                (self._waiting if stream.request is not None else self._preparing).append(stream)
+            case _Cancel(stream):
+                self._cancel(stream)
+            case _Decoded(stream, frames):
+                if stream in self._progress:
+                    self._progress[stream].decoding -= frames
+            case _Released(stream):
+                progress = self._progress.pop(stream)
+                if progress.row >= 0:
+                    self._free_rows.append(progress.row)
+            case _Close():
+                for stream in list(self._progress):
+                    self._cancel(stream)
+
+    def _cancel(self, stream: Stream) -> None:
+        progress = self._progress.get(stream)
+        if progress is None or progress.ended:
+            return
+        for queued in (self._preparing, self._waiting):
+            if stream in queued:
+                queued.remove(stream)
+                self._end(stream, "cancelled")
+                return
+        self.engine.cancel(progress.request_id)
+
+    def _publish(self) -> None:
+        """Count, for stats(), the streams that have no slot yet."""
+        starting = sum(not stream.started.is_set() for stream in self._running.values())
+        with self._wake:
+            self._waiting_published = len(self._preparing) + len(self._waiting) + starting
 
     def _poll_cancellations(self) -> None:
         """Ask every stream's transport whether its receiver has gone, once a step."""
-        for stream in self._unfinished_streams():
+        for stream in [*self._preparing, *self._waiting, *self._running.values()]:
             if _cancelled(stream):
-                self.cancel(stream)
-
-    def _unfinished_streams(self) -> list[Stream]:
-        """Those that can still be cancelled: preparing, waiting or generating."""
-        with self._wake:
-            return [*self._preparing, *self._waiting, *self._running.values()]
+                self._cancel(stream)
 
     def _prepare_next(self) -> None:
         """Build the prompt of the oldest stream that needs one (its context audio encoded here:
         this thread has time to spare while the decoder is behind, the audio thread has none, and
-        a third thread would only compete for the same cores), then queue it for a slot. It stays
-        listed, and cancellable, while its prompt is built."""
-        with self._wake:
-            if not self._preparing:
-                return
-            stream = self._preparing[0]
+        a third thread would only compete for the same cores), then queue it for a slot."""
+        if not self._preparing:
+            return
+        stream = self._preparing.popleft()
         try:
             with torch.inference_mode():
                 request = stream.prepare()
             self.engine.check(request)
         except Exception as error:
             logger.exception("preparing a request failed")
-            request, failure = None, error
-        with self._wake:
-            if stream not in self._preparing:  # cancelled meanwhile: its last chunk is queued
-                return
-            self._preparing.remove(stream)
-            if request is None:
-                self._jobs.put(_DecodeJob(stream, _no_codes(self.engine), finish="error", error=failure))
-                return
-            stream.request = request
-            self._waiting.append(stream)
-            self._wake.notify_all()
+            self._end(stream, "error", error)
+            return
+        stream.request = request
+        self._waiting.append(stream)
 
     def _can_step(self) -> bool:
         return bool(self._admissible() or self._running) and not self._decoder_behind()
@@ -296,72 +458,103 @@ class ServingLoop:
         waits, since running ahead of the decoder would only queue audio and take the cores the
         decoder needs; but never while a stream has yet to send its first chunk, which is what
         its caller is waiting for (a step costs about the same for one stream as for all)."""
-        streams = self._running.values()
-        if any(stream.chunks == 0 for stream in streams):
+        running = [(stream, self._progress[stream]) for stream in self._running.values()]
+        if any(progress.chunks == 0 for _, progress in running):
             return False
-        return any(stream.decode_audio and stream.decoding > 2 * stream.chunk_frames for stream in streams)
+        return any(stream.decode_audio and progress.decoding > 2 * stream.chunk_frames for stream, progress in running)
 
     def _admissible(self) -> bool:
         return bool(self._waiting) and bool(self._free_rows)
 
     def _start(self, stream: Stream) -> None:
-        stream.row = min(self._free_rows)  # the lowest rows: the decoder runs only the span in use
-        self._free_rows.remove(stream.row)
-        stream.request_id = self.engine.submit(stream.request)
-        self._running[stream.request_id] = stream
+        progress = self._progress[stream]
+        progress.row = min(self._free_rows)  # the lowest rows: the decoder runs only the span in use
+        self._free_rows.remove(progress.row)
+        progress.request_id = self.engine.submit(stream.request)
+        self._running[progress.request_id] = stream
+
+    def _step(self) -> None:
+        """One engine step; its frames go to the streams' decoder jobs. A failed step ends the
+        streams it ran, and the engine goes on without them."""
+        try:
+            results = self.engine.step()
+        except Exception as error:
+            logger.exception("engine step failed")
+            for request_id in self.engine.abort():
+                self._end(self._running[request_id], "error", error)
+            self._step_failures += 1
+            if self._step_failures >= MAX_CONSECUTIVE_FAILURES:
+                raise LoopFailed(f"{self._step_failures} engine steps in a row failed, the last with {error!r}") from error
+            return
+        self._step_failures = 0
+        for result in results:
+            stream = self._running.get(result.request_id)
+            if stream is None:
+                continue
+            stream.started.set()
+            progress = self._progress[stream]
+            if result.codes is not None:
+                progress.frames.append(result.codes)
+            if result.finish is not None:
+                self._end(stream, result.finish)
+            elif progress.chunk_sent + len(progress.frames) >= stream.next_chunk_frames(progress.chunks):
+                self._send(stream, ends_chunk=True)
+            elif len(progress.frames) >= self.DECODE_PASS_FRAMES:
+                self._send(stream, ends_chunk=False)
 
     def _send(self, stream: Stream, ends_chunk: bool, finish: str | None = None, error: Exception | None = None) -> None:
-        codes = torch.stack(stream.frames) if stream.frames else _no_codes(self.engine)
-        first, first_chunk = not stream.decoder_started, stream.chunks == 0
-        self._jobs.put(_DecodeJob(stream, codes, finish, error, first, first_chunk, ends_chunk))
-        stream.decoder_started = True
-        stream.decoding += len(codes)
-        stream.frames = []
+        progress = self._progress[stream]
+        codes = torch.stack(progress.frames) if progress.frames else _no_codes(self.engine)
+        first, first_chunk = not progress.decoder_started, progress.chunks == 0
+        self._jobs.put(_DecodeJob(stream, codes, progress.row, finish, error, first, first_chunk, ends_chunk))
+        progress.decoder_started = True
+        progress.decoding += len(codes)
+        progress.frames = []
         if ends_chunk:
-            stream.chunks += 1
-            stream.chunk_sent = 0
+            progress.chunks += 1
+            progress.chunk_sent = 0
         else:
-            stream.chunk_sent += len(codes)
+            progress.chunk_sent += len(codes)
 
     def _end(self, stream: Stream, finish: str, error: Exception | None = None) -> None:
-        del self._running[stream.request_id]
+        """Send the stream's last job; it leaves the engine's bookkeeping here."""
+        progress = self._progress[stream]
+        self._running.pop(progress.request_id, None)
+        progress.ended = True
         stream.started.set()
         self._send(stream, True, finish, error)
 
-    # The decode thread.
-
-    def _decode_forever(self) -> None:
-        self._use_cpu_threads()
-        while self._decode_round():
-            pass
+    # The audio thread.
 
     def _decode_round(self) -> bool:
-        """Take the queued jobs, deliver what is decoded, run one decoder pass; False once closed."""
+        """Take the queued jobs, deliver what is decoded, run one decoder pass; False once told to stop."""
         if not self._take_jobs(block=not self._backlog):
             return False
+        self._busy("audio", True)
         self._deliver_ready()
         frames, jobs = self._next_pass()
         if jobs:
             self._run_pass(frames, jobs)
             self._deliver_ready()
+        self._busy("audio", False)
         return True
 
     def _take_jobs(self, block: bool) -> bool:
-        """Move the queued jobs to each stream's backlog; False once closed."""
+        """Move the queued jobs to each stream's backlog; False once told to stop."""
         jobs = [self._jobs.get()] if block else []
         while not self._jobs.empty():
             jobs.append(self._jobs.get_nowait())
         if None in jobs:
             return False
-        starting = [job for job in jobs if job.first and job.stream.row >= 0 and job.stream.decode_audio]
+        starting = [job for job in jobs if job.first and job.row >= 0 and job.stream.decode_audio]
         try:
-            self.decoder.start([job.stream.row for job in starting])
+            self.decoder.start([job.row for job in starting])
         except Exception as error:  # these streams fail; the thread goes on
             logger.exception("starting decoder rows failed")
             for job in starting:
                 job.error = error
         for job in jobs:
-            self._backlog.setdefault(id(job.stream), deque()).append(job)
+            self._backlog.setdefault(job.stream, deque()).append(job)
         return True
 
     def _next_pass(self) -> tuple[int, list[_DecodeJob]]:
@@ -379,52 +572,54 @@ class ServingLoop:
     def _run_pass(self, frames: int, jobs: list[_DecodeJob]) -> None:
         codes = torch.stack([job.codes[job.decoded : job.decoded + frames] for job in jobs])
         try:
-            audio = self.decoder.decode([job.stream.row for job in jobs], codes)
+            audio = self.decoder.decode([job.row for job in jobs], codes)
         except Exception as error:
             logger.exception("audio decode failed")
             for job in jobs:
                 job.error = error
+            self._pass_failures += 1
+            if self._pass_failures >= MAX_CONSECUTIVE_FAILURES:
+                raise LoopFailed(f"{self._pass_failures} decoder passes in a row failed, the last with {error!r}") from error
             return
+        self._pass_failures = 0
         for job, samples in zip(jobs, audio, strict=True):
             job.audio.append(samples)
             job.decoded += frames
 
     def _deliver_ready(self) -> None:
         """Deliver, in each stream's order, every chunk that needs no more decoding."""
-        for key, backlog in list(self._backlog.items()):
+        for stream, backlog in list(self._backlog.items()):
             while backlog and not backlog[0].frames_left:
                 self._deliver(backlog.popleft())
             if not backlog:
-                del self._backlog[key]
+                del self._backlog[stream]
 
     def _deliver(self, job: _DecodeJob) -> None:
-        """Pass a decoded job on: kept until its chunk is complete, then delivered as one chunk."""
+        """Pass a decoded job on: kept until its chunk is complete, then delivered as one chunk.
+        A chunk the receiver fails to take, or one that carries an error, is the stream's last:
+        its generation is cancelled, and its own last job only frees its row."""
         stream = job.stream
         with self._wake:
-            stream.decoding -= len(job.codes)
-            self._wake.notify_all()
-        stream.parts.append(job)
+            self._post(_Decoded(stream, len(job.codes)))
+        parts = self._parts.setdefault(stream, [])
+        parts.append(job)
         if not job.ends_chunk and job.error is None:
             return
-        chunk, stream.parts = _chunk_of(stream.parts), []
-        if not stream.silenced:
-            try:
-                stream.deliver(chunk)
-            except Exception:  # the receiver is gone (a closed connection)
-                logger.exception("delivering a chunk failed; cancelling the stream")
-                stream.silenced = True
-        if job.finish is None and (stream.silenced or job.error is not None):
-            stream.silenced = True  # an error chunk was the receiver's last
+        chunk = _chunk_of(parts)
+        del self._parts[stream]
+        try:
+            stream.send(chunk)
+        except Exception as error:  # the receiver is gone (a closed connection)
+            logger.exception("delivering a chunk failed; ending the stream")
+            stream.fail(error)
+        if job.finish is None and stream.ended:
             self.cancel(stream)
         if job.finish is not None:
-            with self._wake:
-                if stream.row >= 0:
-                    self._free_rows.append(stream.row)
-                    stream.row = -1
-                self._unfinished -= 1
-                self._wake.notify_all()
             stream.started.set()
             stream.finished.set()
+            with self._wake:
+                self._streams.discard(stream)
+                self._post(_Released(stream))
 
 
 def _chunk_of(parts: list[_DecodeJob]) -> Chunk:

@@ -19,10 +19,9 @@ import threading
 
 import triton_python_backend_utils as pb_utils
 
-from csm_triton.engine import EngineStats
+from csm_triton.engine_client import Heartbeat
 from csm_triton.generator import FRAME_MS
 from csm_triton.serving import INPUTS
-from csm_triton.streaming import LoopStats
 
 MODEL = {"model": "csm_stream"}
 FRAME_S = FRAME_MS / 1000
@@ -39,7 +38,7 @@ _GAUGES = {
     "slots": "Engine slots of this instance (the slots parameter, or fewer under kv_cache_memory_mb)",
     "waiting_requests": "Requests accepted and waiting for a slot",
     "streams": "Requests accepted and not yet finished (waiting, generating or sending audio)",
-    "loop_threads": "Serving-loop threads alive (2 when healthy)",
+    "loop_threads": "Serving-loop threads alive (2 when healthy; 0 while the engine process restarts)",
 }
 _ENGINE_COUNTERS = {
     "frames": ("csm_frames_total", "Frames (80 ms of audio each) generated, those of requests cancelled later included"),
@@ -59,6 +58,10 @@ class StreamMetrics:
         self._engine_counters = {
             field: self._family(name, text, counter).Metric(labels=MODEL) for field, (name, text) in _ENGINE_COUNTERS.items()
         }
+        self._restarts = self._family(
+            "csm_engine_restarts_total", "Engine processes started again after the one before died, hung or could not serve", counter
+        ).Metric(labels=MODEL)
+        self._restarts_reported = 0
         self._audio_seconds = self._family("csm_audio_seconds_total", "Seconds of audio sent to clients", counter).Metric(labels=MODEL)
         self._ttfa = self._family(
             "csm_time_to_first_audio_seconds",
@@ -113,8 +116,9 @@ class StreamMetrics:
 
     # Reporting: the reporter thread only.
 
-    def report(self, loop: LoopStats, engine: EngineStats) -> None:
-        """Pass on what was recorded since the last report, the engine's totals and the gauges."""
+    def report(self, heartbeat: Heartbeat | None, restarts: int) -> None:
+        """Pass on what was recorded since the last report, the engine's totals and the gauges
+        (from the engine's latest heartbeat; None while no engine runs)."""
         with self._lock:
             frames, self._audio_frames = self._audio_frames, 0
             first_audio_s, self._first_audio_s = self._first_audio_s, []
@@ -128,16 +132,22 @@ class StreamMetrics:
             self._rtf.observe(factor)
         for reason, field in rejections:
             self._rejected_series(reason, field).increment(1)
-        for field, counter in self._engine_counters.items():
-            total = getattr(engine, field)  # read once: the engine thread moves it on meanwhile
-            if total > self._engine_reported[field]:
-                counter.increment(total - self._engine_reported[field])
-                self._engine_reported[field] = total
-        self._gauges["active_slots"].set(loop.active_slots)
-        self._gauges["free_slots"].set(self.slots - loop.active_slots)
-        self._gauges["waiting_requests"].set(loop.waiting)
-        self._gauges["streams"].set(loop.streams)
-        self._gauges["loop_threads"].set(loop.threads_alive)
+        if restarts > self._restarts_reported:  # a new engine process, whose totals start from 0
+            self._restarts.increment(restarts - self._restarts_reported)
+            self._restarts_reported = restarts
+            self._engine_reported = dict.fromkeys(_ENGINE_COUNTERS, 0)
+        loop = heartbeat.loop if heartbeat is not None else {"active_slots": 0, "waiting": 0, "streams": 0, "threads_alive": 0}
+        if heartbeat is not None:
+            for field, counter in self._engine_counters.items():
+                total = heartbeat.engine[field]
+                if total > self._engine_reported[field]:
+                    counter.increment(total - self._engine_reported[field])
+                    self._engine_reported[field] = total
+        self._gauges["active_slots"].set(loop["active_slots"])
+        self._gauges["free_slots"].set(self.slots - loop["active_slots"])
+        self._gauges["waiting_requests"].set(loop["waiting"])
+        self._gauges["streams"].set(loop["streams"])
+        self._gauges["loop_threads"].set(loop["threads_alive"])
 
     def _family(self, name: str, description: str, kind: int) -> pb_utils.MetricFamily:
         family = pb_utils.MetricFamily(name=name, description=description, kind=kind)

@@ -1,8 +1,12 @@
 """Triton python-backend adapter for CSM, streaming (decoupled): parses request tensors, hands
-each request to the generator's serving loop and sends its audio chunks as they are made.
+each request to the engine and sends its audio chunks as they are made.
 
-execute() returns once every request it was given has a slot: the requests beyond the slots wait
-in Triton's queue, where max_queue_size bounds them."""
+The engine (weights, KV caches, serving loop) runs in a child process of this stub
+(csm_triton/engine_client.py says why); this process imports no torch. execute() only hands
+requests over and returns at once: requests wait for a slot in the engine's queue, which
+`max_waiting_requests` bounds. Every request ends with exactly one final response: its last
+chunk, or an error (INVALID_ARG naming the field, UNAVAILABLE when busy or when the engine
+process died, CANCELLED when the client cancelled)."""
 
 from __future__ import annotations
 
@@ -11,19 +15,17 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 from csm_metrics import StreamMetrics  # beside this file: the stub puts the model directory on sys.path
 
-from csm_triton import checkpoint, load_csm_1b
-from csm_triton.config import ModelConfig
+from csm_triton.engine_client import ChunkOut, EngineClient, EngineUnavailable, Lost, Refused, WorkerSettings
 from csm_triton.serving import INPUTS, ServingConfig, parse_chunking, parse_request
-from csm_triton.streaming import Chunk
 
 logger = logging.getLogger("csm_triton.triton")
 
@@ -31,6 +33,10 @@ logger = logging.getLogger("csm_triton.triton")
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_INTERVAL_S = 0.5
+CANCEL_POLL_S = 0.1  # how often each running request's transport is asked whether its client left
+# Triton's own message for a full queue, which clients (and the csm front) read as "server busy".
+BUSY_MESSAGE = "Exceeds maximum queue size"
+FORWARD_ID = "csm_forward_id"  # the request parameter of requests that the csm and text_stream_tts models forward
 
 
 class TritonPythonModel:
@@ -38,159 +44,211 @@ class TritonPythonModel:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <stub pid>`: every thread's stack, in the server log
         model_config = json.loads(args["model_config"])
+        self.name = args["model_name"]
         self.config = ServingConfig.from_parameters(model_config.get("parameters", {}))
-        device = self._device(args)
-        weights, staged = self.config.weights_dir(PROJECT_ROOT)
-        if not staged:
-            logger.warning(
-                "no real weights staged in %s: serving the small random-weight model in %s, which speaks noise. "
-                "Stage CSM-1B with `make export` (python -m export fetch --out models/csm-1b), or point the "
-                "model_dir parameter of config.pbtxt at a staged directory.",
-                self.config.model_dir,
-                weights,
-            )
-            if not (weights / "config.json").exists():
-                from export.tiny import make_tiny
-
-                make_tiny(weights)
-        dtype = self._dtype(device)
-        slots = self.config.kv_cache_slots(ModelConfig.from_json(checkpoint.resolve(weights).config), dtype)
-        self.generator = load_csm_1b(
-            weights,
-            device=device,
-            dtype=dtype,
-            slots=slots,
-            cpu_threads=self.config.cpu_threads or None,
-            prefill_chunk=self.config.prefill_chunk or None,
+        kind, device_id = args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0))
+        settings = WorkerSettings(self.config, str(PROJECT_ROOT), args["model_instance_name"], kind, device_id)
+        self.engine = EngineClient(
+            python=os.path.join(sys.prefix, "bin", "python3"),  # the stub's own Python: its environment has the engine's packages
+            settings=settings,
+            on_give_up=self._give_up,
+            start_timeout_s=self.config.engine_start_timeout_s,
+            max_restarts=self.config.max_engine_restarts,
+            restart_window_s=self.config.engine_restart_window_s,
         )
-        self.metrics = StreamMetrics(slots)
-        self._start_reporter()
-        logger.info("csm_stream ready on %s with %d slots, weights %s", device, slots, weights)
-
-    def _device(self, args: dict) -> str:
-        if self.config.device != "auto":
-            return self.config.device
-        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
-            return f"cuda:{args['model_instance_device_id']}"
-        return "cpu"
-
-    def _dtype(self, device: str) -> torch.dtype:
-        """The weights' and KV caches' dtype, resolved here (as load_csm_1b would: bfloat16 on CUDA,
-        float32 on the CPU) because the KV-cache budget depends on it."""
-        if self.config.dtype != "auto":
-            return getattr(torch, self.config.dtype)
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        ready = self.engine.start()
+        self.vocab_size = ready.audio_vocab_size
+        self.metrics = StreamMetrics(ready.slots)
+        self._links: dict[int, _Link] = {}  # engine key -> the request's way out, while it runs
+        self._links_lock = threading.Lock()
+        self._stopping = threading.Event()
+        threading.Thread(target=self._report_forever, name="csm-metrics", daemon=True).start()
+        threading.Thread(target=self._poll_cancellations, name="csm-cancellations", daemon=True).start()
+        logger.info("%s ready on %s with %d slots, weights %s", self.name, ready.device, ready.slots, ready.weights)
 
     def execute(self, requests: list) -> None:
-        streams = []
         for request in requests:
             sender = request.get_response_sender()
             try:
-                arrays = {
-                    name: tensor.as_numpy() for name in INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None
-                }
-                generation = parse_request(arrays, self.config, self.generator.engine.vocab_size)
-                first_chunk_frames, chunk_frames = parse_chunking(arrays, self.config)
-                wanted = request.requested_output_names()
-                link = _Link(request, sender, wanted, self.metrics)
-                streams.append(
-                    self.generator.submit(generation, link.deliver, "AUDIO" in wanted, first_chunk_frames, chunk_frames, link.is_cancelled)
-                )
+                self._submit(request, sender)
             except ValueError as error:
                 self.metrics.invalid_argument(error)
-                error_response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
-                sender.send(error_response, flags=FINAL)
+                _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)
+            except EngineUnavailable as error:
+                self.metrics.rejected("internal_error")
+                _send_error(sender, f"{self.name}: {error}", pb_utils.TritonError.UNAVAILABLE)
             except Exception as error:  # this request alone fails; the others of the call go on
                 logger.exception("preparing a request failed")
                 self.metrics.rejected("internal_error")
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preparing the request failed: {error}")), flags=FINAL)
-        for stream in streams:
-            stream.started.wait()
+                _send_error(sender, f"preparing the request failed: {error}", pb_utils.TritonError.INTERNAL)
         return None
 
-    def _start_reporter(self) -> None:
-        """A thread that passes the metrics on to Triton (csm_metrics.py), and notices when the
-        server has died under us."""
-        self._stopping = threading.Event()
+    def _submit(self, request, sender) -> None:
+        arrays = {name: tensor.as_numpy() for name in INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
+        generation = parse_request(arrays, self.config, self.vocab_size)
+        first_chunk_frames, chunk_frames = parse_chunking(arrays, self.config)
+        wanted = request.requested_output_names()
+        forwarded = FORWARD_ID in json.loads(request.parameters() or "{}")
+        link = _Link(request, sender, wanted, forwarded, self.metrics, self._forget, self.engine.cancel)
+        with self._links_lock:  # before the engine can answer: its last chunk removes the link
+            key = self.engine.submit(generation, link.receive, "AUDIO" in wanted, first_chunk_frames, chunk_frames)
+            link.key = key
+            self._links[key] = link
+
+    def _forget(self, link: _Link) -> None:
+        with self._links_lock:
+            self._links.pop(link.key, None)
+
+    def _poll_cancellations(self) -> None:
+        """Ask each running request's transport whether its client has gone, and tell the engine."""
+        while not self._stopping.wait(CANCEL_POLL_S):
+            with self._links_lock:
+                links = list(self._links.values())
+            for link in links:
+                if link.cancel_asked():
+                    self.engine.cancel(link.key)
+
+    def _report_forever(self) -> None:
+        """Pass the metrics on to Triton (csm_metrics.py), and notice when the server has died under us."""
         server = os.getppid()
+        while not self._stopping.wait(METRICS_INTERVAL_S):
+            if os.getppid() != server:
+                # tritonserver died without unloading us: the engine would keep generating (and
+                # holding the GPU) for requests nobody will read. It dies with this process.
+                logger.error("tritonserver (pid %d) is gone; exiting", server)
+                os._exit(1)
+            try:
+                self.metrics.report(self.engine.heartbeat, self.engine.restarts)
+            except Exception:  # a failed metrics call must not stop the watchdog
+                logger.exception("reporting metrics failed")
 
-        def report_forever() -> None:
-            while not self._stopping.wait(METRICS_INTERVAL_S):
-                if os.getppid() != server:
-                    # tritonserver died without unloading us: a stub left running would keep
-                    # generating (and holding the GPU) for requests nobody will read.
-                    logger.error("tritonserver (pid %d) is gone; exiting", server)
-                    os._exit(1)
-                try:
-                    self.metrics.report(self.generator.stats(), self.generator.engine.stats)
-                except Exception:  # a failed metrics call must not stop the watchdog
-                    logger.exception("reporting metrics failed")
-
-        self._reporter = threading.Thread(target=report_forever, name="csm-metrics", daemon=True)
-        self._reporter.start()
+    def _give_up(self, reason: str) -> None:
+        """The engine cannot be kept running: unload this model, so that Triton's readiness says
+        it cannot serve (and an orchestrator replaces the server) instead of READY."""
+        logger.error("%s cannot serve (%s); unloading it", self.name, reason)
+        try:
+            pb_utils.unload_model(self.name)
+        except Exception:
+            logger.exception(
+                "unloading %s failed: readiness can only report this with tritonserver's --model-control-mode=explicit; "
+                "every request is refused with UNAVAILABLE meanwhile",
+                self.name,
+            )
 
     def finalize(self) -> None:
-        logger.info("csm_stream unloading")
+        logger.info("%s unloading", self.name)
         self._stopping.set()
-        self.generator.close()
+        self.engine.close()
 
 
 class _Link:
-    """A request's way out to its client, which also measures what the client gets and when. It
-    lets go of the Triton request and its response sender with the final response: the python
-    backend unloads the model only once every one of them is gone, so a finished stream that
-    something still holds must not hold them."""
+    """A request's way out to its client, which also measures what the client gets and when.
+    Exactly one final response goes out, whatever happens; then the Triton request and its
+    response sender are let go of (the python backend unloads the model only once every one of
+    them is gone)."""
 
-    def __init__(self, request, sender, wanted: list[str], metrics: StreamMetrics) -> None:
+    def __init__(self, request, sender, wanted: list[str], forwarded: bool, metrics: StreamMetrics, forget, cancel) -> None:
         self._request, self._sender, self._wanted = request, sender, wanted
-        self._metrics = metrics
+        self._errors_in_band = forwarded and "ERROR" in wanted  # see config.pbtxt, ERROR
+        self._metrics, self._forget, self._cancel = metrics, forget, cancel
+        self.key = -1
         self._start = time.monotonic()  # csm_stream took the request; Triton's queue time is not known here
         self._frames = 0  # sent so far
+        self._responses_sent = 0
+        self._cancel_asked = False
+        self._lock = threading.Lock()
 
-    def deliver(self, chunk: Chunk) -> None:
-        sender = self._sender
-        if chunk.finish is not None:  # the last chunk, an error's included
-            self._request = self._sender = None
+    def cancel_asked(self) -> bool:
+        """Whether the client has cancelled (or gone) and the engine is still to be told."""
+        request = self._request
+        if self._cancel_asked or request is None:
+            return False
+        try:
+            self._cancel_asked = request.is_cancelled()
+        except Exception:  # asking failed: the request is gone
+            logger.exception("checking for cancellation failed")
+            self._cancel_asked = True
+        return self._cancel_asked
+
+    def receive(self, message: ChunkOut | Refused | Lost) -> None:
+        """The engine's message for this request (on the engine client's reader thread)."""
+        match message:
+            case Refused(reason="invalid", message=text):
+                self._metrics.invalid_argument(ValueError(text))
+                self._end(pb_utils.TritonError(text, pb_utils.TritonError.INVALID_ARG))
+            case Refused(reason="busy", message=text):
+                busy = f"{BUSY_MESSAGE}: {text} (max_waiting_requests); retry later"
+                self._end(pb_utils.TritonError(busy, pb_utils.TritonError.UNAVAILABLE))
+            case Refused(message=text) | Lost(message=text):
+                self._metrics.rejected("internal_error")
+                self._end(pb_utils.TritonError(f"csm_stream: {text}", pb_utils.TritonError.UNAVAILABLE))
+            case ChunkOut(error=str(text)):
+                self._metrics.rejected("internal_error")
+                self._end(pb_utils.TritonError(f"generation failed: {text}", pb_utils.TritonError.INTERNAL))
+            case ChunkOut(finish="cancelled"):
+                self._metrics.rejected("cancelled")
+                self._end(pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED))
+            case ChunkOut():
+                self._send_chunk(message)
+
+    def _send_chunk(self, chunk: ChunkOut) -> None:
+        outputs = []
+        if "AUDIO" in self._wanted:
+            outputs.append(pb_utils.Tensor("AUDIO", chunk.audio[None]))
+        if "AUDIO_CODES" in self._wanted:
+            outputs.append(pb_utils.Tensor("AUDIO_CODES", chunk.codes[None]))
+        response = pb_utils.InferenceResponse(output_tensors=outputs)
+        if chunk.finish is not None:
+            self._end(response=response)
+            self._measure(chunk, last=True)
+            return
+        with self._lock:
+            sender = self._sender
+            if sender is None:
+                return
+            try:
+                sender.send(response)
+                self._responses_sent += 1
+            except Exception as error:  # the client has gone: end the request here, and its generation
+                logger.warning("sending a chunk failed (%s); ending the request", error)
+                self._metrics.rejected("cancelled")
+                self._end_locked(response=None, error=pb_utils.TritonError(f"sending a response failed: {error}"))
+                self._cancel(self.key)
+                return
+        self._measure(chunk, last=False)
+
+    def _end(self, error=None, response=None) -> None:
+        with self._lock:
+            self._end_locked(response, error)
+
+    def _end_locked(self, response, error) -> None:
+        """Send the final response, once; later calls do nothing."""
+        sender, self._sender, self._request = self._sender, None, None
         if sender is None:
             return
         try:
-            _send_chunk(sender, self._wanted, chunk)
-        except Exception:  # the client has gone; the loop cancels the stream and sends it nothing more
-            self._metrics.rejected("cancelled")
-            raise
-        self._measure(chunk, time.monotonic() - self._start)
+            if error is not None and self._errors_in_band and self._responses_sent:
+                # A BLS caller would never see an error response now (config.pbtxt, ERROR).
+                message = np.array([[error.message().encode("utf-8")]], dtype=object)
+                response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("ERROR", message)])
+            elif error is not None:
+                response = pb_utils.InferenceResponse(error=error)
+            sender.send(response, flags=FINAL) if response is not None else sender.send(flags=FINAL)
+        except Exception:
+            logger.exception("sending the final response failed")
+        self._forget(self)
 
-    def _measure(self, chunk: Chunk, elapsed_s: float) -> None:
-        """Record a chunk that has just been sent (errors and cancellations send no audio)."""
-        if chunk.error is not None:
-            self._metrics.rejected("internal_error")
-            return
-        if chunk.finish == "cancelled":
-            self._metrics.rejected("cancelled")
-            return
+    def _measure(self, chunk: ChunkOut, last: bool) -> None:
+        """Record a chunk that has just been sent."""
+        elapsed_s = time.monotonic() - self._start
         frames = len(chunk.codes)
         if frames and not self._frames:
             self._metrics.first_audio(elapsed_s)
         self._frames += frames
         self._metrics.audio_sent(frames)
-        if chunk.finish is not None and self._frames:
+        if last and self._frames:
             self._metrics.finished(elapsed_s, self._frames)
 
-    def is_cancelled(self) -> bool:
-        request = self._request
-        return request is not None and request.is_cancelled()
 
-
-def _send_chunk(sender, wanted: list[str], chunk: Chunk) -> None:
-    if chunk.error is not None:
-        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {chunk.error}")), flags=FINAL)
-        return
-    if chunk.finish == "cancelled":
-        sender.send(flags=FINAL)
-        return
-    outputs = []
-    if "AUDIO" in wanted:
-        outputs.append(pb_utils.Tensor("AUDIO", chunk.audio.numpy()[None]))
-    if "AUDIO_CODES" in wanted:
-        outputs.append(pb_utils.Tensor("AUDIO_CODES", chunk.codes.numpy().astype(np.int32)[None]))
-    sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if chunk.finish is not None else 0)
+def _send_error(sender, message: str, code) -> None:
+    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)

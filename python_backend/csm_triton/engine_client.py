@@ -1,0 +1,393 @@
+"""csm_stream's engine in a child process of its own, started, watched and restarted from here.
+
+Why a second process: the one that holds torch, the weights, the KV caches and Mimi is the one
+that dies when something goes badly wrong (the kernel's OOM killer takes the largest process; a
+CUDA fault leaves its context unusable until the process exits). The Triton stub keeps every
+request's response sender, and a stub that dies takes them along: its requests never end (python
+backend 24.10 has no cleanup for a dead decoupled stub). Kept apart, the stub outlives the engine:
+when the engine process dies, hangs or says it cannot serve, every request it had ends at once
+with an error, and a new engine process starts, so the model serves again by itself.
+
+This module imports no torch: it runs in the Triton stub. `engine_worker` is the child's side.
+Messages are pickled over a socket pair (`Channel`); audio and codes travel as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import pickle
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, Pipe
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.5  # how often the worker reports its stats and health
+HEARTBEAT_TIMEOUT_S = 30.0  # silence after which the worker is taken for hung and killed
+CLOSE_TIMEOUT_S = 30.0
+
+
+class Channel:
+    """One end of the socket pair between stub and worker: whole messages, pickled by value with
+    the standard pickler (multiprocessing's own would pass torch tensors as shared-memory handles,
+    which only its own child processes can open), sent from any thread."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self._send_lock = threading.Lock()
+
+    def send(self, message: Any) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._send_lock:
+            self.connection.send_bytes(data)
+
+    def recv(self) -> Any:
+        return pickle.loads(self.connection.recv_bytes())
+
+    def poll(self, timeout_s: float) -> bool:
+        return self.connection.poll(timeout_s)
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot take requests now (restarting, or given up)."""
+
+
+# Messages to the worker.
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the worker needs to load the engine; `serving` is the model's ServingConfig."""
+
+    serving: Any
+    project_root: str
+    instance_name: str = "csm_stream"  # Triton's model_instance_name, also in the process's command line
+    instance_kind: str = "CPU"  # Triton's model_instance_kind
+    instance_device_id: int = 0
+
+
+@dataclass(frozen=True)
+class Submit:
+    key: int
+    request: Any  # a GenerationRequest
+    decode_audio: bool
+    first_chunk_frames: int
+    chunk_frames: int
+
+
+@dataclass(frozen=True)
+class Cancel:
+    key: int
+
+
+@dataclass(frozen=True)
+class Close:
+    pass
+
+
+# Messages from the worker.
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The engine is loaded: what the Triton model needs to know of it."""
+
+    slots: int
+    device: str
+    weights: str
+    max_positions: int  # the backbone's positions: a prompt and its frames must fit
+    audio_vocab_size: int
+    pid: int = 0
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    message: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A submitted request that will not run: `reason` "invalid" (the message names the field),
+    "busy" (too many wait for a slot) or "unavailable"."""
+
+    key: int
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ChunkOut:
+    """One chunk of a stream, as streaming.Chunk with numpy arrays; the last has `finish` set."""
+
+    key: int
+    codes: np.ndarray  # [frames, 32] int32
+    audio: np.ndarray | None  # [frames * 1920] float32, None for a codes-only stream
+    finish: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    loop: dict  # streaming.LoopStats as a dict
+    engine: dict  # engine.EngineStats as a dict
+    health: str | None  # ServingLoop.health(): None while it serves
+
+
+@dataclass(frozen=True)
+class Lost:
+    """Sent to a request's handler here, never by the worker: the engine process that had it is gone."""
+
+    key: int
+    message: str
+
+
+Handler = Callable[[ChunkOut | Refused | Lost], None]
+
+
+class _Worker:
+    """One engine process and the thread that reads its messages."""
+
+    def __init__(
+        self, python: str, settings: WorkerSettings, start_timeout_s: float, heartbeat_timeout_s: float, on_message: Callable[[Any], None]
+    ) -> None:
+        ours, theirs = Pipe(duplex=True)
+        self.process = subprocess.Popen([python, "-m", "csm_triton.engine_worker", str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        theirs.close()
+        self.channel = Channel(ours)
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.last_message = time.monotonic()
+        self.health: str | None = None
+        self.ended = threading.Event()
+        self.send(settings)
+        self.ready = self._handshake(start_timeout_s)
+        self._on_message = on_message
+        self._reader = threading.Thread(target=self._read_forever, name="csm-engine-reader", daemon=True)
+        self._reader.start()
+
+    def _handshake(self, timeout_s: float) -> Ready:
+        deadline = time.monotonic() + timeout_s
+        while not self.channel.poll(1.0):
+            if self.process.poll() is not None:
+                raise EngineUnavailable(f"the engine process exited while loading ({describe_exit(self.process.returncode)})")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise EngineUnavailable(f"the engine process did not load within {timeout_s:.0f} s")
+        try:
+            message = self.channel.recv()
+        except EOFError:
+            self.process.wait()
+            raise EngineUnavailable(f"the engine process exited while loading ({describe_exit(self.process.returncode)})") from None
+        if isinstance(message, StartFailed):
+            self.process.wait()
+            raise EngineUnavailable(message.message)
+        return message
+
+    def send(self, message: Any) -> None:
+        self.channel.send(message)
+
+    def _read_forever(self) -> None:
+        try:
+            while True:
+                message = self.channel.recv()
+                self.last_message = time.monotonic()
+                if isinstance(message, Heartbeat):
+                    self.health = message.health
+                self._on_message(message)
+        except (EOFError, OSError):
+            pass
+        except Exception:
+            logger.exception("reading the engine process's messages failed")
+        self.ended.set()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    def end_reason(self) -> str | None:
+        """Why this worker can no longer serve (killed here if it is still running), or None."""
+        if self.ended.is_set() or self.process.poll() is not None:
+            self.ended.wait(5)
+            self.process.wait()
+            return f"the engine process exited ({describe_exit(self.process.returncode)})"
+        silent_s = time.monotonic() - self.last_message
+        if silent_s > self.heartbeat_timeout_s:
+            self.kill()
+            return f"the engine process sent nothing for {silent_s:.0f} s and was killed"
+        if self.health is not None:
+            self.kill()
+            return f"the engine process could not serve ({self.health}) and was restarted"
+        return None
+
+
+class EngineClient:
+    """The Triton model's way to the engine: submit, cancel, stats; restarts behind the scenes.
+
+    `on_give_up(reason)` is called, once, when the engine could not be kept running: more than
+    `max_restarts` ends within `restart_window_s`, or a restart that fails."""
+
+    def __init__(
+        self,
+        python: str,
+        settings: WorkerSettings,
+        on_give_up: Callable[[str], None],
+        start_timeout_s: float = 900.0,
+        max_restarts: int = 3,
+        restart_window_s: float = 600.0,
+        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+    ) -> None:
+        self.python, self.settings, self.on_give_up = python, settings, on_give_up
+        self.start_timeout_s, self.max_restarts, self.restart_window_s = start_timeout_s, max_restarts, restart_window_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.restarts = 0  # engine processes started after the first
+        self._lock = threading.Lock()
+        self._worker: _Worker | None = None
+        self._handlers: dict[int, Handler] = {}  # requests submitted and not yet ended
+        self._keys = itertools.count()
+        self._down: str | None = "the engine is starting"  # why it cannot take requests now; None while it can
+        self._ends: deque[float] = deque()  # when recent engine processes ended
+        self._closing = threading.Event()
+        self._heartbeat: Heartbeat | None = None
+
+    def start(self) -> Ready:
+        """Start the first engine process and the thread that watches it; raises
+        EngineUnavailable with the worker's own message when it cannot load."""
+        ready = self._launch()
+        threading.Thread(target=self._supervise, name="csm-engine-supervisor", daemon=True).start()
+        return ready
+
+    def submit(self, request: Any, handler: Handler, decode_audio: bool, first_chunk_frames: int, chunk_frames: int) -> int:
+        """Hand a request to the engine; `handler` gets its chunks (or its refusal, or its loss)
+        from the reader thread, the last one exactly once. Raises EngineUnavailable."""
+        with self._lock:
+            if self._down is not None:
+                raise EngineUnavailable(self._down)
+            key = next(self._keys)
+            self._handlers[key] = handler
+            worker = self._worker
+        try:
+            worker.send(Submit(key, request, decode_audio, first_chunk_frames, chunk_frames))
+        except OSError as error:  # the worker is gone; the supervisor is about to notice
+            with self._lock:
+                self._handlers.pop(key, None)
+            raise EngineUnavailable(f"the engine process is gone: {error}") from error
+        return key
+
+    def cancel(self, key: int) -> None:
+        with self._lock:
+            worker = self._worker if key in self._handlers else None
+        if worker is not None:
+            try:
+                worker.send(Cancel(key))
+            except OSError:
+                pass  # gone: the request is lost anyway, and its handler told so
+
+    @property
+    def heartbeat(self) -> Heartbeat | None:
+        """The worker's latest stats and health; None while no engine runs."""
+        return self._heartbeat
+
+    @property
+    def down(self) -> str | None:
+        """Why requests cannot be taken now, or None."""
+        return self._down
+
+    def close(self) -> None:
+        """Let the engine cancel what it runs and send the last chunks, then stop it."""
+        self._closing.set()
+        with self._lock:
+            self._down, worker = "the model is unloading", self._worker
+        if worker is None:
+            return
+        try:
+            worker.send(Close())
+        except OSError:
+            pass
+        try:
+            worker.process.wait(timeout=CLOSE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            logger.error("the engine process did not exit within %.0f s of closing; killing it", CLOSE_TIMEOUT_S)
+        worker.kill()
+        worker.ended.wait(5)
+        self._lose_all("the model was unloaded")
+
+    def _launch(self) -> Ready:
+        worker = _Worker(self.python, self.settings, self.start_timeout_s, self.heartbeat_timeout_s, self._dispatch)
+        with self._lock:
+            self._worker, self._down = worker, None
+        logger.info("engine process %d ready: %d slots on %s", worker.process.pid, worker.ready.slots, worker.ready.device)
+        return worker.ready
+
+    def _dispatch(self, message: Any) -> None:
+        """A message from the worker, on the reader thread."""
+        if isinstance(message, Heartbeat):
+            self._heartbeat = message
+            return
+        last = not isinstance(message, ChunkOut) or message.finish is not None
+        with self._lock:
+            handler = self._handlers.pop(message.key, None) if last else self._handlers.get(message.key)
+        if handler is not None:
+            _call(handler, message)
+
+    def _lose_all(self, reason: str) -> None:
+        with self._lock:
+            handlers, self._handlers = self._handlers, {}
+        for key, handler in handlers.items():
+            _call(handler, Lost(key, f"{reason}; the request was lost"))
+
+    def _supervise(self) -> None:
+        """Watch the engine process; when it ends, fail its requests and start another."""
+        while not self._closing.is_set():
+            self._worker.ended.wait(1.0)
+            reason = self._worker.end_reason()
+            if reason is None:
+                continue
+            if self._closing.is_set():
+                return
+            logger.error("%s", reason)
+            with self._lock:
+                self._down = f"{reason}; a new one is starting"
+            self._heartbeat = None
+            self._lose_all(reason)
+            now = time.monotonic()
+            self._ends.append(now)
+            while self._ends and now - self._ends[0] > self.restart_window_s:
+                self._ends.popleft()
+            if len(self._ends) > self.max_restarts:
+                self._give_up(f"{len(self._ends)} engine processes ended within {self.restart_window_s:.0f} s, the last: {reason}")
+                return
+            try:
+                self._launch()
+            except Exception as error:  # EngineUnavailable, or the spawn itself failed
+                self._give_up(f"restarting the engine failed: {error}")
+                return
+            self.restarts += 1
+
+    def _give_up(self, reason: str) -> None:
+        logger.error("giving up on the engine: %s", reason)
+        with self._lock:
+            self._down = f"csm_stream cannot serve: {reason}"
+        self._lose_all(reason)
+        self.on_give_up(reason)
+
+
+def _call(handler: Handler, message: ChunkOut | Refused | Lost) -> None:
+    try:
+        handler(message)
+    except Exception:  # one request's transport must not stop the others'
+        logger.exception("handling the engine's message for request %d failed", message.key)
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit code {returncode}"

@@ -1,0 +1,191 @@
+"""csm_stream's engine process, driven through EngineClient as the Triton stub drives it: what it
+answers, and what happens when it dies, hangs, cannot come back, or its stub dies."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from csm_triton import GenerationRequest, Generator
+from csm_triton.engine_client import ChunkOut, EngineClient, EngineUnavailable, Lost, Refused, WorkerSettings
+from csm_triton.serving import ServingConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Inbox:
+    """A request's handler: what the engine client hands it, in order."""
+
+    def __init__(self) -> None:
+        self.messages: queue.Queue = queue.Queue()
+
+    def __call__(self, message: ChunkOut | Refused | Lost) -> None:
+        self.messages.put((time.monotonic(), message))
+
+    def until_last(self, timeout_s: float = 60.0) -> list:
+        """Every message up to the last one (a final chunk, a refusal or a loss); then checks
+        that nothing follows it."""
+        received = []
+        while True:
+            _, message = self.messages.get(timeout=timeout_s)
+            received.append(message)
+            if not isinstance(message, ChunkOut) or message.finish is not None:
+                break
+        time.sleep(0.2)
+        assert self.messages.empty(), "a message came after the last one"
+        return received
+
+
+def settings(tiny_model_dir: Path, **parameters: str) -> WorkerSettings:
+    values = {"model_dir": "no-weights-staged", "tiny_model_dir": str(tiny_model_dir), "slots": "2", **parameters}
+    return WorkerSettings(ServingConfig.from_parameters({key: {"string_value": value} for key, value in values.items()}), str(PROJECT_ROOT))
+
+
+def start(tiny_model_dir: Path, gave_up: list[str], max_restarts: int = 5, **parameters: str) -> EngineClient:
+    worker = settings(tiny_model_dir, **parameters)
+    client = EngineClient(sys.executable, worker, gave_up.append, max_restarts=max_restarts, heartbeat_timeout_s=3)
+    client.start()
+    return client
+
+
+@pytest.fixture
+def client(tiny_model_dir: Path) -> Iterator[EngineClient]:
+    client = start(tiny_model_dir, [])
+    yield client
+    client.close()
+
+
+def long_request(seed: int) -> GenerationRequest:
+    return GenerationRequest("A long answer, please.", 0, max_audio_length_ms=20_000, seed=seed)
+
+
+def wait_until_up(client: EngineClient, timeout_s: float = 30.0) -> float:
+    start = time.monotonic()
+    while client.down is not None:
+        assert time.monotonic() - start < timeout_s, client.down
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def engine_pid(client: EngineClient) -> int:
+    deadline = time.monotonic() + 10
+    while client.heartbeat is None:  # the first heartbeat: the engine serves
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return client._worker.process.pid
+
+
+def test_answers_as_the_generator_does(client: EngineClient, generator: Generator) -> None:
+    inbox = Inbox()
+    request = GenerationRequest("Across a process.", 1, max_audio_length_ms=1200, seed=4)
+    client.submit(request, inbox, True, 2, 5)
+    chunks = inbox.until_last()
+    assert [len(chunk.codes) for chunk in chunks] == [2, 5, 5, 3] and chunks[-1].finish == "length"
+    codes = generator.generate_codes("Across a process.", 1, [], max_audio_length_ms=1200, seed=4)
+    assert (sum(len(chunk.audio) for chunk in chunks), chunks[0].codes.dtype.name) == (15 * 1920, "int32")
+    assert [row for chunk in chunks for row in chunk.codes.tolist()] == codes.tolist()
+    invalid = Inbox()
+    client.submit(GenerationRequest("Too long a prompt. " * 400, 0, seed=1), invalid, False, 2, 12)
+    (refusal,) = invalid.until_last()
+    assert isinstance(refusal, Refused) and refusal.reason == "invalid" and refusal.message.startswith("prompt: ")
+
+
+def test_requests_beyond_max_waiting_are_refused_as_busy(tiny_model_dir: Path) -> None:
+    client = start(tiny_model_dir, [], slots="1", max_waiting_requests="1")
+    try:
+        inboxes = [Inbox() for _ in range(4)]
+        for seed, inbox in enumerate(inboxes):
+            client.submit(long_request(seed), inbox, False, 2, 12)
+        refused = [inbox.until_last(10) for inbox in inboxes[2:]]
+        assert all(isinstance(message, Refused) and message.reason == "busy" for (message,) in refused)
+    finally:
+        client.close()
+    for inbox in inboxes[:2]:  # closing cancels what runs and waits: each gets its last chunk
+        assert inbox.until_last()[-1].finish == "cancelled"
+
+
+def test_a_killed_engine_loses_its_requests_at_once_and_a_new_one_serves(client: EngineClient, generator: Generator) -> None:
+    inboxes = [Inbox() for _ in range(3)]
+    for seed, inbox in enumerate(inboxes):
+        client.submit(long_request(seed), inbox, True, 2, 12)
+    inboxes[0].messages.put(inboxes[0].messages.get(timeout=30))  # generating: its first chunk is out
+    os.kill(engine_pid(client), signal.SIGKILL)
+    killed = time.monotonic()
+    for inbox in inboxes:
+        *_, last = inbox.until_last(10)
+        assert isinstance(last, Lost) and "killed by SIGKILL" in last.message
+    with pytest.raises(EngineUnavailable, match=r"killed by SIGKILL\); a new one is starting"):
+        client.submit(long_request(9), Inbox(), True, 2, 12)
+    assert time.monotonic() - killed < 5
+    assert wait_until_up(client) < 30 and client.restarts == 1
+    inbox = Inbox()
+    client.submit(GenerationRequest("Back again.", 2, max_audio_length_ms=800, seed=5), inbox, False, 2, 12)
+    codes = [row for chunk in inbox.until_last() for row in chunk.codes.tolist()]
+    assert codes == generator.generate_codes("Back again.", 2, [], max_audio_length_ms=800, seed=5).tolist()
+
+
+def test_a_hung_engine_is_killed_and_replaced(client: EngineClient) -> None:
+    inbox = Inbox()
+    client.submit(long_request(1), inbox, True, 2, 12)
+    pid = engine_pid(client)
+    os.kill(pid, signal.SIGSTOP)  # frozen: no heartbeat, no chunk
+    *_, last = inbox.until_last(15)
+    assert isinstance(last, Lost) and "sent nothing for" in last.message
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    wait_until_up(client)
+    assert client.restarts == 1
+
+
+def test_an_engine_that_cannot_be_kept_running_is_given_up(tiny_model_dir: Path) -> None:
+    gave_up: list[str] = []
+    client = start(tiny_model_dir, gave_up, max_restarts=0)
+    try:
+        os.kill(engine_pid(client), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not gave_up:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert "1 engine processes ended" in gave_up[0] and "killed by SIGKILL" in gave_up[0]
+        with pytest.raises(EngineUnavailable, match="csm_stream cannot serve"):
+            client.submit(long_request(1), Inbox(), True, 2, 12)
+    finally:
+        client.close()
+
+
+def test_a_load_failure_is_passed_back_with_the_workers_message(tiny_model_dir: Path) -> None:
+    with pytest.raises(EngineUnavailable, match="kv_cache_memory_mb: 1 MiB holds no slot"):
+        start(tiny_model_dir, [], kv_cache_memory_mb="1")
+
+
+def test_the_engine_dies_with_its_stub(tiny_model_dir: Path) -> None:
+    """A stub killed outright leaves no engine process holding the GPU behind it."""
+    stub = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from test_engine_process import start
+        client = start(Path({str(tiny_model_dir)!r}), [])
+        print(client._worker.process.pid, flush=True)
+        time.sleep(600)
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", stub], stdout=subprocess.PIPE, text=True)
+    try:
+        engine = psutil.Process(int(process.stdout.readline()))
+        assert engine.is_running()
+        process.kill()
+        engine.wait(timeout=10)  # raises psutil.TimeoutExpired if it lives on
+    finally:
+        process.kill()
+        process.wait()
