@@ -166,7 +166,9 @@ def test_serve_writes_a_private_key_and_passes_sigterm_on(tmp_path: Path, tiny_m
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0
     finally:
-        process.kill()
+        if process.poll() is None:  # the test failed first; SIGKILL would leave tritonserver running
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
     assert not tritonserver.is_running()
     assert "successfully unloaded 'csm'" in log_file.read_text()  # tritonserver drained and unloaded
 
