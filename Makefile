@@ -37,7 +37,8 @@ export: setup
 	$(PYTHON) -m export fetch --out $(MODEL_DIR)
 
 # tritonserver on model_repository/ (HTTP_PORT, GRPC_PORT, METRICS_PORT or SERVE_ARGS="--http-port 9000 ...").
-# Serves models/csm-1b when staged (make export), else the tiny random-weight model.
+# Serves models/csm-1b when staged (make export), else the tiny random-weight model. The admin APIs
+# take the key in CSM_ADMIN_KEY, else a new one written to build/admin-key (README, "Admin endpoints").
 serve: setup $(TINY_DIR)/manifest.json
 	$(PYTHON) -m csm_triton.server $(SERVE_ARGS)
 

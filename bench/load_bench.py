@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -191,13 +192,19 @@ def make_request(rng: random.Random, settings: LoadSettings, max_audio_length_ms
     return RequestSpec(text_length, context_kind, max_ms, arrays)
 
 
-async def stream_request(client: grpcclient.InferenceServerClient, spec: RequestSpec, user: int) -> RequestResult:
-    """One request on its own gRPC stream, timing every AUDIO chunk until the final response."""
+def infer_inputs(module: ModuleType, arrays: dict[str, np.ndarray]) -> list:
+    """The InferInput list of a request's arrays, for a tritonclient protocol module (grpc, http or their .aio)."""
     inputs = []
-    for name, array in spec.arrays.items():
-        infer_input = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    for name, array in arrays.items():
+        infer_input = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         infer_input.set_data_from_numpy(array)
         inputs.append(infer_input)
+    return inputs
+
+
+async def stream_request(client: grpcclient.InferenceServerClient, spec: RequestSpec, user: int) -> RequestResult:
+    """One request on its own gRPC stream, timing every AUDIO chunk until the final response."""
+    inputs = infer_inputs(grpcclient, spec.arrays)
 
     async def one_request():
         yield {"model_name": MODEL, "inputs": inputs, "outputs": [grpcclient.InferRequestedOutput("AUDIO")]}

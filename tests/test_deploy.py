@@ -21,6 +21,8 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
+from csm_triton.server import ADMIN_HEADERS, ADMIN_KEY_ENV, RESTRICTED_APIS, check_admin_key, parse_command_line, tritonserver_args
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"
@@ -31,6 +33,13 @@ K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 KUSTOMIZATIONS = ["base", "kserve", "overlays/cpu-dev", "overlays/gpu-prod"]
 PROJECT = "/opt/csm-triton"  # where the image puts the project; model.py takes its root from there
 WEIGHTS_MOUNT = f"{PROJECT}/models"
+SERVER_MODULE = ["python3", "-m", "csm_triton.server"]
+ADMIN_KEY_SECRET = yaml.safe_load((K8S / "admin-key-secret.yaml").read_text())
+# The APIs that must never be open (issue 10): loading models, mapping shared memory, and the
+# server's statistics, traces and logs.
+MUST_BE_RESTRICTED = {"model-repository", "shared-memory", "statistics", "trace", "logging"}
+STARTUP_S = 300  # the long first load of CSM-1B and Mimi
+CSM_STREAM_READY = "/v2/models/csm_stream/ready"
 
 
 def csm_stream_parameter(key: str) -> str:
@@ -99,6 +108,45 @@ def gpus(container_spec: dict) -> int:
     return container_spec["resources"].get("limits", {}).get("nvidia.com/gpu", 0)
 
 
+def dockerfile_cmd() -> list[str]:
+    lines = [line.strip() for line in (DOCKER / "Dockerfile").read_text().splitlines()]
+    return json.loads(next(line for line in lines if line.startswith("CMD ")).removeprefix("CMD "))
+
+
+def tritonserver_flags(command: list[str]) -> list[str]:
+    """The flags that a container's `python3 -m csm_triton.server ...` gives tritonserver."""
+    assert command[: len(SERVER_MODULE)] == SERVER_MODULE
+    options, _ = parse_command_line(command[len(SERVER_MODULE) :])
+    return tritonserver_args(options)
+
+
+def check_restricted_and_explicit(flags: list[str]) -> None:
+    assert MUST_BE_RESTRICTED <= set(RESTRICTED_APIS)
+    restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADERS['http']}="
+    assert any(flag.startswith(f"--http-restricted-api={restricted}") for flag in flags)
+    assert any(flag.startswith(f"--grpc-restricted-protocol={restricted}") for flag in flags)
+    assert "--model-control-mode=explicit" in flags and "--load-model=*" in flags
+
+
+def check_admin_key_from_the_secret(container_spec: dict) -> None:
+    [key] = [env for env in container_spec["env"] if env["name"] == ADMIN_KEY_ENV]
+    reference = key["valueFrom"]["secretKeyRef"]
+    assert reference["name"] == ADMIN_KEY_SECRET["metadata"]["name"] and reference["key"] in ADMIN_KEY_SECRET["stringData"]
+    assert not reference.get("optional"), "without the Secret the pod must not start"
+
+
+def check_probes(container_spec: dict) -> None:
+    """Startup waits for the whole first load; readiness and liveness ask csm_stream, which every
+    request reaches, and liveness restarts after about a minute of it not being ready."""
+    startup, readiness, liveness = (container_spec[probe] for probe in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert startup["httpGet"]["path"] == "/v2/health/ready"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= STARTUP_S, "model load needs minutes"
+    assert readiness["httpGet"]["path"] == liveness["httpGet"]["path"] == CSM_STREAM_READY
+    assert 45 <= liveness["periodSeconds"] * liveness["failureThreshold"] <= 120
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] < liveness["periodSeconds"] * liveness["failureThreshold"]
+    assert all(probe.get("timeoutSeconds", 1) >= 5 for probe in (startup, readiness, liveness)), "a loaded node answers slowly"
+
+
 # Custom resources: the fields their CRDs require, and the ones these manifests depend on.
 def check_service_monitor(spec: dict) -> None:
     assert spec["selector"]["matchLabels"]
@@ -150,8 +198,12 @@ def test_dockerfile_serves_the_repository_on_the_pinned_triton_without_weights()
     assert not any(re.match(r"(COPY|ADD)\s+\S*models\b", line) for line in lines), "weights must come from a volume"
     user = next(line.split()[1] for line in reversed(lines) if line.startswith("USER "))
     assert user.split(":")[0] not in ("0", "root")
-    cmd = json.loads(next(line for line in lines if line.startswith("CMD ")).removeprefix("CMD "))
-    assert cmd == ["tritonserver", f"--model-repository={PROJECT}/model_repository"]
+    flags = tritonserver_flags(dockerfile_cmd())
+    assert f"--model-repository={PROJECT}/model_repository" in flags
+    check_restricted_and_explicit(flags)
+    # Without CSM_ADMIN_KEY the key is written where the image's user can write.
+    _, key_file = parse_command_line(dockerfile_cmd()[len(SERVER_MODULE) :])
+    assert key_file.parent == Path("/tmp")
 
 
 def test_dockerfile_installs_its_named_packages_on_python_310() -> None:
@@ -188,8 +240,12 @@ def test_compose_runs_a_gpu_server_on_staged_weights() -> None:
     size, unit = re.fullmatch(r"(\d+)([kmg])b?", str(triton["shm_size"]).lower()).groups()
     assert int(size) * {"k": 2**10, "m": 2**20, "g": 2**30}[unit] >= 2**30
     assert sorted(triton["ports"]) == ["8000:8000", "8001:8001", "8002:8002"]
-    health = triton["healthcheck"]["test"]
-    assert health[0] == "CMD" and "http://localhost:8000/v2/health/ready" in " ".join(health)
+    health = triton["healthcheck"]
+    assert health["test"][0] == "CMD" and f"http://localhost:8000{CSM_STREAM_READY}" in " ".join(health["test"])
+    assert 45 <= int(health["interval"].removesuffix("s")) * health["retries"] <= 120
+    # The image's command (restricted admin APIs), with the key that `up` refuses to start without.
+    assert "command" not in triton and "entrypoint" not in triton
+    assert triton["environment"][ADMIN_KEY_ENV].startswith(f"${{{ADMIN_KEY_ENV}:?")
     assert triton["depends_on"]["weights"]["condition"] == "service_completed_successfully"
     assert triton["volumes"] == [f"weights:{WEIGHTS_MOUNT}:ro"] and weights["volumes"] == [f"weights:{WEIGHTS_MOUNT}"]
     assert "weights" in compose["volumes"]
@@ -233,10 +289,7 @@ def test_base_runs_a_gpu_server_with_probes_shared_memory_and_read_only_weights(
     pod = pod_spec(deployment)
     server = container(pod, "tritonserver")
     assert gpus(server) == 1 and {"cpu", "memory"} <= server["resources"]["requests"].keys()
-    assert server["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert server["readinessProbe"]["httpGet"]["path"] == server["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    startup = server["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "model load needs minutes"
+    check_probes(server)
     _, shm = mount(pod, server, "/dev/shm")
     assert shm["emptyDir"]["medium"] == "Memory" and quantity(shm["emptyDir"]["sizeLimit"]) >= 2**30
     weights_mount, weights = mount(pod, server, WEIGHTS_MOUNT)
@@ -299,7 +352,8 @@ def test_cpu_dev_overlay_runs_the_tiny_model_on_one_cpu_replica() -> None:
     assert deployment["spec"]["replicas"] == 1
     pod = pod_spec(deployment)
     server = container(pod, "tritonserver")
-    assert {env["name"]: env["value"] for env in server["env"]} == {"NVIDIA_VISIBLE_DEVICES": "void", "CUDA_VISIBLE_DEVICES": ""}
+    values = {env["name"]: env["value"] for env in server["env"] if "value" in env}
+    assert values == {"NVIDIA_VISIBLE_DEVICES": "void", "CUDA_VISIBLE_DEVICES": ""}
     assert "cpu" not in server["resources"]["limits"] and quantity(server["resources"]["limits"]["memory"]) <= 8 * 2**30
     assert "tolerations" not in pod
     config = only(resources, "ConfigMap")["data"]
@@ -326,10 +380,32 @@ def test_kserve_example_serves_the_repository_with_a_triton_runtime_on_this_imag
     model = service["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "triton" and model["runtime"] == runtime["metadata"]["name"]
     assert "triton" in {fmt["name"] for fmt in runtime["spec"]["supportedModelFormats"]}
-    args = runtime["spec"]["containers"][0]["args"]
-    assert args[0] == "tritonserver" and f"--model-repository={PROJECT}/model_repository" in args
+    [server] = runtime["spec"]["containers"]
+    flags = tritonserver_flags(server["args"])
+    assert {f"--model-repository={PROJECT}/model_repository", "--http-port=8080", "--grpc-port=9000"} <= set(flags)
+    check_restricted_and_explicit(flags)
+    check_admin_key_from_the_secret(server)
+    check_probes(server)
     assert gpus(model) == 1
     weights_mount, weights = mount(service["spec"]["predictor"], model, WEIGHTS_MOUNT)
     assert weights_mount["readOnly"] and weights["persistentVolumeClaim"]["claimName"] == claim(resources)
     _, shm = mount(service["spec"]["predictor"], model, "/dev/shm")
     assert shm["emptyDir"]["medium"] == "Memory"
+
+
+@pytest.mark.parametrize("kustomization", ["base", "overlays/cpu-dev", "overlays/gpu-prod"])
+def test_deployments_run_the_images_command_with_the_admin_key_from_a_secret(kustomization: str) -> None:
+    server = container(pod_spec(only(render(kustomization), "Deployment")), "tritonserver")
+    assert "command" not in server and "args" not in server, "the image's CMD builds the restricted flags"
+    check_admin_key_from_the_secret(server)
+
+
+def test_the_admin_key_secret_is_an_example_whose_placeholder_the_server_refuses() -> None:
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(ADMIN_KEY_SECRET, version, strict=True)
+    [placeholder] = ADMIN_KEY_SECRET["stringData"].values()
+    with pytest.raises(ValueError, match=ADMIN_KEY_ENV):
+        check_admin_key(placeholder)
+    # In no kustomization: `kubectl apply -k` must never set a key that is in the repository.
+    for kustomization in KUSTOMIZATIONS:
+        assert "Secret" not in {resource["kind"] for resource in render(kustomization)}

@@ -1,6 +1,7 @@
-"""csm and csm_stream in a tritonserver started with --model-control-mode=explicit, as in a server
-shared with other models: loaded, served, unloaded and loaded again without a restart, and loaded
-with other parameters (a KV-cache budget, a packed Python environment) given in the load request."""
+"""csm and csm_stream in a tritonserver started with --model-control-mode=explicit and no model
+loaded, as in a server shared with other models: loaded, served, unloaded and loaded again without a
+restart, and loaded with other parameters (a KV-cache budget, a packed Python environment) given in
+the load request. Every repository call carries the admin key (tests/test_admin_api.py)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def client(server: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     yield client
     for name in reversed(MODELS):
-        client.unload_model(name)
+        client.unload_model(name, headers=server.admin_headers("grpc"))
     wait_unloaded(server, client)
     client.close()
 
@@ -78,7 +79,8 @@ def wait_unloaded(server: TritonServer, client: grpcclient.InferenceServerClient
     repository index says every model is unavailable and their stubs have exited."""
     deadline = time.monotonic() + timeout_s
     while True:
-        index = {model["name"]: model for model in client.get_model_repository_index(as_json=True)["models"]}
+        models = client.get_model_repository_index(headers=server.admin_headers("grpc"), as_json=True)["models"]
+        index = {model["name"]: model for model in models}
         if all(index[name].get("state", "UNAVAILABLE") == "UNAVAILABLE" and not stubs(server, name) for name in MODELS):
             return index
         if time.monotonic() > deadline:
@@ -95,6 +97,11 @@ def config_with(server: TritonServer, model: str, **parameters: str) -> str:
     return json_format.MessageToJson(config)
 
 
+def load(server: TritonServer, client: grpcclient.InferenceServerClient, model: str, **parameters: str) -> None:
+    """Loads the model with some parameters of its config.pbtxt changed in the load request."""
+    client.load_model(model, headers=server.admin_headers("grpc"), config=config_with(server, model, **parameters))
+
+
 def codes(client: grpcclient.InferenceServerClient) -> np.ndarray:
     result = client.infer("csm", tensors(grpcclient, request()), outputs=[grpcclient.InferRequestedOutput("AUDIO_CODES")])
     return result.as_numpy("AUDIO_CODES")[0]
@@ -109,14 +116,14 @@ def test_load_serve_unload_and_load_again_without_a_restart(
 ) -> None:
     assert not any(client.is_model_ready(name) for name in MODELS)  # explicit mode loads nothing by itself
     for name in MODELS:
-        client.load_model(name)
+        client.load_model(name, headers=server.admin_headers("grpc"))
     first = codes(client)
     assert np.array_equal(first, expected_codes(generator))
     first_stubs = {process.pid for name in MODELS for process in stubs(server, name)}
     assert len(first_stubs) == len(MODELS)
 
     for name in reversed(MODELS):
-        client.unload_model(name)
+        client.unload_model(name, headers=server.admin_headers("grpc"))
     index = wait_unloaded(server, client)
     assert {name: index[name].get("reason") for name in MODELS} == {name: "unloaded" for name in MODELS}
     assert client.is_server_live() and client.is_server_ready() and server.process.poll() is None
@@ -124,7 +131,7 @@ def test_load_serve_unload_and_load_again_without_a_restart(
         codes(client)
 
     for name in MODELS:
-        client.load_model(name)
+        client.load_model(name, headers=server.admin_headers("grpc"))
     assert np.array_equal(codes(client), first)
     assert not first_stubs & {process.pid for name in MODELS for process in stubs(server, name)}  # new processes
 
@@ -137,12 +144,12 @@ def test_a_kv_cache_budget_given_at_load_bounds_the_slots(
     assert one_slot_mb * MIB < SLOTS * per_slot
 
     with pytest.raises(InferenceServerException, match="kv_cache_memory_mb: 1 MiB holds no slot"):
-        client.load_model("csm_stream", config=config_with(server, "csm_stream", kv_cache_memory_mb="1"))
+        load(server, client, "csm_stream", kv_cache_memory_mb="1")
     # Triton's strict readiness: a model that failed to load leaves the server live but not ready.
     assert client.is_server_live() and not client.is_server_ready()
     assert not client.is_model_ready("csm_stream") and not stubs(server, "csm_stream")
 
-    client.load_model("csm_stream", config=config_with(server, "csm_stream", kv_cache_memory_mb=str(one_slot_mb)))
+    load(server, client, "csm_stream", kv_cache_memory_mb=str(one_slot_mb))
     assert client.is_server_ready()
     log = Path(server.log_file).read_text()
     assert re.search(rf"KV caches: {per_slot} bytes .* 1 slots, .* \(slots {SLOTS}, kv_cache_memory_mb {one_slot_mb}\)", log)
@@ -161,8 +168,8 @@ def packed_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_csm_stream_runs_in_a_packed_environment(
     server: TritonServer, client: grpcclient.InferenceServerClient, packed_env: Path, generator: Generator
 ) -> None:
-    client.load_model("csm_stream", config=config_with(server, "csm_stream", EXECUTION_ENV_PATH=str(packed_env)))
-    client.load_model("csm")  # beside it, in the server's own environment
+    load(server, client, "csm_stream", EXECUTION_ENV_PATH=str(packed_env))
+    client.load_model("csm", headers=server.admin_headers("grpc"))  # beside it, in the server's own environment
     assert np.array_equal(codes(client), expected_codes(generator))
 
     [stub] = stubs(server, "csm_stream")

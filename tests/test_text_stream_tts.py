@@ -216,7 +216,8 @@ def test_an_llm_failing_mid_stream_ends_the_request_and_the_server_goes_on(serve
 
 
 def csm_stream_requests(server: TritonServer) -> int:
-    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("csm_stream", as_json=True)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    stats = client.get_inference_statistics("csm_stream", headers=server.admin_headers("grpc"), as_json=True)
     return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
 
 

@@ -80,7 +80,8 @@ async def infer_all(server: TritonServer, requests: list[dict[str, np.ndarray]])
 
 
 def model_statistics(server: TritonServer) -> tuple[int, int]:
-    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(MODEL, as_json=True)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    stats = client.get_inference_statistics(MODEL, headers=server.admin_headers("grpc"), as_json=True)
     model = stats["model_stats"][0]
     return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
 

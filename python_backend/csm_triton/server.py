@@ -4,14 +4,23 @@ Inside NVIDIA's container `tritonserver` is on the PATH and used as it is. Elsew
 python backend and stubs bundled in the `nvidia-pytriton` wheel are used: the stub must match the
 running Python and find this venv's interpreter and libpython (ENVIRONMENT.md).
 
+Every server started here (`make serve`, the Docker image, Kubernetes, the tests' fixture) gets the
+same flags: the admin APIs behind a key header, and explicit model control with every model
+loaded at startup, unless the caller passes its own --model-control-mode. The key is
+$CSM_ADMIN_KEY, or a new random one written to --admin-key-file (mode 0600).
+
   python -m csm_triton.server [--model-repository DIR] [--http-port N] [--grpc-port N] [--metrics-port N]
+                              [--admin-key-file FILE] [tritonserver arguments ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -29,6 +38,43 @@ logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
+ADMIN_KEY_ENV = "CSM_ADMIN_KEY"
+DEFAULT_ADMIN_KEY_FILE = PROJECT_ROOT / "build" / "admin-key"
+# The header that carries the admin key, per protocol: Triton's gRPC server looks for a restricted
+# protocol's key under its own prefix.
+ADMIN_HEADERS = {"http": "csm-admin-key", "grpc": "triton-grpc-protocol-csm-admin-key"}
+# Behind the key: loading and unloading models, registering shared-memory regions (a client could
+# have the server map any region of this host), statistics, tracing and log settings, and model
+# configs (they show the server's paths and parameters: model_dir, EXECUTION_ENV_PATH). Neither
+# csm_client nor tritonclient's inference calls read a config. Open: health (the probes),
+# inference, and metadata, the KServe v2 protocol's description of the server and of each model's
+# tensors (the README's tensor table), which generic v2 clients read to build their requests.
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+# Explicit mode lets a model load or unload another (pb_utils.load_model) and the repository API
+# load and unload models without a restart; --load-model=* loads the whole repository at startup.
+MODEL_CONTROL_FLAG = "--model-control-mode"
+LOAD_MODEL_FLAG = "--load-model"
+# Printable characters that survive Triton's flag parsing and an HTTP header or gRPC metadata value;
+# `openssl rand -hex 32` and base64 keys fit.
+ADMIN_KEY_PATTERN = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")
+
+
+def new_admin_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def check_admin_key(key: str) -> str:
+    if not ADMIN_KEY_PATTERN.fullmatch(key):
+        raise ValueError(
+            f"{ADMIN_KEY_ENV}: must be 16 or more of the characters A-Z a-z 0-9 . _ ~ + / = - (`openssl rand -hex 32` makes one)"
+        )
+    return key
+
+
+def admin_headers(key: str, protocol: str) -> dict[str, str]:
+    """The `headers=` that open the restricted APIs to a tritonclient call over `protocol` ("http" or "grpc")."""
+    return {ADMIN_HEADERS[protocol]: key}
+
 
 @dataclass
 class ServerOptions:
@@ -37,6 +83,7 @@ class ServerOptions:
     grpc_port: int = int(os.environ.get("GRPC_PORT", 8001))
     metrics_port: int = int(os.environ.get("METRICS_PORT", 8002))
     extra_args: list[str] = field(default_factory=list)
+    admin_key: str = field(default_factory=new_admin_key)
 
     @classmethod
     def on_free_ports(cls, model_repository: Path) -> ServerOptions:
@@ -104,19 +151,35 @@ def _bundled_triton() -> tuple[Path, Path, dict[str, str]]:
     return root / "bin" / "tritonserver", backends, env
 
 
-def command(options: ServerOptions) -> tuple[list[str], dict[str, str]]:
+def tritonserver_args(options: ServerOptions) -> list[str]:
+    """Every tritonserver flag but the backend directory: the one place they are built."""
+    restriction = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADERS['http']}={check_admin_key(options.admin_key)}"
     args = [
         f"--model-repository={options.model_repository}",
         f"--http-port={options.http_port}",
         f"--grpc-port={options.grpc_port}",
         f"--metrics-port={options.metrics_port}",
-        *options.extra_args,
+        f"--http-restricted-api={restriction}",
+        f"--grpc-restricted-protocol={restriction}",  # the key's name gets the gRPC prefix of ADMIN_HEADERS
     ]
+    if not any(arg.startswith(MODEL_CONTROL_FLAG) for arg in options.extra_args):
+        args.append(f"{MODEL_CONTROL_FLAG}=explicit")
+        if not any(arg.startswith(LOAD_MODEL_FLAG) for arg in options.extra_args):
+            args.append(f"{LOAD_MODEL_FLAG}=*")  # Triton refuses * beside named models
+    return [*args, *options.extra_args]
+
+
+def command(options: ServerOptions) -> tuple[list[str], dict[str, str]]:
+    args = tritonserver_args(options)
     installed = shutil.which("tritonserver")
     if installed:
         return [installed, *args], dict(os.environ)
     binary, backends, env = _bundled_triton()
     return [str(binary), f"--backend-directory={backends}", *args], env
+
+
+class ServerExitedError(RuntimeError):
+    """tritonserver exited before it was ready."""
 
 
 class TritonServer:
@@ -135,14 +198,19 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"localhost:{self.options.grpc_port}"
 
-    def start(self, timeout_s: float = 300.0) -> TritonServer:
+    def admin_headers(self, protocol: str) -> dict[str, str]:
+        return admin_headers(self.options.admin_key, protocol)
+
+    def start(self, timeout_s: float | None = 300.0) -> TritonServer:
+        """`timeout_s` None: wait as long as the models take to load."""
         argv, env = command(self.options)
         output = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 (lives as long as the process)
         self.process = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
-        deadline = time.monotonic() + timeout_s
+        deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} before it was ready (log: {self.log_file})")
+                code = self.process.returncode
+                raise ServerExitedError(f"tritonserver exited with code {code} before it was ready (log: {self.log_file})")
             if self.ready():
                 return self
             time.sleep(0.5)
@@ -167,26 +235,80 @@ class TritonServer:
             self.process.wait()
 
 
-def main() -> None:
+def admin_key(key_file: Path) -> str:
+    """$CSM_ADMIN_KEY, or a new random key (at every start) written to `key_file`, which only this
+    user can read, for the admin's tools to read it from."""
+    key = os.environ.get(ADMIN_KEY_ENV)
+    if key is not None:
+        return check_admin_key(key)
+    key = new_admin_key()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.unlink(missing_ok=True)  # the mode below applies to a new file only
+    with open(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(key)
+    logger.info(
+        "%s is not set: the admin key (header %s over HTTP, %s over gRPC) is in %s",
+        ADMIN_KEY_ENV,
+        ADMIN_HEADERS["http"],
+        ADMIN_HEADERS["grpc"],
+        key_file,
+    )
+    return key
+
+
+def parse_command_line(argv: Sequence[str] | None = None) -> tuple[ServerOptions, Path]:
+    """(the server's options, where a generated admin key goes); arguments not known here are
+    passed on to tritonserver. The options' admin key is a random one until `admin_key` sets it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = ServerOptions()
     parser.add_argument("--model-repository", type=Path, default=defaults.model_repository)
     parser.add_argument("--http-port", type=int, default=defaults.http_port, help="or HTTP_PORT")
     parser.add_argument("--grpc-port", type=int, default=defaults.grpc_port, help="or GRPC_PORT")
     parser.add_argument("--metrics-port", type=int, default=defaults.metrics_port, help="or METRICS_PORT")
-    args, extra = parser.parse_known_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    key_file_help = f"where a new admin key is written when {ADMIN_KEY_ENV} is unset"
+    parser.add_argument("--admin-key-file", type=Path, default=DEFAULT_ADMIN_KEY_FILE, help=key_file_help)
+    args, extra = parser.parse_known_args(argv)
     options = ServerOptions(args.model_repository.resolve(), args.http_port, args.grpc_port, args.metrics_port, extra)
+    return options, args.admin_key_file
+
+
+def serve(options: ServerOptions) -> int:
+    """Runs tritonserver until it exits and returns its exit status (128 + the signal that killed
+    it). SIGTERM and SIGINT are passed on, so that it stops taking requests, drains those in flight
+    and unloads its models: in a container this process is PID 1 and the only one to get them (Ctrl-C
+    in a terminal reaches tritonserver as well; a second signal changes nothing for it)."""
     server = TritonServer(options)
-    signal.signal(signal.SIGINT, lambda *_: None)  # Ctrl-C reaches tritonserver too; wait for it to exit
-    server.start()
-    logger.info(
-        "tritonserver ready: HTTP localhost:%d, gRPC localhost:%d, metrics localhost:%d (Ctrl-C stops it)",
-        options.http_port,
-        options.grpc_port,
-        options.metrics_port,
-    )
-    sys.exit(server.process.wait())
+
+    def pass_on(signum: int, _frame: object) -> None:
+        if server.process is None:
+            raise SystemExit(128 + signum)
+        server.process.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, pass_on)
+    try:
+        server.start(timeout_s=None)
+    except ServerExitedError as error:  # tritonserver's own log above says why
+        logger.error("%s", error)
+    else:
+        logger.info(
+            "tritonserver ready: HTTP localhost:%d, gRPC localhost:%d, metrics localhost:%d (Ctrl-C stops it)",
+            options.http_port,
+            options.grpc_port,
+            options.metrics_port,
+        )
+    code = server.process.wait()
+    return code if code >= 0 else 128 - code
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    options, key_file = parse_command_line()
+    try:
+        options.admin_key = admin_key(key_file)
+    except ValueError as error:
+        sys.exit(str(error))
+    sys.exit(serve(options))
 
 
 if __name__ == "__main__":
