@@ -14,9 +14,9 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from csm_triton import Generator, Segment
-from csm_triton.codec import SAMPLES_PER_FRAME
+from csm_triton.request import SAMPLES_PER_FRAME
 from csm_triton.server import TritonServer
-from triton_tensors import request, scalar, tensors, vector
+from triton_tensors import long_prompt, request, scalar, tensors, vector
 
 MODEL = "csm"
 
@@ -107,7 +107,6 @@ def with_context_audio(samples: list[float]) -> dict[str, np.ndarray]:
     )
 
 
-LONG_TEXT = "word " * 2100
 BAD_REQUESTS = {
     "missing TEXT": (request(TEXT=None), "TEXT: required input is missing"),
     "empty TEXT": (request(""), "TEXT: must not be empty"),
@@ -137,7 +136,7 @@ BAD_REQUESTS = {
     ),
     "NaN context audio": (with_context_audio([0.0, math.nan, 0.1]), "CONTEXT_AUDIO: samples must be finite"),
     "infinite context audio": (with_context_audio([0.0, math.inf]), "CONTEXT_AUDIO: samples must be finite"),
-    "prompt over 2048 positions": (request(LONG_TEXT), "prompt: .* exceed the model's 2048-position limit"),
+    "prompt over 2048 positions": (long_prompt(), "prompt: .* exceed the model's 2048-position limit"),
 }
 
 

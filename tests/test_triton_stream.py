@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from csm_triton import Generator
-from csm_triton.codec import SAMPLES_PER_FRAME
+from csm_triton.request import SAMPLES_PER_FRAME
 from csm_triton.server import ServerOptions, TritonServer, model_repository_with
 from triton_tensors import chunk_sizes, request, scalar, tensors
 

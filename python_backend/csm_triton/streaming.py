@@ -21,13 +21,9 @@ import torch
 
 from .codec import StreamingDecoder
 from .engine import Engine, EngineRequest
+from .request import CHUNK_FRAMES, FIRST_CHUNK_FRAMES
 
 logger = logging.getLogger(__name__)
-
-# Default chunking: a short first chunk for a fast first audio, then about a second of audio per
-# chunk, which keeps the decoder's per-call cost small against the audio it makes.
-FIRST_CHUNK_FRAMES = 2
-CHUNK_FRAMES = 12
 
 
 @dataclass(frozen=True)
@@ -45,7 +41,8 @@ class Stream:
     """One request in the loop: what to generate, how to chunk it and where chunks go.
 
     A request whose prompt needs Mimi's encoder (context audio) comes without `request` and with
-    `prepare`, which the generation thread runs before the stream may take a slot."""
+    `prepare`, which the generation thread runs before the stream may take a slot. Its chunk sizes
+    have been checked (request.check_chunking)."""
 
     request: EngineRequest | None
     deliver: Callable[[Chunk], None]
@@ -65,11 +62,6 @@ class Stream:
     decoding: int = 0  # frames sent to the decoder and not yet delivered
     parts: list[_DecodeJob] = field(default_factory=list)  # decoded pieces of the chunk being completed (audio thread)
     silenced: bool = False  # its receiver failed or it has been told of an error: deliver nothing more
-
-    def __post_init__(self) -> None:
-        for name in ("first_chunk_frames", "chunk_frames"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
 
     @property
     def next_chunk_frames(self) -> int:

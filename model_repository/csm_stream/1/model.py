@@ -22,7 +22,8 @@ from csm_metrics import StreamMetrics  # beside this file: the stub puts the mod
 
 from csm_triton import checkpoint, load_csm_1b
 from csm_triton.config import ModelConfig
-from csm_triton.serving import INPUTS, ServingConfig, parse_chunking, parse_request
+from csm_triton.model import slots_within_budget
+from csm_triton.serving import INPUTS, ServingConfig, read_chunking, read_request
 from csm_triton.streaming import Chunk
 
 logger = logging.getLogger("csm_triton.triton")
@@ -54,7 +55,9 @@ class TritonPythonModel:
 
                 make_tiny(weights)
         dtype = self._dtype(device)
-        slots = self.config.kv_cache_slots(ModelConfig.from_json(checkpoint.resolve(weights).config), dtype)
+        model_config = ModelConfig.from_json(checkpoint.resolve(weights).config)
+        slots = slots_within_budget(self.config.slots, self.config.kv_cache_memory_mb, model_config, dtype)
+        self.limits = self.config.request_limits(model_config)
         self.generator = load_csm_1b(
             weights,
             device=device,
@@ -62,6 +65,7 @@ class TritonPythonModel:
             slots=slots,
             cpu_threads=self.config.cpu_threads or None,
             prefill_chunk=self.config.prefill_chunk or None,
+            limits=self.limits,
         )
         self.metrics = StreamMetrics(slots)
         self._start_reporter()
@@ -89,8 +93,8 @@ class TritonPythonModel:
                 arrays = {
                     name: tensor.as_numpy() for name in INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None
                 }
-                generation = parse_request(arrays, self.config, self.generator.engine.vocab_size)
-                first_chunk_frames, chunk_frames = parse_chunking(arrays, self.config)
+                generation = read_request(arrays, self.limits)
+                first_chunk_frames, chunk_frames = read_chunking(arrays, self.config)
                 wanted = request.requested_output_names()
                 link = _Link(request, sender, wanted, self.metrics)
                 streams.append(
