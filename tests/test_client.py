@@ -75,7 +75,7 @@ def test_context_with_audio_and_text_equals_in_process(client: CSMClient, genera
     ]
     expected = generator.generate_codes("The answer.", 0, in_process, **PARAMS).numpy()
     np.testing.assert_array_equal(client.generate_codes("The answer.", 0, context, **PARAMS), expected)
-    # The server's own Segment objects are accepted as they are (their audio is already at 24 kHz).
+    # csm_triton's Segment objects are accepted as they are (csm_client.Segment is the same class).
     np.testing.assert_array_equal(client.generate_codes("The answer.", 0, in_process, **PARAMS), expected)
 
 

@@ -1,7 +1,7 @@
 """What one request to CSM is, and every bound on it, checked before any work is done on it.
 
-Torch-free (numpy only), so that the Triton models that hold no weights, and `serving.py`, which
-reads Triton's input arrays, check requests without importing torch. The Triton models and the
+Torch-free (numpy only), so that `serving.py`, which reads Triton's input arrays, and the client
+(csm_client) use it without torch. The Triton models and the
 in-process API share one set of checks (`RequestLimits.check`); `names` says how the caller's API
 names each field, so that every message starts with the name the caller used (`TOPK: ...` over
 Triton, `topk: ...` in process) and says the allowed range.
@@ -37,7 +37,9 @@ torchaudio builds its sinc filter from the two rates reduced by their gcd, [new/
 and holds about five float32 copies of it while building it. Measured (torchaudio 2.9.1, 1 s of
 audio, peak RSS): 8235 Hz, 0.9M elements, +17 MiB; 9496 Hz, 3.6M, +69 MiB; 9548 Hz, 14.4M, +234
 MiB and 0.35 s; 12007 Hz would need 289M elements (~6 GB, seen taking 10 s). Every standard rate
-needs at most 51,520 (11025 Hz), which resamples in ~1 ms a second of audio."""
+needs at most 51,520 (11025 Hz), which resamples in ~1 ms a second of audio. The rest of the cost
+grows with the audio, which the prompt bounds: the longest context audio at 48 kHz (163.6 s) takes
++265 MiB and 0.16 s."""
 
 # How each field is named by the in-process API (GenerationRequest's and Segment's fields): the
 # words a message about it starts with. serving.TRITON_NAMES names the same fields as Triton inputs.
