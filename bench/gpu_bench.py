@@ -32,8 +32,9 @@ from tqdm import tqdm
 from csm_triton.codec import MimiCodec, StreamingDecoder
 from csm_triton.config import CSM_1B, TINY, ModelConfig
 from csm_triton.engine import Engine, EngineRequest
-from csm_triton.generator import CUDA_PREFILL_CHUNK, FRAME_MS
+from csm_triton.generator import CUDA_PREFILL_CHUNK
 from csm_triton.model import CSM
+from csm_triton.request import FRAME_MS
 from csm_triton.streaming import Chunk, ServingLoop, Stream
 from export.staging import cast_tensors
 from export.tiny import INIT_STD, random_mimi

@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 from csm_client import CSMClient
 from csm_triton import load_csm_1b
-from csm_triton.codec import SAMPLE_RATE
-from csm_triton.generator import FRAME_MS
+from csm_triton.request import FRAME_MS, SAMPLE_RATE
 from csm_triton.server import ServerOptions, TritonServer, model_repository_with
 from export.tiny import make_tiny
 

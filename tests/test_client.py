@@ -15,7 +15,7 @@ import torch
 
 import csm_triton
 from csm_client import AsyncCSMClient, CSMClient, CSMError, RemoteGenerator, Segment
-from csm_triton.codec import SAMPLES_PER_FRAME
+from csm_triton.request import SAMPLES_PER_FRAME
 
 PROTOCOLS = ("grpc", "http")
 PARAMS = {"temperature": 0.8, "topk": 40, "max_audio_length_ms": 480, "seed": 7}
@@ -75,7 +75,7 @@ def test_context_with_audio_and_text_equals_in_process(client: CSMClient, genera
     ]
     expected = generator.generate_codes("The answer.", 0, in_process, **PARAMS).numpy()
     np.testing.assert_array_equal(client.generate_codes("The answer.", 0, context, **PARAMS), expected)
-    # The server's own Segment objects are accepted as they are (their audio is already at 24 kHz).
+    # csm_triton's Segment objects are accepted as they are (csm_client.Segment is the same class).
     np.testing.assert_array_equal(client.generate_codes("The answer.", 0, in_process, **PARAMS), expected)
 
 

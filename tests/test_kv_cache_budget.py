@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from csm_triton.config import CSM_1B, TINY
-from csm_triton.model import CSM, kv_cache_bytes_per_slot
+from csm_triton.model import CSM, kv_cache_bytes_per_slot, slots_within_budget
 from csm_triton.serving import ServingConfig
 
 CSM_1B_SLOT_BYTES_BF16 = 67_239_936  # 64.125 MiB
@@ -50,18 +50,18 @@ def serving(**parameters: int) -> ServingConfig:
     ],
 )
 def test_the_budget_bounds_the_slots(budget_mb: int, slots: int, expected: int) -> None:
-    assert serving(slots=slots, kv_cache_memory_mb=budget_mb).kv_cache_slots(CSM_1B, torch.bfloat16) == expected
+    assert slots_within_budget(slots, budget_mb, CSM_1B, torch.bfloat16) == expected
 
 
 def test_the_bytes_a_slot_and_the_slots_chosen_are_logged(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="csm_triton.serving"):
-        serving(slots=8, kv_cache_memory_mb=300).kv_cache_slots(CSM_1B, torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="csm_triton.model"):
+        slots_within_budget(8, 300, CSM_1B, torch.bfloat16)
     assert f"{CSM_1B_SLOT_BYTES_BF16} bytes" in caplog.text and "; 4 slots" in caplog.text
 
 
 def test_a_budget_below_one_slot_fails_naming_the_parameter() -> None:
     with pytest.raises(ValueError, match=r"^kv_cache_memory_mb: 64 MiB holds no slot; one slot's KV caches take 64.12 MiB"):
-        serving(kv_cache_memory_mb=64).kv_cache_slots(CSM_1B, torch.bfloat16)
+        slots_within_budget(8, 64, CSM_1B, torch.bfloat16)
     with pytest.raises(ValueError, match=r"^kv_cache_memory_mb: must be >= 0"):
         serving(kv_cache_memory_mb=-1)
 

@@ -19,11 +19,11 @@ from test_triton_stream import Streams, wait_for_idle_server
 
 from conftest import SERVER_SLOTS
 from csm_triton import GenerationRequest, Generator
-from csm_triton.codec import SAMPLE_RATE, SAMPLES_PER_FRAME
+from csm_triton.request import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from csm_triton.server import TritonServer
-from triton_tensors import request, scalar
+from triton_tensors import long_prompt, request, scalar
 
-FRAME_S = 0.08
+FRAME_S = FRAME_MS / 1000
 REPORT_INTERVAL_S = 0.5  # METRICS_INTERVAL_S of csm_stream's model.py
 
 
@@ -72,7 +72,7 @@ def test_metrics_move_by_what_the_requests_did(triton_server: TritonServer, gene
             extra = {"MAX_AUDIO_LENGTH_MS": scalar(max_ms, np.int32), "SEED": scalar(seed, np.int64), "CHUNK_FRAMES": scalar(6, np.int32)}
             streams.send(name, request(text, speaker, **extra))
         streams.send("bad", request(TOPK=scalar(0, np.int32)))
-        streams.send("long", request("word " * 1990, 0, MAX_AUDIO_LENGTH_MS=scalar(10_000, np.int32)))  # refused by the engine
+        streams.send("long", long_prompt())  # refused by the engine
         streams.run_until_done([*asks, "bad", "long"])
     finally:
         streams.close()

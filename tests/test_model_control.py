@@ -27,8 +27,8 @@ from tritonclient.utils import InferenceServerException
 from csm_triton import Generator
 from csm_triton.config import ModelConfig
 from csm_triton.model import kv_cache_bytes_per_slot
+from csm_triton.request import MIB
 from csm_triton.server import PROJECT_ROOT, ServerOptions, TritonServer, model_repository_with
-from csm_triton.serving import MIB
 from triton_tensors import request, tensors
 
 # csm forwards every request to csm_stream: load csm_stream first, unload it last.

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from csm_triton import GenerationRequest, Generator, Segment
-from csm_triton.codec import SAMPLE_RATE, SAMPLES_PER_FRAME
+from csm_triton.request import SAMPLE_RATE, SAMPLES_PER_FRAME
 from csm_triton.streaming import Chunk
 from triton_tensors import chunk_sizes
 
@@ -127,7 +127,7 @@ def test_context_audio_is_encoded_in_the_loop_and_such_requests_cancel_cleanly(g
 
 
 def test_invalid_streaming_chunk_sizes_are_refused(generator: Generator) -> None:
-    with pytest.raises(ValueError, match="chunk_frames: must be at least 1"):
+    with pytest.raises(ValueError, match=r"^chunk_frames: must be in \[1, 375\] frames of 80 ms, got 0"):
         generator.generate_streaming("Hi.", 0, [], chunk_frames=0)
 
 

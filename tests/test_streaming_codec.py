@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from csm_triton.codec import SAMPLES_PER_FRAME, MimiCodec, StreamingDecoder
+from csm_triton.codec import MimiCodec, StreamingDecoder
+from csm_triton.request import SAMPLES_PER_FRAME
 
 TOLERANCE = 1e-4
 CODEBOOKS = 32

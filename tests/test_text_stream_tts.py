@@ -182,7 +182,10 @@ def test_only_the_asked_outputs_are_sent(server: TritonServer) -> None:
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
-        (speech_inputs(PROMPT=prompt("Hello there. How are you?"), SPEAKER=scalar(-1, np.int32)), "SPEAKER: must be >= 0, got -1"),
+        (
+            speech_inputs(PROMPT=prompt("Hello there. How are you?"), SPEAKER=scalar(-1, np.int32)),
+            "SPEAKER: must be in [0, 2147483647], got -1",
+        ),
         (speech_inputs(PROMPT=prompt("Hello there."), TOPK=scalar(0, np.int32)), "TOPK: must be in [1, 2051], got 0"),
         (speech_inputs(PROMPT=prompt(" \n")), "PROMPT: must not be empty"),
     ],

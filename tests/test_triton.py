@@ -14,9 +14,9 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from csm_triton import Generator, Segment
-from csm_triton.codec import SAMPLES_PER_FRAME
+from csm_triton.request import SAMPLES_PER_FRAME
 from csm_triton.server import TritonServer
-from triton_tensors import request, scalar, tensors, vector
+from triton_tensors import long_prompt, request, scalar, tensors, vector
 
 MODEL = "csm"
 
@@ -98,22 +98,23 @@ def test_concurrent_requests_run_together(triton_server: TritonServer, generator
         assert np.array_equal(codes, expected.numpy())
 
 
-def with_context_audio(samples: list[float]) -> dict[str, np.ndarray]:
+def with_context_audio(samples, **extra: np.ndarray) -> dict[str, np.ndarray]:
     """A request with one context segment holding `samples`."""
     return request(
         CONTEXT_TEXT=vector([b"a"], object),
         CONTEXT_SPEAKER=vector([0], np.int32),
         CONTEXT_AUDIO=vector(samples, np.float32),
         CONTEXT_AUDIO_LENGTHS=vector([len(samples)], np.int32),
+        **extra,
     )
 
 
-LONG_TEXT = "word " * 2100
 BAD_REQUESTS = {
     "missing TEXT": (request(TEXT=None), "TEXT: required input is missing"),
     "empty TEXT": (request(""), "TEXT: must not be empty"),
-    "invalid UTF-8": (request(b"\xff\xfe bad"), "TEXT: not valid UTF-8"),
-    "negative SPEAKER": (request(speaker=-1), "SPEAKER: must be >= 0"),
+    "invalid UTF-8": (request(b"\xff\xfe bad"), "TEXT: is not valid UTF-8"),
+    "TEXT over max_text_bytes": (request("x" * 4097), "TEXT: holds 4097 bytes of UTF-8, more than max_text_bytes 4096"),
+    "negative SPEAKER": (request(speaker=-1), r"SPEAKER: must be in \[0, 2147483647\], got -1"),
     "zero TEMPERATURE": (request(TEMPERATURE=scalar(0.0, np.float32)), "TEMPERATURE: must be a finite number > 0"),
     "NaN TEMPERATURE": (request(TEMPERATURE=scalar(math.nan, np.float32)), "TEMPERATURE: must be a finite number > 0"),
     "zero TOPK": (request(TOPK=scalar(0, np.int32)), r"TOPK: must be in \[1, 2051\], got 0"),
@@ -136,9 +137,25 @@ BAD_REQUESTS = {
         ),
         "CONTEXT_AUDIO_LENGTHS: sums to 90 samples but CONTEXT_AUDIO holds 100",
     ),
-    "NaN context audio": (with_context_audio([0.0, math.nan, 0.1]), "CONTEXT_AUDIO: samples must be finite"),
-    "infinite context audio": (with_context_audio([0.0, math.inf]), "CONTEXT_AUDIO: samples must be finite"),
-    "prompt over 2048 positions": (request(LONG_TEXT), "prompt: .* exceed the model's 2048-position limit"),
+    "NaN context audio": (with_context_audio([0.0, math.nan, 0.1]), "CONTEXT_AUDIO: has samples that are not finite"),
+    "infinite context audio": (with_context_audio([0.0, math.inf]), "CONTEXT_AUDIO: has samples that are not finite"),
+    "too many context segments": (
+        request(CONTEXT_TEXT=vector([b"turn"] * 33, object), CONTEXT_SPEAKER=vector([0] * 33, np.int32)),
+        "CONTEXT_TEXT: holds 33 segments, more than max_context_segments 32",
+    ),
+    "CONTEXT_SAMPLE_RATE out of range": (
+        with_context_audio([0.0] * 4, CONTEXT_SAMPLE_RATE=scalar(1_000_000, np.int32)),
+        r"CONTEXT_SAMPLE_RATE: must be in \[8000, 48000\] Hz, got 1000000",
+    ),
+    "CONTEXT_SAMPLE_RATE with a huge resampling filter": (
+        with_context_audio([0.0] * 4, CONTEXT_SAMPLE_RATE=scalar(12_007, np.int32)),
+        "CONTEXT_SAMPLE_RATE: 12007 Hz is 12007:24000 .* such as 12000 Hz first",
+    ),
+    "CONTEXT_AUDIO longer than the prompt at its rate": (
+        with_context_audio(np.zeros(2045 * 640 + 8), CONTEXT_SAMPLE_RATE=scalar(8000, np.int32)),
+        "CONTEXT_AUDIO: segment 0 holds 1308808 samples at 8000 Hz, which bring the context audio to 2047 prompt positions",
+    ),
+    "prompt over 2048 positions": (long_prompt(), "prompt: .* exceed the model's 2048-position limit"),
 }
 
 
@@ -148,6 +165,17 @@ def test_bad_input_is_invalid_arg_naming_the_field(triton_server: TritonServer, 
     with pytest.raises(InferenceServerException, match=message) as caught:
         infer(triton_server, arrays)
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_request_over_max_request_bytes_is_refused_naming_its_largest_input(triton_server: TritonServer, protocol: str) -> None:
+    arrays = with_context_audio(np.zeros(8_400_000))  # 33.6 MB
+    message = (
+        r"CONTEXT_AUDIO: the request's inputs take 336000\d\d bytes, more than max_request_bytes 33554432; CONTEXT_AUDIO is the largest"
+    )
+    with pytest.raises(InferenceServerException, match=message) as caught:
+        infer(triton_server, arrays, protocol)
+    assert caught.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
 
 
 def test_bad_requests_fail_alone_in_a_batch_with_good_ones(triton_server: TritonServer, generator: Generator) -> None:

@@ -16,11 +16,12 @@ import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from csm_triton import Generator
-from csm_triton.codec import SAMPLES_PER_FRAME
+from csm_triton.request import SAMPLES_PER_FRAME
 from csm_triton.server import ServerOptions, TritonServer, model_repository_with
-from triton_tensors import chunk_sizes, request, scalar, tensors
+from triton_tensors import chunk_sizes, request, scalar, tensors, vector
 
 STREAM_MODEL = "csm_stream"
 
@@ -197,6 +198,50 @@ def test_invalid_chunk_sizes_fail_alone(streaming: Streams) -> None:
     streaming.run_until_done(["bad", "good"])
     assert "CHUNK_FRAMES: must be in [1, 375] frames of 80 ms, got 0" in str(streaming.received["bad"].error)
     assert streaming.received["good"].error is None and len(streaming.received["good"].audio) == 5 * SAMPLES_PER_FRAME
+
+
+def with_context_audio(samples: int, sample_rate: int) -> dict[str, np.ndarray]:
+    return request(
+        CONTEXT_TEXT=vector([b"Earlier."], object),
+        CONTEXT_SPEAKER=vector([1], np.int32),
+        CONTEXT_AUDIO=vector(np.zeros(samples), np.float32),
+        CONTEXT_AUDIO_LENGTHS=vector([samples], np.int32),
+        CONTEXT_SAMPLE_RATE=scalar(sample_rate, np.int32),
+    )
+
+
+@pytest.mark.parametrize(
+    ("samples", "sample_rate", "message"),
+    [
+        # Four samples at 12007 Hz once took 10 s and 4.9 GB: torchaudio's filter for 12007:24000.
+        (4, 12_007, "CONTEXT_SAMPLE_RATE: 12007 Hz is 12007:24000 to Mimi's 24000 Hz, whose resampling filter would take"),
+        (4, 1_000_000, r"CONTEXT_SAMPLE_RATE: must be in [8000, 48000] Hz, got 1000000"),
+        (2045 * 640 + 8, 8000, "CONTEXT_AUDIO: segment 0 holds 1308808 samples at 8000 Hz, which bring the context audio to 2047"),
+    ],
+    ids=["12007 Hz", "1 MHz", "longer than the prompt at 8 kHz"],
+)
+def test_costly_context_audio_is_refused_at_once_in_bounded_memory(
+    triton_server: TritonServer, samples: int, sample_rate: int, message: str
+) -> None:
+    """Refused before it is resampled, unary and streaming, and the model's processes barely grow."""
+    processes = stream_model_processes(triton_server)
+    memory_before = [process.memory_info().rss for process in processes]
+    arrays = with_context_audio(samples, sample_rate)
+    start = time.monotonic()
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("csm", tensors(grpcclient, arrays))
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT" and message in caught.value.message()
+    streams = Streams(triton_server)
+    try:
+        streams.send("costly", arrays)
+        streams.run_until_done(["costly"], timeout_s=30)
+    finally:
+        streams.close()
+    assert message in str(streams.received["costly"].error)
+    assert time.monotonic() - start < 10  # both answers; the resampling alone took 10 s
+    for process, before in zip(processes, memory_before, strict=True):
+        assert process.memory_info().rss - before < 100 * 2**20
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,16 @@ def request(text: bytes | str = "Hello from Sesame.", speaker: int = 0, **extra:
     return {name: array for name, array in arrays.items() if array is not None}
 
 
+# A prompt longer than the model's 2048 positions (~2400), each text within its 4096-byte limit.
+LONG_TEXTS = ["word " * 800] * 3
+
+
+def long_prompt(**extra: np.ndarray) -> dict[str, np.ndarray]:
+    """A request whose prompt does not fit the model: `LONG_TEXTS`, two as context."""
+    context = {"CONTEXT_TEXT": vector([text.encode() for text in LONG_TEXTS[1:]], object), "CONTEXT_SPEAKER": vector([1, 0], np.int32)}
+    return request(LONG_TEXTS[0], 0, **context | extra)
+
+
 def scalar(value, dtype) -> np.ndarray:
     return np.array([[value]], dtype=dtype)
 

@@ -1,7 +1,7 @@
 """CSM-1B inference: the model, the batching engine and the design document's Python API.
 
 The names below load on first use (PEP 562), so that the torch-free modules of this package
-(`config`, `serving`, ...) can be imported by the Triton models that hold no weights without
+(`config`, `request`, `serving`, ...) can be imported by the Triton models that hold no weights without
 importing torch.
 """
 
@@ -11,10 +11,10 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "GenerationRequest": "generator",
+    "GenerationRequest": "request",
     "Generator": "generator",
     "load_csm_1b": "generator",
-    "Segment": "prompt",
+    "Segment": "request",
     "PRESETS": "sampling",
     "preset": "sampling",
 }
@@ -22,8 +22,8 @@ _EXPORTS = {
 __all__ = ["GenerationRequest", "Generator", "PRESETS", "Segment", "load_csm_1b", "preset"]
 
 if TYPE_CHECKING:
-    from .generator import GenerationRequest, Generator, load_csm_1b
-    from .prompt import Segment
+    from .generator import Generator, load_csm_1b
+    from .request import GenerationRequest, Segment
     from .sampling import PRESETS, preset
 
 

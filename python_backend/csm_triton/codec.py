@@ -6,7 +6,6 @@ import copy
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchaudio.functional
 from moshi.models import loaders
@@ -15,10 +14,9 @@ from moshi.modules.streaming import State, StreamingContainer
 from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 from moshi.utils import compile as moshi_compile
 
-logger = logging.getLogger(__name__)
+from .request import SAMPLE_RATE, SAMPLES_PER_FRAME
 
-SAMPLE_RATE = 24_000
-SAMPLES_PER_FRAME = 1920
+logger = logging.getLogger(__name__)
 
 # moshi compiles a few functions lazily unless its module-wide `_compile_disabled` flag is set,
 # which its `no_compile()` context (used on the CPU) sets and restores without a lock: with Mimi
@@ -28,26 +26,9 @@ SAMPLES_PER_FRAME = 1920
 moshi_compile._compile_disabled = True
 
 
-def as_mono(audio: torch.Tensor | np.ndarray, field: str = "audio") -> torch.Tensor:
-    """Accept [T], [1, T] or [T, 1]; anything with more channels is refused, never mixed down silently."""
-    audio = torch.as_tensor(audio)
-    if audio.dim() == 2 and 1 in audio.shape:
-        audio = audio.reshape(-1)
-    if audio.dim() != 1:
-        raise ValueError(
-            f"{field}: expected mono audio of shape [samples], got shape {list(audio.shape)} "
-            "(multi-channel audio is not supported; mix it down first)"
-        )
-    if not audio.is_floating_point():
-        raise ValueError(f"{field}: expected floating-point samples, got {audio.dtype}")
-    if not torch.isfinite(audio).all():
-        raise ValueError(f"{field}: samples must be finite (found NaN or infinity)")
-    return audio.float()
-
-
-def resample(audio: torch.Tensor, sample_rate: int, field: str = "sample_rate") -> torch.Tensor:
-    if sample_rate <= 0:
-        raise ValueError(f"{field}: must be a positive number of samples a second, got {sample_rate}")
+def resample(audio: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """audio [samples] at `sample_rate` -> at Mimi's 24 kHz. The rate must have been checked
+    (RequestLimits.check_sample_rate): torchaudio's filter grows with the rates' reduced ratio."""
     if sample_rate == SAMPLE_RATE:
         return audio
     return torchaudio.functional.resample(audio, orig_freq=sample_rate, new_freq=SAMPLE_RATE)
@@ -73,11 +54,6 @@ class MimiCodec:
             return torch.zeros(0)
         codes = in_codebook(codes.to(self.device), self.mimi.cardinality)
         return self.mimi.decode(codes.T[None])[0, 0, : len(codes) * SAMPLES_PER_FRAME].float().cpu()
-
-
-def frames_of(samples: int) -> int:
-    """Mimi frames that encoding `samples` samples at 24 kHz makes (it pads the last frame)."""
-    return -(-samples // SAMPLES_PER_FRAME)
 
 
 def in_codebook(codes: torch.Tensor, cardinality: int) -> torch.Tensor:

@@ -76,7 +76,6 @@ class Engine:
         self.prefill_chunk = prefill_chunk  # prompt positions a step prefills at most; None: whole prompts
         self.device = model.audio_head.device
         self.max_seq_len = model.config.backbone.max_seq_len
-        self.vocab_size = model.config.audio_vocab_size
         self.num_codebooks = model.config.audio_num_codebooks
         self.stats = EngineStats()
         model.setup_caches(slots)
@@ -92,24 +91,17 @@ class Engine:
         self._lock = threading.Lock()
 
     def check(self, request: EngineRequest) -> None:
-        """Raise a ValueError naming the field if the request cannot run; nothing is queued."""
+        """Raise a ValueError ("prompt: ...") if the request cannot run; nothing is queued. Its
+        sampling parameters have been checked by RequestLimits.check."""
         width = self.num_codebooks + 1
         if request.tokens.dim() != 2 or request.tokens.shape[1] != width or request.tokens.shape != request.mask.shape:
             raise ValueError(
                 f"prompt: expected tokens and mask of shape [T, {width}], got {list(request.tokens.shape)} and {list(request.mask.shape)}"
             )
-        self.check_fields(len(request.tokens), request.max_frames, request.temperature, request.topk, request.seed)
+        self.check_fields(len(request.tokens), request.max_frames)
 
-    def check_fields(self, positions: int, max_frames: int, temperature: float, topk: int, seed: int) -> None:
+    def check_fields(self, positions: int, max_frames: int) -> None:
         """`check` for a prompt of `positions` positions that is not built yet."""
-        if not temperature > 0 or temperature == float("inf"):
-            raise ValueError(f"temperature: must be a finite number > 0, got {temperature}")
-        if not 1 <= topk <= self.vocab_size:
-            raise ValueError(f"topk: must be in [1, {self.vocab_size}], got {topk}")
-        if max_frames < 1:
-            raise ValueError(f"max_frames: must be at least 1, got {max_frames}")
-        if not -(2**63) <= seed < 2**63:
-            raise ValueError(f"seed: must fit in 64 bits, got {seed}")
         # The last sampled frame is never fed back, so the prompt and all but one frame must fit,
         # below the last position: prefill padding and the frame graphs' dummy rows write there.
         if positions >= self.max_seq_len - max_frames:

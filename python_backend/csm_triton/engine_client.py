@@ -104,8 +104,7 @@ class Ready:
     slots: int
     device: str
     weights: str
-    max_positions: int  # the backbone's positions: a prompt and its frames must fit
-    audio_vocab_size: int
+    limits: Any  # the RequestLimits that every request is checked against, in the stub and the engine
     pid: int = 0
 
 

@@ -28,6 +28,7 @@ from . import checkpoint
 from .config import ModelConfig
 from .engine_client import HEARTBEAT_S, Cancel, Channel, ChunkOut, Close, Heartbeat, Ready, Refused, StartFailed, Submit, WorkerSettings
 from .generator import Generator, load_csm_1b
+from .model import slots_within_budget
 from .serving import ServingConfig
 from .streaming import Busy, Chunk, LoopFailed, Stream
 
@@ -57,7 +58,8 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
     dtype = getattr(torch, config.dtype) if config.dtype != "auto" else None
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     model_config = ModelConfig.from_json(checkpoint.resolve(weights).config)
-    slots = config.kv_cache_slots(model_config, dtype)
+    slots = slots_within_budget(config.slots, config.kv_cache_memory_mb, model_config, dtype)
+    limits = config.request_limits(model_config)
     generator = load_csm_1b(
         weights,
         device=device,
@@ -65,10 +67,11 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
         slots=slots,
         cpu_threads=config.cpu_threads or None,
         prefill_chunk=config.prefill_chunk or None,
+        limits=limits,
         max_waiting=config.max_waiting_requests,
         stall_timeout_s=config.stall_timeout_s,
     )
-    ready = Ready(slots, device, str(weights), model_config.backbone.max_seq_len, model_config.audio_vocab_size, os.getpid())
+    ready = Ready(slots, device, str(weights), limits, os.getpid())
     return generator, ready
 
 

@@ -1,4 +1,5 @@
-"""The design document's in-process API: `load_csm_1b`, `Generator.generate`, `Segment`.
+"""The design document's in-process API: `load_csm_1b` and `Generator.generate` (its `Segment` and
+`GenerationRequest` are in request.py, with the limits every request is checked against).
 
 A Generator owns one serving loop (engine + audio decoder threads); `generate` is a batch of one,
 `generate_batch` runs many requests together, `generate_streaming` and `generate_async` are the
@@ -10,63 +11,26 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import queue
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import checkpoint
-from .codec import SAMPLE_RATE, MimiCodec, StreamingDecoder
+from .codec import MimiCodec, StreamingDecoder
 from .engine import Engine, EngineRequest
-from .prompt import PromptBuilder, Segment, TextTokenizer, check_speaker, check_text
-from .streaming import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, STALL_TIMEOUT_S, Chunk, LoopStats, ServingLoop, Stream
+from .prompt import PromptBuilder, TextTokenizer
+from .request import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, SAMPLE_RATE, GenerationRequest, RequestLimits, Segment, check_chunking
+from .streaming import STALL_TIMEOUT_S, Chunk, LoopStats, ServingLoop, Stream
 
 logger = logging.getLogger(__name__)
 
-FRAME_MS = 80  # one Mimi frame at 12.5 Hz
 DEFAULT_SLOTS = 8
 # Prompt positions prefilled per step on CUDA: a few milliseconds of the 1B backbone on an H100,
 # so a burst of long prompts never holds the running streams' next frame past its 80 ms.
 CUDA_PREFILL_CHUNK = 512
-
-
-@dataclass
-class GenerationRequest:
-    """One utterance to speak, with the design document's parameters and defaults."""
-
-    text: str
-    speaker: int
-    context: list[Segment] = field(default_factory=list)
-    temperature: float = 0.9
-    topk: int = 50
-    max_audio_length_ms: int = 10_000
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        check_text(self.text, "text")
-        check_speaker(self.speaker, "speaker")
-        if not isinstance(self.context, (list, tuple)):
-            raise ValueError(f"context: must be a list of Segment, got {type(self.context).__name__}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise ValueError(f"temperature: must be a finite number > 0, got {self.temperature!r}")
-        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
-            raise ValueError(f"topk: must be an integer >= 1, got {self.topk!r}")
-        if (
-            isinstance(self.max_audio_length_ms, bool)
-            or not isinstance(self.max_audio_length_ms, int)
-            or self.max_audio_length_ms < FRAME_MS
-        ):
-            raise ValueError(f"max_audio_length_ms: must be an integer >= {FRAME_MS} (one frame), got {self.max_audio_length_ms!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed: must be an integer or None, got {self.seed!r}")
-
-    @property
-    def max_frames(self) -> int:
-        return self.max_audio_length_ms // FRAME_MS
 
 
 class Generator:
@@ -81,12 +45,14 @@ class Generator:
         prompts: PromptBuilder,
         codec: MimiCodec,
         cpu_threads: int | None = None,
+        limits: RequestLimits | None = None,
         max_waiting: int | None = None,
         stall_timeout_s: float = STALL_TIMEOUT_S,
     ) -> None:
         self.engine = engine
         self.prompts = prompts
         self.codec = codec
+        self.limits = limits or RequestLimits.for_model(engine.model.config)
         rows = 2 * engine.num_slots
         self.loop = ServingLoop(engine, StreamingDecoder(codec, rows), rows, cpu_threads, max_waiting, stall_timeout_s)
 
@@ -97,20 +63,21 @@ class Generator:
     def engine_request(self, request: GenerationRequest) -> EngineRequest:
         tokens, mask = self.prompt(request.text, request.speaker, request.context)
         seed = request.seed if request.seed is not None else random.getrandbits(63)
-        engine_request = EngineRequest(tokens, mask, request.max_frames, float(request.temperature), request.topk, seed)
+        engine_request = EngineRequest(tokens, mask, request.max_frames, request.temperature, request.topk, seed)
         self.engine.check(engine_request)
         return engine_request
 
-    def _stream(self, request: GenerationRequest, deliver: Callable[[Chunk], None], *options) -> Stream:
-        """A checked Stream for the loop (ValueError naming the field otherwise); `options` are
-        Stream's, in its order. Context audio is left for the loop's generation thread to encode, so
-        that the caller's thread (Triton's execute()) is not held by Mimi's encoder."""
+    def _checked(self, request: GenerationRequest, stream: Stream) -> Stream:
+        """`stream`, made without its engine request, ready for the loop once `request` is checked
+        (a ValueError naming the field otherwise). Every bound is checked first, on counts alone;
+        context audio is left for the loop's generation thread to resample and encode, so that
+        the caller's thread (Triton's execute()) is not held by it."""
+        self.limits.check(request)
+        check_chunking(stream.first_chunk_frames, stream.chunk_frames, self.limits.max_audio_length_ms)
         if not any(segment.audio is not None for segment in request.context):
-            return Stream(self.engine_request(request), deliver, *options)
-        positions = self.prompts.positions(request.text, request.speaker, request.context)
-        seed = request.seed if request.seed is not None else 0
-        self.engine.check_fields(positions, request.max_frames, float(request.temperature), request.topk, seed)
-        stream = Stream(None, deliver, *options)
+            stream.request = self.engine_request(request)
+            return stream
+        self.engine.check_fields(self.prompts.positions(request.text, request.speaker, request.context), request.max_frames)
         stream.prepare = functools.partial(self.engine_request, request)
         return stream
 
@@ -125,7 +92,7 @@ class Generator:
     ) -> Stream:
         """Start generating; `deliver` gets the chunks in order from the loop's threads. Raises
         ValueError naming the field for a request that cannot run."""
-        return self.loop.submit(self._stream(request, deliver, decode_audio, first_chunk_frames, chunk_frames, is_cancelled))
+        return self.loop.submit(self._checked(request, Stream(None, deliver, decode_audio, first_chunk_frames, chunk_frames, is_cancelled)))
 
     def cancel(self, stream: Stream) -> None:
         self.loop.cancel(stream)
@@ -149,7 +116,8 @@ class Generator:
         for index, request in enumerate(requests):
             chunks[index] = []
             try:
-                prepared[index] = self._stream(request, chunks[index].append, decode_audio, request.max_frames)
+                whole = Stream(None, chunks[index].append, decode_audio, request.max_frames, request.max_frames)  # one chunk
+                prepared[index] = self._checked(request, whole)
             except ValueError as error:
                 if not return_exceptions:
                     raise
@@ -187,7 +155,7 @@ class Generator:
         seed: int | None = None,
     ) -> torch.Tensor:
         """The sampled Mimi codes [frames, 32], the end-of-audio frame excluded."""
-        request = GenerationRequest(text, speaker, list(context), temperature, topk, max_audio_length_ms, seed)
+        request = GenerationRequest(text, speaker, context, temperature, topk, max_audio_length_ms, seed)
         return self.generate_codes_batch([request])[0]
 
     def generate(
@@ -201,7 +169,7 @@ class Generator:
         seed: int | None = None,
     ) -> torch.Tensor:
         """Speak `text` as `speaker` after `context`: mono float32 audio [samples] at 24 kHz."""
-        request = GenerationRequest(text, speaker, list(context), temperature, topk, max_audio_length_ms, seed)
+        request = GenerationRequest(text, speaker, context, temperature, topk, max_audio_length_ms, seed)
         return self.generate_batch([request])[0]
 
     def generate_streaming(
@@ -218,7 +186,7 @@ class Generator:
     ) -> Iterator[torch.Tensor]:
         """Audio chunks [samples] as they are generated; joined, they are `generate`'s audio.
         Closing the iterator early cancels the generation."""
-        request = GenerationRequest(text, speaker, list(context), temperature, topk, max_audio_length_ms, seed)
+        request = GenerationRequest(text, speaker, context, temperature, topk, max_audio_length_ms, seed)
         chunks: queue.Queue[Chunk] = queue.Queue()
         stream = self.submit(request, chunks.put, True, first_chunk_frames, chunk_frames)
         return self._chunks_of(stream, chunks)
@@ -248,7 +216,7 @@ class Generator:
     ) -> torch.Tensor:
         """`generate` for asyncio: awaiting does not block the event loop, and cancelling the
         task cancels the generation."""
-        request = GenerationRequest(text, speaker, list(context), temperature, topk, max_audio_length_ms, seed)
+        request = GenerationRequest(text, speaker, context, temperature, topk, max_audio_length_ms, seed)
         event_loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Chunk]] = event_loop.create_future()
         pieces: list[Chunk] = []
@@ -293,6 +261,7 @@ def load_csm_1b(
     slots: int = DEFAULT_SLOTS,
     cpu_threads: int | None = None,
     prefill_chunk: int | None = None,
+    limits: RequestLimits | None = None,
     max_waiting: int | None = None,
     stall_timeout_s: float = STALL_TIMEOUT_S,
 ) -> Generator:
@@ -300,7 +269,8 @@ def load_csm_1b(
     it). Weights are bf16 on CUDA and fp32 on the CPU unless `dtype` says otherwise. On the CPU,
     generation and audio decoding each use `cpu_threads` torch threads (default half the cores).
     A step prefills at most `prefill_chunk` prompt positions (default: CUDA_PREFILL_CHUNK on CUDA,
-    whole prompts on the CPU, where a step's cost hardly depends on them). `max_waiting` and
+    whole prompts on the CPU, where a step's cost hardly depends on them). Every request is checked
+    against `limits` (default: RequestLimits' defaults for the loaded model). `max_waiting` and
     `stall_timeout_s` are the serving loop's (ServingLoop)."""
     device = resolve_device(device)
     paths = checkpoint.resolve(ckpt_path)
@@ -311,4 +281,5 @@ def load_csm_1b(
     prompts = PromptBuilder(TextTokenizer(paths.tokenizer), codec, model.config.audio_num_codebooks, model.config.text_vocab_size)
     if prefill_chunk is None and device.type == "cuda":
         prefill_chunk = CUDA_PREFILL_CHUNK
-    return Generator(Engine(model, slots, prefill_chunk=prefill_chunk), prompts, codec, cpu_threads, max_waiting, stall_timeout_s)
+    engine = Engine(model, slots, prefill_chunk=prefill_chunk)
+    return Generator(engine, prompts, codec, cpu_threads, limits, max_waiting, stall_timeout_s)

@@ -8,6 +8,7 @@ points of their generation share one batch.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -15,6 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, TransformerConfig
+from .request import MIB
+
+logger = logging.getLogger(__name__)
 
 # torchtune's Llama-3 RoPE scaling constants (Llama3ScaledRoPE defaults, used by llama3_2).
 ROPE_LOW_FREQ_FACTOR = 1.0
@@ -94,6 +98,31 @@ def kv_cache_bytes_per_slot(config: ModelConfig, dtype: torch.dtype) -> int:
     for transformer, positions in ((config.backbone, config.backbone.max_seq_len), (config.decoder, config.audio_num_codebooks)):
         elements += transformer.num_layers * 2 * transformer.num_kv_heads * positions * transformer.head_dim
     return elements * dtype.itemsize
+
+
+def slots_within_budget(slots: int, kv_cache_memory_mb: int, config: ModelConfig, dtype: torch.dtype) -> int:
+    """`slots`, or as many as `kv_cache_memory_mb` (0: no bound) holds the KV caches of when that
+    is fewer: the caches' memory is fixed at load, so a server shared with other models can bound
+    it. Raises a ValueError naming the parameter when not even one slot fits."""
+    per_slot = kv_cache_bytes_per_slot(config, dtype)
+    fitting = kv_cache_memory_mb * MIB // per_slot if kv_cache_memory_mb else slots
+    if fitting < 1:
+        raise ValueError(
+            f"kv_cache_memory_mb: {kv_cache_memory_mb} MiB holds no slot; one slot's KV caches take "
+            f"{per_slot / MIB:.2f} MiB in {dtype}. Raise it, or set 0 for no bound"
+        )
+    chosen = min(slots, fitting)
+    logger.info(
+        "KV caches: %d bytes (%.2f MiB) a slot in %s; %d slots, %.1f MiB in all (slots %d, kv_cache_memory_mb %d)",
+        per_slot,
+        per_slot / MIB,
+        dtype,
+        chosen,
+        chosen * per_slot / MIB,
+        slots,
+        kv_cache_memory_mb,
+    )
+    return chosen
 
 
 class Attention(nn.Module):

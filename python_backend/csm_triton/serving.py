@@ -1,59 +1,89 @@
 """The Triton model's contract: its settings, and requests read from named input arrays.
 
-Kept free of `triton_python_backend_utils` so that the parsing is testable outside a server and
-`model.py` stays a thin adapter. Every error is a ValueError whose message starts with the
-tensor's name, which the model returns as INVALID_ARG for that request alone.
+Torch-free and free of `triton_python_backend_utils`, so that reading is testable outside a server
+and `model.py` stays a thin adapter. Every input is checked for its type and shape before any of
+its values is read, and all of them together for their size; the values are then checked by the
+shared `RequestLimits.check`. Every error is a ValueError whose message starts with the tensor's
+name, which the model returns as INVALID_ARG for that request alone.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-import torch
 
-from .codec import SAMPLE_RATE
 from .config import ModelConfig
-from .generator import FRAME_MS, GenerationRequest
-from .model import kv_cache_bytes_per_slot
-from .prompt import Segment
-from .streaming import CHUNK_FRAMES, FIRST_CHUNK_FRAMES
-
-INPUTS = (
-    "TEXT",
-    "SPEAKER",
-    "CONTEXT_TEXT",
-    "CONTEXT_SPEAKER",
-    "CONTEXT_AUDIO",
-    "CONTEXT_AUDIO_LENGTHS",
-    "CONTEXT_SAMPLE_RATE",
-    "TEMPERATURE",
-    "TOPK",
-    "MAX_AUDIO_LENGTH_MS",
-    "SEED",
-    "FIRST_CHUNK_FRAMES",
-    "CHUNK_FRAMES",
+from .request import (
+    CHUNK_FRAMES,
+    FIRST_CHUNK_FRAMES,
+    SAMPLE_RATE,
+    GenerationRequest,
+    RequestLimits,
+    Segment,
+    check_chunking,
+    mono_samples,
 )
+
+
+class Input(NamedTuple):
+    datatype: str  # Triton's
+    dtype: np.dtype  # what `as_numpy()` gives for it
+    is_list: bool  # one entry per context segment (or sample): [1, n] or [n]; else one value: [1] or [1, 1]
+
+
+_BYTES, _INT32, _FP32, _INT64 = np.dtype(object), np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.int64)
+
+INPUTS: dict[str, Input] = {
+    "TEXT": Input("BYTES", _BYTES, False),
+    "SPEAKER": Input("INT32", _INT32, False),
+    "CONTEXT_TEXT": Input("BYTES", _BYTES, True),
+    "CONTEXT_SPEAKER": Input("INT32", _INT32, True),
+    "CONTEXT_AUDIO": Input("FP32", _FP32, True),
+    "CONTEXT_AUDIO_LENGTHS": Input("INT32", _INT32, True),
+    "CONTEXT_SAMPLE_RATE": Input("INT32", _INT32, False),
+    "TEMPERATURE": Input("FP32", _FP32, False),
+    "TOPK": Input("INT32", _INT32, False),
+    "MAX_AUDIO_LENGTH_MS": Input("INT32", _INT32, False),
+    "SEED": Input("INT64", _INT64, False),
+    "FIRST_CHUNK_FRAMES": Input("INT32", _INT32, False),
+    "CHUNK_FRAMES": Input("INT32", _INT32, False),
+}
+
+# The request's fields as Triton inputs name them (see request.API_NAMES): the words a message
+# about each starts with. A context segment's fields name their segment; the sample rate is one
+# value for the whole request.
+TRITON_NAMES = {
+    "text": "TEXT:",
+    "speaker": "SPEAKER:",
+    "context": "CONTEXT_TEXT:",
+    "context.text": "CONTEXT_TEXT: segment {index}",
+    "context.speaker": "CONTEXT_SPEAKER: segment {index}",
+    "context.audio": "CONTEXT_AUDIO: segment {index}",
+    "context.sample_rate": "CONTEXT_SAMPLE_RATE:",
+    "temperature": "TEMPERATURE:",
+    "topk": "TOPK:",
+    "max_audio_length_ms": "MAX_AUDIO_LENGTH_MS:",
+    "seed": "SEED:",
+    "first_chunk_frames": "FIRST_CHUNK_FRAMES:",
+    "chunk_frames": "CHUNK_FRAMES:",
+}
 
 # Parameters the python backend itself reads (a packed environment for the stub); not the model's.
 BACKEND_PARAMETERS = frozenset({"EXECUTION_ENV_PATH"})
-MIB = 1 << 20
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """The model's `parameters` in config.pbtxt."""
+    """The model's `parameters` in config.pbtxt; the request limits' defaults are RequestLimits'."""
 
     model_dir: str = ""
     tiny_model_dir: str = "models/tiny"
     device: str = "auto"
     dtype: str = "auto"
     slots: int = 8
-    max_audio_length_ms: int = 30_000
     first_chunk_frames: int = FIRST_CHUNK_FRAMES
     chunk_frames: int = CHUNK_FRAMES
     cpu_threads: int = 0  # 0: half the cores for each of the serving loop's two threads
@@ -64,48 +94,39 @@ class ServingConfig:
     max_engine_restarts: int = 3  # engine processes that may end within engine_restart_window_s
     engine_restart_window_s: float = 600.0
     engine_start_timeout_s: float = 900.0  # loading the engine longer than this fails the load
+    max_text_bytes: int = RequestLimits.max_text_bytes
+    max_context_segments: int = RequestLimits.max_context_segments
+    max_context_text_bytes: int = RequestLimits.max_context_text_bytes
+    min_context_sample_rate: int = RequestLimits.min_context_sample_rate
+    max_context_sample_rate: int = RequestLimits.max_context_sample_rate
+    max_request_bytes: int = RequestLimits.max_request_bytes
+    max_audio_length_ms: int = RequestLimits.max_audio_length_ms
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, dict[str, str]]) -> ServingConfig:
         """Triton gives parameters as {"key": {"string_value": "..."}}."""
         values = {key: value["string_value"] for key, value in parameters.items() if key not in BACKEND_PARAMETERS}
-        unknown = set(values) - set(cls.__dataclass_fields__)
+        unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"config.pbtxt parameters: unknown keys {sorted(unknown)}")
         kinds = {"int": int, "float": float, "str": str}
-        typed = {key: kinds[cls.__dataclass_fields__[key].type](value) for key, value in values.items()}
-        config = cls(**typed)
-        if config.max_audio_length_ms < FRAME_MS or min(config.slots, config.first_chunk_frames, config.chunk_frames) < 1:
-            raise ValueError("config.pbtxt parameters: slots and chunk frames must be >= 1 and max_audio_length_ms >= 80")
+        types = {f.name: kinds[f.type] for f in fields(cls)}
+        config = cls(**{key: types[key](value) for key, value in values.items()})
+        if config.slots < 1:
+            raise ValueError(f"slots: must be >= 1, got {config.slots}")
         if min(config.max_waiting_requests, config.stall_timeout_s, config.engine_start_timeout_s) <= 0 or config.max_engine_restarts < 0:
             raise ValueError("config.pbtxt parameters: max_waiting_requests and the timeouts must be > 0, max_engine_restarts >= 0")
         if config.kv_cache_memory_mb < 0:
             raise ValueError(f"kv_cache_memory_mb: must be >= 0 (0: no bound), got {config.kv_cache_memory_mb}")
+        RequestLimits(**config.limit_parameters())  # refuses a limit out of range, naming it
+        check_chunking(config.first_chunk_frames, config.chunk_frames, config.max_audio_length_ms)
         return config
 
-    def kv_cache_slots(self, model: ModelConfig, dtype: torch.dtype) -> int:
-        """`slots`, or as many as `kv_cache_memory_mb` holds the KV caches of when that is fewer:
-        the caches' memory is fixed at load, so a server shared with other models can bound it.
-        Raises a ValueError naming the parameter when not even one slot fits."""
-        per_slot = kv_cache_bytes_per_slot(model, dtype)
-        fitting = self.kv_cache_memory_mb * MIB // per_slot if self.kv_cache_memory_mb else self.slots
-        if fitting < 1:
-            raise ValueError(
-                f"kv_cache_memory_mb: {self.kv_cache_memory_mb} MiB holds no slot; one slot's KV caches take "
-                f"{per_slot / MIB:.2f} MiB in {dtype}. Raise it, or set 0 for no bound"
-            )
-        slots = min(self.slots, fitting)
-        logger.info(
-            "KV caches: %d bytes (%.2f MiB) a slot in %s; %d slots, %.1f MiB in all (slots %d, kv_cache_memory_mb %d)",
-            per_slot,
-            per_slot / MIB,
-            dtype,
-            slots,
-            slots * per_slot / MIB,
-            self.slots,
-            self.kv_cache_memory_mb,
-        )
-        return slots
+    def limit_parameters(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in RequestLimits.parameters()}
+
+    def request_limits(self, model: ModelConfig) -> RequestLimits:
+        return RequestLimits.for_model(model, **self.limit_parameters())
 
     def weights_dir(self, project_root: Path) -> tuple[Path, bool]:
         """(directory to load, whether it is the staged real model). Relative paths are taken
@@ -116,101 +137,119 @@ class ServingConfig:
         return project_root / self.tiny_model_dir, False
 
 
-def _single(arrays: dict[str, np.ndarray], name: str, default=None):
-    """A scalar input: shape [1] or [1, 1] (the batch dimension of one request)."""
+def _check_types_and_shapes(arrays: dict[str, np.ndarray]) -> None:
+    for name, array in arrays.items():
+        if name not in INPUTS:
+            raise ValueError(f"{name}: not an input of this model; its inputs are {', '.join(INPUTS)}")
+        spec = INPUTS[name]
+        if not isinstance(array, np.ndarray):
+            raise ValueError(f"{name}: expected a {spec.datatype} array, got {type(array).__name__}")
+        if array.dtype != spec.dtype:
+            raise ValueError(f"{name}: expected {spec.datatype} ({spec.dtype} elements), got {array.dtype}")
+        if spec.is_list:
+            if not (array.ndim == 1 or (array.ndim == 2 and array.shape[0] == 1)):
+                raise ValueError(f"{name}: expected shape [1, n] or [n] for one request, got {list(array.shape)}")
+        elif array.shape not in ((1,), (1, 1)):
+            raise ValueError(f"{name}: expected one value for the request, shape [1] or [1, 1], got {list(array.shape)}")
+
+
+def _byte_size(name: str, array: np.ndarray) -> int:
+    """An input's bytes: for BYTES, its elements' lengths, each checked to be bytes."""
+    if array.dtype != _BYTES:
+        return array.nbytes
+    size = 0
+    for element in array.flat:
+        if not isinstance(element, bytes):
+            raise ValueError(f"{name}: expected BYTES elements, got {type(element).__name__}")
+        size += len(element)
+    return size
+
+
+def _check_size(arrays: dict[str, np.ndarray], limits: RequestLimits) -> None:
+    sizes = {name: _byte_size(name, array) for name, array in arrays.items()}
+    total = sum(sizes.values())
+    if total > limits.max_request_bytes:
+        largest = max(sizes, key=sizes.__getitem__)
+        raise ValueError(
+            f"{largest}: the request's inputs take {total} bytes, more than max_request_bytes {limits.max_request_bytes}; "
+            f"{largest} is the largest, {sizes[largest]} bytes"
+        )
+
+
+def _scalar(arrays: dict[str, np.ndarray], name: str, default=None):
     if name not in arrays:
         if default is None:
             raise ValueError(f"{name}: required input is missing")
         return default
-    array = arrays[name]
-    if array.size != 1:
-        raise ValueError(f"{name}: expected one value per request, got shape {list(array.shape)}")
-    return array.reshape(-1)[0]
+    return arrays[name].reshape(-1)[0]
 
 
-def _vector(arrays: dict[str, np.ndarray], name: str) -> np.ndarray | None:
-    """A per-request list input: shape [1, n] (batch dimension first) or [n]."""
-    if name not in arrays:
-        return None
-    array = arrays[name]
-    if array.ndim == 2 and array.shape[0] == 1:
-        return array[0]
-    if array.ndim != 1:
-        raise ValueError(f"{name}: expected shape [1, n] for one request, got {list(array.shape)}")
-    return array
+def _list(arrays: dict[str, np.ndarray], name: str, default: np.ndarray) -> np.ndarray:
+    return arrays[name].reshape(-1) if name in arrays else default
 
 
-def _text(value, name: str) -> str:
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{name}: not valid UTF-8 ({error.reason} at byte {error.start})") from error
-    return str(value)
+def _text(value: bytes, label: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{label} is not valid UTF-8 ({error.reason} at byte {error.start})") from None
 
 
-def _context(arrays: dict[str, np.ndarray]) -> list[Segment]:
-    texts = _vector(arrays, "CONTEXT_TEXT")
-    speakers = _vector(arrays, "CONTEXT_SPEAKER")
-    lengths = _vector(arrays, "CONTEXT_AUDIO_LENGTHS")
-    audio = _vector(arrays, "CONTEXT_AUDIO")
-    texts = texts if texts is not None else np.zeros(0, dtype=object)
-    speakers = speakers if speakers is not None else np.zeros(0, dtype=np.int32)
-    lengths = lengths if lengths is not None else np.zeros(len(texts), dtype=np.int32)
-    audio = audio if audio is not None else np.zeros(0, dtype=np.float32)
+def _context(arrays: dict[str, np.ndarray], limits: RequestLimits) -> list[Segment]:
+    texts = _list(arrays, "CONTEXT_TEXT", np.zeros(0, dtype=object))
+    speakers = _list(arrays, "CONTEXT_SPEAKER", np.zeros(0, dtype=np.int32))
+    lengths = _list(arrays, "CONTEXT_AUDIO_LENGTHS", np.zeros(len(texts), dtype=np.int32)).astype(np.int64)
+    audio = _list(arrays, "CONTEXT_AUDIO", np.zeros(0, dtype=np.float32))
     if not len(texts) == len(speakers) == len(lengths):
         raise ValueError(
             f"CONTEXT_TEXT, CONTEXT_SPEAKER, CONTEXT_AUDIO_LENGTHS: one entry per context segment, "
             f"got {len(texts)}, {len(speakers)} and {len(lengths)}"
         )
+    limits.check_segment_count(len(texts), TRITON_NAMES)
     if (lengths < 0).any():
-        raise ValueError("CONTEXT_AUDIO_LENGTHS: sample counts must be >= 0")
+        raise ValueError(f"CONTEXT_AUDIO_LENGTHS: sample counts must be >= 0, got {lengths.tolist()}")
     if int(lengths.sum()) != len(audio):
         raise ValueError(f"CONTEXT_AUDIO_LENGTHS: sums to {int(lengths.sum())} samples but CONTEXT_AUDIO holds {len(audio)}")
-    if not np.isfinite(audio).all():
-        raise ValueError("CONTEXT_AUDIO: samples must be finite (found NaN or infinity)")
-    sample_rate = int(_single(arrays, "CONTEXT_SAMPLE_RATE", SAMPLE_RATE))
-    if sample_rate <= 0:
-        raise ValueError(f"CONTEXT_SAMPLE_RATE: must be > 0, got {sample_rate}")
+    sample_rate = int(_scalar(arrays, "CONTEXT_SAMPLE_RATE", SAMPLE_RATE))
+    if len(audio):
+        # A copy: the prompt is built on the serving loop's thread after execute() has returned,
+        # when the request's input tensors may be gone.
+        audio = np.array(mono_samples(audio, "CONTEXT_AUDIO:"))
+        limits.check_sample_rate(sample_rate, TRITON_NAMES["context.sample_rate"])
     segments, offset = [], 0
     for index, (text, speaker, length) in enumerate(zip(texts, speakers, lengths, strict=True)):
-        clip = audio[offset : offset + length] if length else None
+        text = _text(text, TRITON_NAMES["context.text"].format(index=index))
+        if length:
+            segments.append(Segment(int(speaker), text, audio[offset : offset + length], sample_rate=sample_rate))
+        else:
+            segments.append(Segment(int(speaker), text))
         offset += length
-        try:
-            segments.append(Segment(int(speaker), _text(text, f"CONTEXT_TEXT[{index}]"), clip, sample_rate=sample_rate))
-        except ValueError as error:
-            raise ValueError(f"CONTEXT (segment {index}): {error}") from error
     return segments
 
 
-def parse_request(arrays: dict[str, np.ndarray], config: ServingConfig, vocab_size: int) -> GenerationRequest:
-    """One Triton request's input arrays -> a validated GenerationRequest."""
-    text = _text(_single(arrays, "TEXT"), "TEXT")
-    if not text.strip():
-        raise ValueError("TEXT: must not be empty")
-    speaker = int(_single(arrays, "SPEAKER"))
-    if speaker < 0:
-        raise ValueError(f"SPEAKER: must be >= 0, got {speaker}")
-    temperature = float(_single(arrays, "TEMPERATURE", 0.9))
-    if not np.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"TEMPERATURE: must be a finite number > 0, got {temperature}")
-    topk = int(_single(arrays, "TOPK", 50))
-    if not 1 <= topk <= vocab_size:
-        raise ValueError(f"TOPK: must be in [1, {vocab_size}], got {topk}")
-    max_ms = int(_single(arrays, "MAX_AUDIO_LENGTH_MS", min(10_000, config.max_audio_length_ms)))
-    if not FRAME_MS <= max_ms <= config.max_audio_length_ms:
-        raise ValueError(f"MAX_AUDIO_LENGTH_MS: must be in [{FRAME_MS}, {config.max_audio_length_ms}], got {max_ms}")
-    seed = int(_single(arrays, "SEED")) if "SEED" in arrays else None
-    return GenerationRequest(text, speaker, _context(arrays), temperature, topk, max_ms, seed)
+def read_request(arrays: dict[str, np.ndarray], limits: RequestLimits) -> GenerationRequest:
+    """One Triton request's input arrays (`as_numpy()` of each input given) -> a GenerationRequest
+    within `limits`. Nothing costly is done on a request before it is known to be within them."""
+    _check_types_and_shapes(arrays)
+    _check_size(arrays, limits)
+    default_ms = min(GenerationRequest.max_audio_length_ms, limits.max_audio_length_ms)
+    request = GenerationRequest(
+        text=_text(_scalar(arrays, "TEXT"), "TEXT:"),
+        speaker=int(_scalar(arrays, "SPEAKER")),
+        context=_context(arrays, limits),
+        temperature=float(_scalar(arrays, "TEMPERATURE", GenerationRequest.temperature)),
+        topk=int(_scalar(arrays, "TOPK", GenerationRequest.topk)),
+        max_audio_length_ms=int(_scalar(arrays, "MAX_AUDIO_LENGTH_MS", default_ms)),
+        seed=int(_scalar(arrays, "SEED")) if "SEED" in arrays else None,
+    )
+    limits.check(request, TRITON_NAMES)
+    return request
 
 
-def parse_chunking(arrays: dict[str, np.ndarray], config: ServingConfig) -> tuple[int, int]:
-    """(frames in the first audio chunk, frames in each later chunk) for a streaming request."""
-    most = config.max_audio_length_ms // FRAME_MS
-    chunking = []
-    for name, default in (("FIRST_CHUNK_FRAMES", config.first_chunk_frames), ("CHUNK_FRAMES", config.chunk_frames)):
-        frames = int(_single(arrays, name, default))
-        if not 1 <= frames <= most:
-            raise ValueError(f"{name}: must be in [1, {most}] frames of 80 ms, got {frames}")
-        chunking.append(frames)
-    return chunking[0], chunking[1]
+def read_chunking(arrays: dict[str, np.ndarray], config: ServingConfig) -> tuple[int, int]:
+    """(frames in the first audio chunk, frames in each later chunk) of a streaming request."""
+    _check_types_and_shapes({name: arrays[name] for name in ("FIRST_CHUNK_FRAMES", "CHUNK_FRAMES") if name in arrays})
+    first_chunk_frames = int(_scalar(arrays, "FIRST_CHUNK_FRAMES", config.first_chunk_frames))
+    chunk_frames = int(_scalar(arrays, "CHUNK_FRAMES", config.chunk_frames))
+    check_chunking(first_chunk_frames, chunk_frames, config.max_audio_length_ms, TRITON_NAMES)
+    return first_chunk_frames, chunk_frames

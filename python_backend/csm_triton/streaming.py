@@ -39,13 +39,10 @@ import torch
 
 from .codec import StreamingDecoder
 from .engine import Engine, EngineRequest
+from .request import CHUNK_FRAMES, FIRST_CHUNK_FRAMES
 
 logger = logging.getLogger(__name__)
 
-# Default chunking: a short first chunk for a fast first audio, then about a second of audio per
-# chunk, which keeps the decoder's per-call cost small against the audio it makes.
-FIRST_CHUNK_FRAMES = 2
-CHUNK_FRAMES = 12
 MAX_CONSECUTIVE_FAILURES = 3
 STALL_TIMEOUT_S = 120.0  # longer than any one round: a whole CPU prefill or a long context encode
 
@@ -73,7 +70,8 @@ class Stream:
     """One request in the loop: what to generate, how to chunk it and where chunks go.
 
     A request whose prompt needs Mimi's encoder (context audio) comes without `request` and with
-    `prepare`, which the generation thread runs before the stream may take a slot."""
+    `prepare`, which the generation thread runs before the stream may take a slot. Its chunk sizes
+    have been checked (request.check_chunking)."""
 
     request: EngineRequest | None
     deliver: Callable[[Chunk], None]
@@ -86,11 +84,6 @@ class Stream:
     finished: threading.Event = field(default_factory=threading.Event)  # its last chunk was delivered
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _ended: bool = False  # its last chunk has been handed to `deliver`
-
-    def __post_init__(self) -> None:
-        for name in ("first_chunk_frames", "chunk_frames"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
 
     @property
     def ended(self) -> bool:

@@ -16,8 +16,8 @@ logger = logging.getLogger("csm_triton.triton.unary")
 
 # A BLS response arrives with its error code set to INTERNAL whatever the code sent (python
 # backend 24.10), so the code is recovered from the message: csm_stream's invalid-argument
-# messages start with the field they name ("TOPK: ...", "CONTEXT (segment 1): ...", "prompt: ...").
-INVALID_FIELD = re.compile(r"^(prompt|[A-Z_]+( \(segment \d+\))?(, [A-Z_]+)*): ")
+# messages start with the field they name ("TOPK: ...", "CONTEXT_TEXT: segment 1 ...", "prompt: ...").
+INVALID_FIELD = re.compile(r"^(prompt|[A-Z_]+(, [A-Z_]+)*): ")
 
 
 class TritonPythonModel:

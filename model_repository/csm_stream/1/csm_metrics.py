@@ -20,17 +20,17 @@ import threading
 import triton_python_backend_utils as pb_utils
 
 from csm_triton.engine_client import Heartbeat
-from csm_triton.generator import FRAME_MS
+from csm_triton.request import FRAME_MS
 from csm_triton.serving import INPUTS
 
 MODEL = {"model": "csm_stream"}
 FRAME_S = FRAME_MS / 1000
 TTFA_BUCKETS_S = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
 RTF_BUCKETS = [0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0]
-# invalid_argument's `field`: the names that the parsers' messages start with ("CONTEXT" for a bad
-# context segment, "prompt" for one too long for the model). Anything else is "other", so that a
-# label never takes an unbounded set of values from request data.
-FIELDS = frozenset({*INPUTS, "CONTEXT", "prompt"})
+# invalid_argument's `field`: the names that the checks' messages start with (an input's, or
+# "prompt" for one the model cannot take). Anything else is "other", so that a label never takes
+# an unbounded set of values from request data.
+FIELDS = frozenset({*INPUTS, "prompt"})
 
 _GAUGES = {
     "active_slots": "Engine slots generating now",

@@ -25,7 +25,7 @@ import triton_python_backend_utils as pb_utils
 from csm_metrics import StreamMetrics  # beside this file: the stub puts the model directory on sys.path
 
 from csm_triton.engine_client import ChunkOut, EngineClient, EngineUnavailable, Lost, Refused, WorkerSettings
-from csm_triton.serving import INPUTS, ServingConfig, parse_chunking, parse_request
+from csm_triton.serving import INPUTS, ServingConfig, read_chunking, read_request
 
 logger = logging.getLogger("csm_triton.triton")
 
@@ -57,7 +57,7 @@ class TritonPythonModel:
             restart_window_s=self.config.engine_restart_window_s,
         )
         ready = self.engine.start()
-        self.vocab_size = ready.audio_vocab_size
+        self.limits = ready.limits
         self.metrics = StreamMetrics(ready.slots)
         self._links: dict[int, _Link] = {}  # engine key -> the request's way out, while it runs
         self._links_lock = threading.Lock()
@@ -85,8 +85,8 @@ class TritonPythonModel:
 
     def _submit(self, request, sender) -> None:
         arrays = {name: tensor.as_numpy() for name in INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
-        generation = parse_request(arrays, self.config, self.vocab_size)
-        first_chunk_frames, chunk_frames = parse_chunking(arrays, self.config)
+        generation = read_request(arrays, self.limits)
+        first_chunk_frames, chunk_frames = read_chunking(arrays, self.config)
         wanted = request.requested_output_names()
         forwarded = FORWARD_ID in json.loads(request.parameters() or "{}")
         link = _Link(request, sender, wanted, forwarded, self.metrics, self._forget, self.engine.cancel)

@@ -35,8 +35,8 @@ logger = logging.getLogger("csm_triton.triton.text_stream")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # As in the "csm" model: a BLS response arrives with its error code set to INTERNAL whatever code
 # was sent (python backend 24.10), so csm_stream's invalid-argument errors are told by their
-# message, which starts with the field it names ("SPEAKER: ...", "CONTEXT (segment 1): ...").
-INVALID_FIELD = re.compile(r"^(prompt|[A-Z_]+( \(segment \d+\))?(, [A-Z_]+)*): ")
+# message, which starts with the field it names ("SPEAKER: ...", "CONTEXT_TEXT: segment 1 ...").
+INVALID_FIELD = re.compile(r"^(prompt|[A-Z_]+(, [A-Z_]+)*): ")
 QUEUE_FULL = "Exceeds maximum queue size"
 # csm_stream's outputs, sent on with each chunk when asked for.
 SPEECH_OUTPUTS = ("AUDIO", "AUDIO_CODES")

@@ -1,0 +1,316 @@
+"""What one request to CSM is, and every bound on it, checked before any work is done on it.
+
+Torch-free (numpy only), so that `serving.py`, which reads Triton's input arrays, and the client
+(csm_client) use it without torch. The Triton models and the
+in-process API share one set of checks (`RequestLimits.check`); `names` says how the caller's API
+names each field, so that every message starts with the name the caller used (`TOPK: ...` over
+Triton, `topk: ...` in process) and says the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from .config import ModelConfig
+
+SAMPLE_RATE = 24_000  # Mimi's rate: the audio generated, and the rate context audio is resampled to
+SAMPLES_PER_FRAME = 1920  # one Mimi frame at 12.5 Hz
+FRAME_MS = 80
+# Default chunking of a stream: a short first chunk for a fast first audio, then about a second of
+# audio per chunk, which keeps the decoder's per-call cost small against the audio it makes.
+FIRST_CHUNK_FRAMES = 2
+CHUNK_FRAMES = 12
+MIB = 1 << 20
+INT32_MAX = 2**31 - 1
+
+STANDARD_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+MAX_RESAMPLING_FILTER = 1_000_000
+"""Elements of torchaudio's resampling filter that a context sample rate may need.
+
+torchaudio builds its sinc filter from the two rates reduced by their gcd, [new/g, 2*width + orig/g],
+and holds about five float32 copies of it while building it. Measured (torchaudio 2.9.1, 1 s of
+audio, peak RSS): 8235 Hz, 0.9M elements, +17 MiB; 9496 Hz, 3.6M, +69 MiB; 9548 Hz, 14.4M, +234
+MiB and 0.35 s; 12007 Hz would need 289M elements (~6 GB, seen taking 10 s). Every standard rate
+needs at most 51,520 (11025 Hz), which resamples in ~1 ms a second of audio. The rest of the cost
+grows with the audio, which the prompt bounds: the longest context audio at 48 kHz (163.6 s) takes
++265 MiB and 0.16 s."""
+
+# How each field is named by the in-process API (GenerationRequest's and Segment's fields): the
+# words a message about it starts with. serving.TRITON_NAMES names the same fields as Triton inputs.
+API_NAMES: Mapping[str, str] = {
+    "text": "text:",
+    "speaker": "speaker:",
+    "context": "context:",
+    "context.text": "context[{index}].text:",
+    "context.speaker": "context[{index}].speaker:",
+    "context.audio": "context[{index}].audio:",
+    "context.sample_rate": "context[{index}].sample_rate:",
+    "temperature": "temperature:",
+    "topk": "topk:",
+    "max_audio_length_ms": "max_audio_length_ms:",
+    "seed": "seed:",
+    "first_chunk_frames": "first_chunk_frames:",
+    "chunk_frames": "chunk_frames:",
+}
+
+
+def frames_of(samples: int) -> int:
+    """Mimi frames that encoding `samples` samples at 24 kHz makes (it pads the last frame)."""
+    return -(-samples // SAMPLES_PER_FRAME)
+
+
+def resampled_length(samples: int, sample_rate: int) -> int:
+    """Samples that torchaudio's resampling of `samples` samples at `sample_rate` to 24 kHz makes."""
+    return -(-samples * SAMPLE_RATE // sample_rate)
+
+
+def audio_positions(samples: int, sample_rate: int) -> int:
+    """Prompt positions of a context segment's audio, known from its sample count alone: its Mimi
+    frames after resampling, and the end-of-audio frame."""
+    return frames_of(resampled_length(samples, sample_rate)) + 1
+
+
+def resampling_filter_elements(sample_rate: int) -> int:
+    """Elements of the filter torchaudio builds to resample `sample_rate` to 24 kHz (its
+    `_get_sinc_resample_kernel`: lowpass_filter_width 6, rolloff 0.99)."""
+    gcd = math.gcd(sample_rate, SAMPLE_RATE)
+    orig, new = sample_rate // gcd, SAMPLE_RATE // gcd
+    width = math.ceil(6 * orig / (min(orig, new) * 0.99))
+    return new * (2 * width + orig)
+
+
+def whole_number(value: Any, label: str) -> int:
+    """An int (a numpy integer too, never a bool) as a Python int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{label} must be an integer, got {value!r}")
+    return int(value)
+
+
+def real_number(value: Any, label: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{label} must be a number, got {value!r}")
+    return float(value)
+
+
+def mono_samples(audio: Any, label: str) -> np.ndarray:
+    """[T], [1, T] or [T, 1] finite floating-point samples, a numpy array or a torch tensor on any
+    device (converted without importing torch), as contiguous float32 numpy [T] (not copied
+    when it is that already). More channels are refused, never mixed down silently."""
+    if hasattr(audio, "detach"):
+        if not audio.is_floating_point():
+            raise ValueError(f"{label} must hold floating-point samples, got {audio.dtype}")
+        audio = audio.detach().float().cpu().numpy()
+    audio = np.asarray(audio)
+    if audio.ndim == 2 and 1 in audio.shape:
+        audio = audio.reshape(-1)
+    if audio.ndim != 1:
+        raise ValueError(
+            f"{label} must be mono audio of shape [samples], got shape {list(audio.shape)} "
+            "(multi-channel audio is not supported; mix it down first)"
+        )
+    if not np.issubdtype(audio.dtype, np.floating):
+        raise ValueError(f"{label} must hold floating-point samples, got {audio.dtype}")
+    if not np.isfinite(audio).all():
+        raise ValueError(f"{label} has samples that are not finite (NaN or infinity)")
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+@dataclass
+class Segment:
+    """One turn of the conversation: its speaker, its text and, optionally, its audio.
+
+    Both the design document's form, `Segment(text=..., speaker=..., is_audio=False)`, and
+    Sesame's, `Segment(speaker=..., text=..., audio=tensor)`, are accepted. Audio (numpy or torch)
+    is kept as float32 numpy at its own `sample_rate` (default 24 kHz): it is resampled to Mimi's
+    rate only when the prompt is built, once the request has been checked.
+    """
+
+    speaker: int
+    text: str
+    audio: Any = None  # np.ndarray [samples] float32 once constructed
+    is_audio: bool | None = None
+    sample_rate: int = SAMPLE_RATE
+
+    def __post_init__(self) -> None:
+        if self.is_audio is None:
+            self.is_audio = self.audio is not None
+        if self.is_audio and self.audio is None:
+            raise ValueError("segment: is_audio=True but no audio was given")
+        if not self.is_audio and self.audio is not None:
+            raise ValueError("segment: audio was given with is_audio=False")
+        self.speaker = whole_number(self.speaker, "segment speaker:")
+        if not isinstance(self.text, str):
+            raise ValueError(f"segment text: must be a string, got {type(self.text).__name__}")
+        self.sample_rate = whole_number(self.sample_rate, "segment sample_rate:")
+        if self.sample_rate < 1:
+            raise ValueError(f"segment sample_rate: must be a positive number of samples a second, got {self.sample_rate}")
+        if self.audio is not None:
+            self.audio = mono_samples(self.audio, "segment audio:")
+            if not len(self.audio):
+                raise ValueError("segment audio: must hold at least one sample; leave audio=None for a text-only segment")
+
+
+@dataclass
+class GenerationRequest:
+    """One utterance to speak, with the design document's parameters and defaults. Construction
+    checks types only; `RequestLimits.check` checks the values."""
+
+    text: str
+    speaker: int
+    context: list[Segment] = field(default_factory=list)
+    temperature: float = 0.9
+    topk: int = 50
+    max_audio_length_ms: int = 10_000
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise ValueError(f"text: must be a string, got {type(self.text).__name__}")
+        self.speaker = whole_number(self.speaker, "speaker:")
+        if not isinstance(self.context, (list, tuple)) or not all(isinstance(segment, Segment) for segment in self.context):
+            raise ValueError(f"context: must be a list of Segment, got {self.context!r:.80}")
+        self.context = list(self.context)
+        self.temperature = real_number(self.temperature, "temperature:")
+        self.topk = whole_number(self.topk, "topk:")
+        self.max_audio_length_ms = whole_number(self.max_audio_length_ms, "max_audio_length_ms:")
+        if self.seed is not None:
+            self.seed = whole_number(self.seed, "seed:")
+
+    @property
+    def max_frames(self) -> int:
+        return self.max_audio_length_ms // FRAME_MS
+
+
+def _label(names: Mapping[str, str], name: str, index: int | None = None) -> str:
+    return names[name].format(index=index)
+
+
+def _check_range(value: int, low: int, high: int, label: str, unit: str = "") -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{label} must be in [{low}, {high}]{unit}, got {value}")
+
+
+def check_chunking(first_chunk_frames: int, chunk_frames: int, max_audio_length_ms: int, names: Mapping[str, str] = API_NAMES) -> None:
+    """A stream's chunk sizes: from one frame to the longest audio a request may ask for."""
+    most = max_audio_length_ms // FRAME_MS
+    for name, frames in (("first_chunk_frames", first_chunk_frames), ("chunk_frames", chunk_frames)):
+        _check_range(whole_number(frames, names[name]), 1, most, names[name], f" frames of {FRAME_MS} ms")
+
+
+# RequestLimits fields that are facts of the model, not deployment parameters.
+MODEL_FACTS = ("max_positions", "audio_vocab_size")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Every bound on a request. The model's facts come from its config (`for_model`); the rest
+    are csm_stream's config.pbtxt parameters of the same names."""
+
+    max_positions: int = 2048  # the backbone's max_seq_len: prompt and frames together
+    audio_vocab_size: int = 2051  # TOPK's upper bound
+    max_text_bytes: int = 4096  # UTF-8 bytes of TEXT
+    max_context_segments: int = 32
+    max_context_text_bytes: int = 4096  # UTF-8 bytes of each context segment's text
+    min_context_sample_rate: int = 8000
+    max_context_sample_rate: int = 48_000
+    # All inputs of one request together; 32 MiB admits the longest context audio that fits the
+    # prompt at 48 kHz (2045 frames: 7.85M samples, 30 MiB of FP32).
+    max_request_bytes: int = 32 * MIB
+    max_audio_length_ms: int = 30_000  # MAX_AUDIO_LENGTH_MS's upper bound
+
+    def __post_init__(self) -> None:
+        for limit in fields(self):
+            value = getattr(self, limit.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{limit.name}: must be a positive integer, got {value!r}")
+        if self.min_context_sample_rate > self.max_context_sample_rate:
+            raise ValueError(
+                f"min_context_sample_rate: {self.min_context_sample_rate} is above max_context_sample_rate {self.max_context_sample_rate}"
+            )
+        if self.max_audio_length_ms < FRAME_MS:
+            raise ValueError(f"max_audio_length_ms: must be at least one frame ({FRAME_MS} ms), got {self.max_audio_length_ms}")
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, **parameters: int) -> RequestLimits:
+        return cls(max_positions=model.backbone.max_seq_len, audio_vocab_size=model.audio_vocab_size, **parameters)
+
+    @classmethod
+    def parameters(cls) -> list[str]:
+        """The deployment's parameters: every field but the model's facts."""
+        return [f.name for f in fields(cls) if f.name not in MODEL_FACTS]
+
+    @property
+    def max_prompt_positions(self) -> int:
+        """The longest prompt that leaves room for one frame: the prompt and every frame but the
+        last must fit below the last position (see Engine.check_fields)."""
+        return self.max_positions - 2
+
+    def max_context_samples(self, sample_rate: int) -> int:
+        """The most samples at `sample_rate` whose audio alone fits the prompt."""
+        return (self.max_prompt_positions - 1) * SAMPLES_PER_FRAME * sample_rate // SAMPLE_RATE
+
+    def check(self, request: GenerationRequest, names: Mapping[str, str] = API_NAMES) -> None:
+        """Raise a ValueError naming the first field out of bounds. Costs no more than counting:
+        no audio is resampled or encoded and no text tokenized."""
+        _check_text(request.text, names["text"], self.max_text_bytes, "max_text_bytes")
+        _check_range(request.speaker, 0, INT32_MAX, names["speaker"])
+        self.check_segment_count(len(request.context), names)
+        audio_so_far = 0  # prompt positions of the context audio up to the segment checked
+        for index, segment in enumerate(request.context):
+            has_audio = segment.audio is not None
+            label = _label(names, "context.text", index)
+            _check_text(segment.text, label, self.max_context_text_bytes, "max_context_text_bytes", may_be_empty=has_audio)
+            _check_range(segment.speaker, 0, INT32_MAX, _label(names, "context.speaker", index))
+            if has_audio:
+                samples, rate = len(segment.audio), segment.sample_rate
+                self.check_sample_rate(rate, _label(names, "context.sample_rate", index))
+                audio_so_far += audio_positions(samples, rate)
+                self._check_audio_fits(samples, rate, audio_so_far, _label(names, "context.audio", index))
+        if not (math.isfinite(request.temperature) and request.temperature > 0):
+            raise ValueError(f"{names['temperature']} must be a finite number > 0, got {request.temperature}")
+        _check_range(request.topk, 1, self.audio_vocab_size, names["topk"])
+        _check_range(request.max_audio_length_ms, FRAME_MS, self.max_audio_length_ms, names["max_audio_length_ms"])
+        if request.seed is not None:
+            _check_range(request.seed, -(2**63), 2**63 - 1, names["seed"], " (a 64-bit integer)")
+
+    def check_segment_count(self, count: int, names: Mapping[str, str] = API_NAMES) -> None:
+        if count > self.max_context_segments:
+            raise ValueError(f"{names['context']} holds {count} segments, more than max_context_segments {self.max_context_segments}")
+
+    def check_sample_rate(self, sample_rate: int, label: str) -> None:
+        """A context sample rate in range whose resampling to 24 kHz costs little."""
+        _check_range(sample_rate, self.min_context_sample_rate, self.max_context_sample_rate, label, " Hz")
+        elements = resampling_filter_elements(sample_rate)
+        if elements > MAX_RESAMPLING_FILTER:
+            gcd = math.gcd(sample_rate, SAMPLE_RATE)
+            nearest = min(STANDARD_SAMPLE_RATES, key=lambda rate: abs(rate - sample_rate))
+            raise ValueError(
+                f"{label} {sample_rate} Hz is {sample_rate // gcd}:{SAMPLE_RATE // gcd} to Mimi's {SAMPLE_RATE} Hz, "
+                f"whose resampling filter would take {elements:,} elements (at most {MAX_RESAMPLING_FILTER:,}: memory and time "
+                f"grow with it); resample the audio to a standard rate such as {nearest} Hz first"
+            )
+
+    def _check_audio_fits(self, samples: int, sample_rate: int, positions: int, label: str) -> None:
+        if positions > self.max_prompt_positions:
+            raise ValueError(
+                f"{label} holds {samples} samples at {sample_rate} Hz, which bring the context audio to {positions} prompt "
+                f"positions, more than the {self.max_prompt_positions} that fit the model's {self.max_positions}; at "
+                f"{sample_rate} Hz at most {self.max_context_samples(sample_rate)} samples fit"
+            )
+
+
+def _check_text(text: str, label: str, max_bytes: int, parameter: str, may_be_empty: bool = False) -> None:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{label} is not valid UTF-8 text ({error.reason} at character {error.start})") from None
+    if size > max_bytes:
+        raise ValueError(f"{label} holds {size} bytes of UTF-8, more than {parameter} {max_bytes}")
+    if not may_be_empty and not text.strip():
+        raise ValueError(f"{label} must not be empty")

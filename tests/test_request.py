@@ -1,0 +1,384 @@
+"""The one validation layer: Triton's input arrays read by `read_request` / `read_chunking`, and
+every bound of `RequestLimits`, each refused with a message that starts with the input's name.
+No model is loaded; `serving` and `request` import without torch."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from csm_triton.config import TINY
+from csm_triton.request import (
+    API_NAMES,
+    MAX_RESAMPLING_FILTER,
+    STANDARD_SAMPLE_RATES,
+    GenerationRequest,
+    RequestLimits,
+    Segment,
+    audio_positions,
+    resampling_filter_elements,
+)
+from csm_triton.server import PROJECT_ROOT
+from csm_triton.serving import INPUTS, ServingConfig, read_chunking, read_request
+from triton_tensors import request, scalar, vector
+
+LIMITS = RequestLimits.for_model(TINY)
+CONFIG = ServingConfig()
+
+
+def every_input() -> dict[str, np.ndarray]:
+    """A valid request that gives every input: a text-only and an audio context segment."""
+    return request(
+        "Every input.",
+        1,
+        CONTEXT_TEXT=vector([b"Before.", b"With audio."], object),
+        CONTEXT_SPEAKER=vector([0, 1], np.int32),
+        CONTEXT_AUDIO=vector(np.zeros(1600, dtype=np.float32), np.float32),
+        CONTEXT_AUDIO_LENGTHS=vector([0, 1600], np.int32),
+        CONTEXT_SAMPLE_RATE=scalar(16_000, np.int32),
+        TEMPERATURE=scalar(0.7, np.float32),
+        TOPK=scalar(20, np.int32),
+        FIRST_CHUNK_FRAMES=scalar(1, np.int32),
+        CHUNK_FRAMES=scalar(4, np.int32),
+    )
+
+
+def with_audio(samples: int, sample_rate: int, **extra: np.ndarray) -> dict[str, np.ndarray]:
+    """A request with one context segment of `samples` samples at `sample_rate`."""
+    context = {
+        "CONTEXT_TEXT": vector([b"a"], object),
+        "CONTEXT_SPEAKER": vector([0], np.int32),
+        "CONTEXT_AUDIO": vector(np.zeros(samples, dtype=np.float32), np.float32),
+        "CONTEXT_AUDIO_LENGTHS": vector([samples], np.int32),
+        "CONTEXT_SAMPLE_RATE": scalar(sample_rate, np.int32),
+    }
+    return request(**context | extra)
+
+
+def summary(generation: GenerationRequest) -> tuple:
+    """A request's fields, its segments' audio as lists (numpy arrays do not compare as one value)."""
+    context = [(s.speaker, s.text, s.sample_rate, None if s.audio is None else s.audio.tolist()) for s in generation.context]
+    return (
+        generation.text,
+        generation.speaker,
+        context,
+        generation.temperature,
+        generation.topk,
+        generation.max_audio_length_ms,
+        generation.seed,
+    )
+
+
+def refused(arrays: dict[str, np.ndarray], message: str, limits: RequestLimits = LIMITS) -> None:
+    with pytest.raises(ValueError, match=f"^{message}"):
+        read_request(arrays, limits)
+
+
+def test_every_input_is_read() -> None:
+    generation = read_request(every_input(), LIMITS)
+    assert (generation.text, generation.speaker, generation.temperature, generation.topk) == ("Every input.", 1, pytest.approx(0.7), 20)
+    assert (generation.max_audio_length_ms, generation.seed) == (400, 3)
+    assert [(s.speaker, s.text, s.audio is None) for s in generation.context] == [(0, "Before.", True), (1, "With audio.", False)]
+    assert generation.context[1].sample_rate == 16_000 and generation.context[1].audio.shape == (1600,)  # not resampled
+    assert read_chunking(every_input(), CONFIG) == (1, 4)
+
+
+def test_optional_inputs_take_their_defaults() -> None:
+    arrays = request()
+    del arrays["MAX_AUDIO_LENGTH_MS"], arrays["SEED"]
+    generation = read_request(arrays, LIMITS)
+    assert (generation.temperature, generation.topk, generation.max_audio_length_ms, generation.seed, generation.context) == (
+        0.9,
+        50,
+        10_000,
+        None,
+        [],
+    )
+    assert read_chunking(arrays, CONFIG) == (2, 12)
+    assert read_request(arrays, RequestLimits(max_audio_length_ms=800)).max_audio_length_ms == 800
+
+
+def test_inputs_without_the_batch_dimension_are_read() -> None:
+    arrays = {name: array.reshape(-1) for name, array in every_input().items()}
+    assert summary(read_request(arrays, LIMITS)) == summary(read_request(every_input(), LIMITS))
+
+
+WRONG_DTYPES = {"BYTES": np.int32, "INT32": np.int64, "FP32": np.float64, "INT64": np.int32}
+
+
+@pytest.mark.parametrize("name", list(INPUTS))
+def test_a_wrong_datatype_is_refused_naming_the_input(name: str) -> None:
+    arrays = every_input()
+    arrays[name] = np.zeros(arrays[name].shape, dtype=WRONG_DTYPES[INPUTS[name].datatype])
+    refused(arrays, f"{name}: expected {INPUTS[name].datatype} ")
+    if name in ("FIRST_CHUNK_FRAMES", "CHUNK_FRAMES"):
+        with pytest.raises(ValueError, match=f"^{name}: expected INT32 "):
+            read_chunking(arrays, CONFIG)
+
+
+@pytest.mark.parametrize("name", list(INPUTS))
+@pytest.mark.parametrize("shape", ["extra dimension", "batch of two", "no dimension"])
+def test_a_wrong_rank_or_shape_is_refused_naming_the_input(name: str, shape: str) -> None:
+    arrays = every_input()
+    array = arrays[name]
+    arrays[name] = {"extra dimension": array[None], "batch of two": np.concatenate([array, array]), "no dimension": array.reshape(-1)[0]}[
+        shape
+    ]
+    refused(arrays, f"{name}: expected ")
+
+
+def test_bytes_elements_must_be_bytes() -> None:
+    refused(request(TEXT=np.array([["text"]], dtype=object)), "TEXT: expected BYTES elements, got str")
+    refused(request(CONTEXT_TEXT=np.array([[b"a", 7]], dtype=object)), "CONTEXT_TEXT: expected BYTES elements, got int")
+
+
+def test_an_unknown_input_is_refused() -> None:
+    refused(request(VOICE=scalar(1, np.int32)), "VOICE: not an input of this model")
+
+
+@pytest.mark.parametrize("name", ["TEXT", "SPEAKER"])
+def test_required_inputs(name: str) -> None:
+    refused(request(**{name: None}), f"{name}: required input is missing")
+
+
+def test_invalid_utf8_names_the_input_and_segment() -> None:
+    refused(request(b"\xff\xfe bad"), r"TEXT: is not valid UTF-8 \(invalid start byte at byte 0\)")
+    arrays = request(CONTEXT_TEXT=vector([b"fine", b"bad \xc3"], object), CONTEXT_SPEAKER=vector([0, 1], np.int32))
+    refused(arrays, "CONTEXT_TEXT: segment 1 is not valid UTF-8")
+
+
+# Each limit, at its bound and just past it.
+
+
+def test_max_request_bytes_is_checked_before_any_value_naming_the_largest_input() -> None:
+    arrays = request(b"\xff" * 500, CONTEXT_TEXT=vector([b"x" * 420], object), CONTEXT_SPEAKER=vector([0], np.int32))
+    # TEXT 500, CONTEXT_TEXT 420, SEED 8, SPEAKER, CONTEXT_SPEAKER and MAX_AUDIO_LENGTH_MS 4 each: 940 bytes
+    message = "TEXT: the request's inputs take 940 bytes, more than max_request_bytes 939; TEXT is the largest, 500 bytes"
+    refused(arrays, message, RequestLimits(max_request_bytes=939))  # before its invalid UTF-8 is seen
+    refused(arrays, r"TEXT: is not valid UTF-8", RequestLimits(max_request_bytes=940))
+    refused(
+        with_audio(8_400_000, 48_000),
+        r"CONTEXT_AUDIO: the request's inputs take 33600\d+ bytes, more than max_request_bytes 33554432; CONTEXT_AUDIO is the largest",
+    )
+
+
+def test_max_request_bytes_admits_the_longest_audio_that_fits_at_48_khz() -> None:
+    samples = LIMITS.max_context_samples(48_000)
+    assert samples == 2045 * 1920 * 2
+    assert len(read_request(with_audio(samples, 48_000), LIMITS).context[0].audio) == samples
+
+
+def test_max_text_bytes() -> None:
+    assert read_request(request("é" * 2048), LIMITS).text == "é" * 2048
+    refused(request("é" * 2048 + "!"), "TEXT: holds 4097 bytes of UTF-8, more than max_text_bytes 4096")
+    refused(request(" \n"), "TEXT: must not be empty")
+
+
+def test_max_context_segments() -> None:
+    def segments(count: int) -> dict[str, np.ndarray]:
+        return request(CONTEXT_TEXT=vector([b"turn"] * count, object), CONTEXT_SPEAKER=vector([0] * count, np.int32))
+
+    assert len(read_request(segments(32), LIMITS).context) == 32
+    refused(segments(33), "CONTEXT_TEXT: holds 33 segments, more than max_context_segments 32")
+
+
+def test_max_context_text_bytes() -> None:
+    texts = [b"a", b"b", b"c" * 5000]
+    arrays = request(CONTEXT_TEXT=vector(texts, object), CONTEXT_SPEAKER=vector([0, 1, 0], np.int32))
+    refused(arrays, "CONTEXT_TEXT: segment 2 holds 5000 bytes of UTF-8, more than max_context_text_bytes 4096")
+    refused(request(CONTEXT_TEXT=vector([b""], object), CONTEXT_SPEAKER=vector([0], np.int32)), "CONTEXT_TEXT: segment 0 must not be empty")
+    assert read_request(with_audio(10, 24_000, CONTEXT_TEXT=vector([b""], object)), LIMITS).context[0].text == ""  # audio alone
+
+
+@pytest.mark.parametrize(("sample_rate", "admitted"), [(7999, False), (8000, True), (48_000, True), (48_001, False), (1_000_000, False)])
+def test_the_context_sample_rate_range(sample_rate: int, admitted: bool) -> None:
+    if admitted:
+        assert read_request(with_audio(100, sample_rate), LIMITS).context[0].sample_rate == sample_rate
+    else:
+        refused(with_audio(100, sample_rate), rf"CONTEXT_SAMPLE_RATE: must be in \[8000, 48000\] Hz, got {sample_rate}")
+
+
+def test_a_sample_rate_whose_resampling_filter_is_huge_is_refused_with_a_standard_rate_to_use() -> None:
+    refused(
+        with_audio(100, 12_007),
+        r"CONTEXT_SAMPLE_RATE: 12007 Hz is 12007:24000 to Mimi's 24000 Hz, whose resampling filter would take 288,504,000 elements "
+        r"\(at most 1,000,000: .*\); resample the audio to a standard rate such as 12000 Hz first",
+    )
+    refused(with_audio(100, 44_101), "CONTEXT_SAMPLE_RATE: 44101 Hz .* such as 44100 Hz first")
+    for rate in STANDARD_SAMPLE_RATES:
+        assert resampling_filter_elements(rate) <= 51_520 < MAX_RESAMPLING_FILTER
+        read_request(with_audio(rate, rate), LIMITS)
+
+
+@pytest.mark.parametrize("sample_rate", [8000, 8235, 11_025, 12_007, 44_100, 48_000])
+def test_the_filter_size_is_the_one_torchaudio_builds(sample_rate: int) -> None:
+    from torchaudio.functional.functional import _get_sinc_resample_kernel
+
+    gcd = math.gcd(sample_rate, 24_000)
+    if resampling_filter_elements(sample_rate) > 10 * MAX_RESAMPLING_FILTER:
+        pytest.skip("building it is what the limit prevents")
+    kernel, _ = _get_sinc_resample_kernel(sample_rate, 24_000, gcd)
+    assert kernel.numel() == resampling_filter_elements(sample_rate)
+
+
+@pytest.mark.parametrize("sample_rate", [8000, 11_025, 16_000, 24_000, 44_100, 48_000])
+def test_context_audio_must_fit_the_prompt_at_its_rate(sample_rate: int) -> None:
+    most = LIMITS.max_context_samples(sample_rate)
+    assert audio_positions(most, sample_rate) == 2046 < audio_positions(most + sample_rate // 1000, sample_rate)
+    assert len(read_request(with_audio(most, sample_rate), LIMITS).context[0].audio) == most
+    refused(
+        with_audio(most + sample_rate // 1000, sample_rate),
+        rf"CONTEXT_AUDIO: segment 0 holds {most + sample_rate // 1000} samples at {sample_rate} Hz, which bring the context "
+        rf"audio to 2047 prompt positions, more than the 2046 that fit the model's 2048; at {sample_rate} Hz at most {most} samples fit",
+    )
+
+
+def test_context_audio_counts_every_segment() -> None:
+    lengths = [1023 * 1920, 1022 * 1920]  # 1024 and 1023 positions: each fits alone, not both
+    arrays = request(
+        CONTEXT_TEXT=vector([b"a", b"b"], object),
+        CONTEXT_SPEAKER=vector([0, 1], np.int32),
+        CONTEXT_AUDIO=vector(np.zeros(sum(lengths), dtype=np.float32), np.float32),
+        CONTEXT_AUDIO_LENGTHS=vector(lengths, np.int32),
+    )
+    refused(arrays, "CONTEXT_AUDIO: segment 1 holds 1962240 samples at 24000 Hz, which bring the context audio to 2047 prompt positions")
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, math.nan, math.inf])
+def test_temperature(value: float) -> None:
+    refused(request(TEMPERATURE=scalar(value, np.float32)), f"TEMPERATURE: must be a finite number > 0, got {value}")
+
+
+def test_topk() -> None:
+    for topk in (1, 2051):
+        assert read_request(request(TOPK=scalar(topk, np.int32)), LIMITS).topk == topk
+    for topk in (0, 2052, -(2**31)):
+        refused(request(TOPK=scalar(topk, np.int32)), rf"TOPK: must be in \[1, 2051\], got {topk}")
+
+
+def test_max_audio_length_ms() -> None:
+    for ms in (80, 30_000):
+        assert read_request(request(MAX_AUDIO_LENGTH_MS=scalar(ms, np.int32)), LIMITS).max_audio_length_ms == ms
+    for ms in (79, 30_001, 2**31 - 1):
+        refused(request(MAX_AUDIO_LENGTH_MS=scalar(ms, np.int32)), rf"MAX_AUDIO_LENGTH_MS: must be in \[80, 30000\], got {ms}")
+
+
+def test_speakers() -> None:
+    assert read_request(request(speaker=2**31 - 1), LIMITS).speaker == 2**31 - 1
+    refused(request(speaker=-1), r"SPEAKER: must be in \[0, 2147483647\], got -1")
+    arrays = request(CONTEXT_TEXT=vector([b"a", b"b"], object), CONTEXT_SPEAKER=vector([0, -5], np.int32))
+    refused(arrays, r"CONTEXT_SPEAKER: segment 1 must be in \[0, 2147483647\], got -5")
+
+
+def test_seeds_of_64_bits() -> None:
+    for seed in (-(2**63), 2**63 - 1):
+        assert read_request(request(SEED=scalar(seed, np.int64)), LIMITS).seed == seed
+    with pytest.raises(ValueError, match=r"^seed: must be in \[-9223372036854775808, 9223372036854775807\] \(a 64-bit integer\), got"):
+        LIMITS.check(GenerationRequest("Hi.", 0, seed=2**63))
+
+
+def test_chunk_frames() -> None:
+    assert read_chunking(request(FIRST_CHUNK_FRAMES=scalar(375, np.int32), CHUNK_FRAMES=scalar(1, np.int32)), CONFIG) == (375, 1)
+    for name in ("FIRST_CHUNK_FRAMES", "CHUNK_FRAMES"):
+        for frames in (0, 376):
+            with pytest.raises(ValueError, match=rf"^{name}: must be in \[1, 375\] frames of 80 ms, got {frames}"):
+                read_chunking(request(**{name: scalar(frames, np.int32)}), CONFIG)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"CONTEXT_TEXT": vector([b"a", b"b"], object), "CONTEXT_SPEAKER": vector([0], np.int32)},
+            "CONTEXT_TEXT, CONTEXT_SPEAKER, CONTEXT_AUDIO_LENGTHS: one entry per context segment, got 2, 1 and 2",
+        ),
+        (
+            {
+                "CONTEXT_TEXT": vector([b"a"], object),
+                "CONTEXT_SPEAKER": vector([0], np.int32),
+                "CONTEXT_AUDIO_LENGTHS": vector([-1], np.int32),
+            },
+            "CONTEXT_AUDIO_LENGTHS: sample counts must be >= 0",
+        ),
+        (
+            {
+                "CONTEXT_TEXT": vector([b"a"], object),
+                "CONTEXT_SPEAKER": vector([0], np.int32),
+                "CONTEXT_AUDIO": vector(np.zeros(100), np.float32),
+                "CONTEXT_AUDIO_LENGTHS": vector([90], np.int32),
+            },
+            "CONTEXT_AUDIO_LENGTHS: sums to 90 samples but CONTEXT_AUDIO holds 100",
+        ),
+        (
+            {
+                "CONTEXT_TEXT": vector([b"a"], object),
+                "CONTEXT_SPEAKER": vector([0], np.int32),
+                "CONTEXT_AUDIO": vector([0.0, math.nan], np.float32),
+                "CONTEXT_AUDIO_LENGTHS": vector([2], np.int32),
+            },
+            r"CONTEXT_AUDIO: has samples that are not finite \(NaN or infinity\)",
+        ),
+        (
+            {"CONTEXT_AUDIO_LENGTHS": vector([2**31 - 1, 2**31 - 1], np.int32)},
+            "CONTEXT_TEXT, CONTEXT_SPEAKER, CONTEXT_AUDIO_LENGTHS: one entry per context segment, got 0, 0 and 2",
+        ),
+    ],
+    ids=["lengths differ", "negative length", "lengths do not sum", "NaN audio", "lengths alone"],
+)
+def test_the_context_arrays_must_agree(extra: dict, message: str) -> None:
+    refused(request(**extra), message)
+
+
+def test_in_process_names_for_the_same_checks() -> None:
+    context = [Segment(0, "a"), Segment(1, "b"), Segment(0, "c" * 5000)]
+    with pytest.raises(ValueError, match="^context\\[2\\].text: holds 5000 bytes of UTF-8, more than max_context_text_bytes 4096"):
+        LIMITS.check(GenerationRequest("Hi.", 0, context))
+    with pytest.raises(ValueError, match=r"^topk: must be in \[1, 2051\], got 0"):
+        LIMITS.check(GenerationRequest("Hi.", 0, topk=0), API_NAMES)
+
+
+def test_request_types_are_checked_at_construction() -> None:
+    with pytest.raises(ValueError, match="^text: must be a string, got bytes"):
+        GenerationRequest(b"Hi.", 0)
+    with pytest.raises(ValueError, match="^topk: must be an integer, got 5.0"):
+        GenerationRequest("Hi.", 0, topk=5.0)
+    with pytest.raises(ValueError, match="^context: must be a list of Segment"):
+        GenerationRequest("Hi.", 0, ["Hello."])
+
+
+def test_limits_come_from_the_model_and_refuse_bad_parameters() -> None:
+    assert (LIMITS.max_positions, LIMITS.audio_vocab_size) == (TINY.backbone.max_seq_len, TINY.audio_vocab_size)
+    with pytest.raises(ValueError, match="^max_text_bytes: must be a positive integer, got 0"):
+        RequestLimits(max_text_bytes=0)
+    with pytest.raises(ValueError, match="^min_context_sample_rate: 16000 is above max_context_sample_rate 8000"):
+        RequestLimits(min_context_sample_rate=16_000, max_context_sample_rate=8000)
+
+
+def test_every_limit_is_a_config_pbtxt_parameter_with_the_default() -> None:
+    text = (PROJECT_ROOT / "model_repository" / "csm_stream" / "config.pbtxt").read_text()
+    parameters = dict(re.findall(r'\{ key: "(\w+)", value: \{ string_value: "([^"]*)" \} \}', text))
+    config = ServingConfig.from_parameters({key: {"string_value": value} for key, value in parameters.items()})
+    assert config.request_limits(TINY) == LIMITS
+    assert set(RequestLimits.parameters()) <= set(parameters)
+
+
+def test_limit_parameters_are_read_from_config_pbtxt() -> None:
+    config = ServingConfig.from_parameters({"max_text_bytes": {"string_value": "10"}, "max_context_sample_rate": {"string_value": "16000"}})
+    limits = config.request_limits(TINY)
+    assert (limits.max_text_bytes, limits.max_context_sample_rate, limits.max_request_bytes) == (10, 16_000, 32 << 20)
+    with pytest.raises(ValueError, match="^max_request_bytes: must be a positive integer, got 0"):
+        ServingConfig.from_parameters({"max_request_bytes": {"string_value": "0"}})
+    with pytest.raises(ValueError, match=r"^chunk_frames: must be in \[1, 10\] frames of 80 ms, got 12"):
+        ServingConfig.from_parameters({"max_audio_length_ms": {"string_value": "800"}})
+
+
+def test_serving_and_request_import_without_torch() -> None:
+    code = (
+        "import sys, csm_triton.serving, csm_triton.request; print(sorted(m for m in ('torch', 'torchaudio', 'moshi') if m in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
