@@ -97,7 +97,7 @@ def test_answers_as_the_generator_does(client: EngineClient, generator: Generato
     invalid = Inbox()
     client.submit(GenerationRequest("Too long a prompt. " * 400, 0, seed=1), invalid, False, 2, 12)
     (refusal,) = invalid.until_last()
-    assert isinstance(refusal, Refused) and refusal.reason == "invalid" and refusal.message.startswith("prompt: ")
+    assert isinstance(refusal, Refused) and refusal.reason == "invalid" and refusal.message.startswith("text: holds 7600 bytes")
 
 
 def test_requests_beyond_max_waiting_are_refused_as_busy(tiny_model_dir: Path) -> None:
