@@ -159,7 +159,8 @@ class _Worker:
         self, python: str, settings: WorkerSettings, start_timeout_s: float, heartbeat_timeout_s: float, on_message: Callable[[Any], None]
     ) -> None:
         ours, theirs = Pipe(duplex=True)
-        self.process = subprocess.Popen([python, "-m", "csm_triton.engine_worker", str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        command = [python, "-m", "csm_triton.engine_worker", str(theirs.fileno()), settings.instance_name]
+        self.process = subprocess.Popen(command, pass_fds=[theirs.fileno()])
         theirs.close()
         self.channel = Channel(ours)
         self.heartbeat_timeout_s = heartbeat_timeout_s
