@@ -20,7 +20,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from csm_metrics import StreamMetrics  # beside this file: the stub puts the model directory on sys.path
 
-from csm_triton import checkpoint, load_csm_1b
+from csm_triton import bls, checkpoint, load_csm_1b
 from csm_triton.config import ModelConfig
 from csm_triton.serving import INPUTS, ServingConfig, parse_chunking, parse_request
 from csm_triton.streaming import Chunk
@@ -64,6 +64,7 @@ class TritonPythonModel:
             prefill_chunk=self.config.prefill_chunk or None,
         )
         self.metrics = StreamMetrics(slots)
+        self.forwarded = bls.ForwardedStreams()
         self._start_reporter()
         logger.info("csm_stream ready on %s with %d slots, weights %s", device, slots, weights)
 
@@ -85,6 +86,10 @@ class TritonPythonModel:
         streams = []
         for request in requests:
             sender = request.get_response_sender()
+            control = bls.Control.of(request)
+            if control.is_control:
+                self._answer_control(control, sender)
+                continue
             try:
                 arrays = {
                     name: tensor.as_numpy() for name in INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None
@@ -92,21 +97,36 @@ class TritonPythonModel:
                 generation = parse_request(arrays, self.config, self.generator.engine.vocab_size)
                 first_chunk_frames, chunk_frames = parse_chunking(arrays, self.config)
                 wanted = request.requested_output_names()
-                link = _Link(request, sender, wanted, self.metrics)
+                link = _Link(request, sender, wanted, self.metrics, self.forwarded, control.forward_id)
                 streams.append(
                     self.generator.submit(generation, link.deliver, "AUDIO" in wanted, first_chunk_frames, chunk_frames, link.is_cancelled)
                 )
             except ValueError as error:
+                self.forwarded.finish(control.forward_id)
                 self.metrics.invalid_argument(error)
                 error_response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
                 sender.send(error_response, flags=FINAL)
             except Exception as error:  # this request alone fails; the others of the call go on
                 logger.exception("preparing a request failed")
+                self.forwarded.finish(control.forward_id)
                 self.metrics.rejected("internal_error")
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preparing the request failed: {error}")), flags=FINAL)
         for stream in streams:
             stream.started.wait()
         return None
+
+    def _answer_control(self, control: bls.Control, sender) -> None:
+        """A front's CANCEL or PROBE (csm_triton/bls.py), answered at once with one final response."""
+        if control.cancel is not None:
+            self.forwarded.cancel(control.cancel)
+            sender.send(flags=FINAL)
+            return
+        alive = self.generator.stats().threads_alive
+        problem = "it is unloading" if self._stopping.is_set() else f"its serving loop has stopped ({alive} of 2 threads alive)"
+        if self._stopping.is_set() or alive < 2:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"csm_stream cannot serve: {problem}")), flags=FINAL)
+            return
+        sender.send(flags=FINAL)
 
     def _start_reporter(self) -> None:
         """A thread that passes the metrics on to Triton (csm_metrics.py), and notices when the
@@ -141,9 +161,13 @@ class _Link:
     backend unloads the model only once every one of them is gone, so a finished stream that
     something still holds must not hold them."""
 
-    def __init__(self, request, sender, wanted: list[str], metrics: StreamMetrics) -> None:
+    def __init__(
+        self, request, sender, wanted: list[str], metrics: StreamMetrics, forwarded: bls.ForwardedStreams, forward_id: str | None
+    ) -> None:
         self._request, self._sender, self._wanted = request, sender, wanted
         self._metrics = metrics
+        self._forwarded, self._forward_id = forwarded, forward_id
+        self._stopped = forwarded.start(forward_id)  # a front's CANCEL for this stream
         self._start = time.monotonic()  # csm_stream took the request; Triton's queue time is not known here
         self._frames = 0  # sent so far
 
@@ -151,6 +175,7 @@ class _Link:
         sender = self._sender
         if chunk.finish is not None:  # the last chunk, an error's included
             self._request = self._sender = None
+            self._forwarded.finish(self._forward_id)
         if sender is None:
             return
         try:
@@ -178,7 +203,7 @@ class _Link:
 
     def is_cancelled(self) -> bool:
         request = self._request
-        return request is not None and request.is_cancelled()
+        return request is not None and (self._stopped() or request.is_cancelled())
 
 
 def _send_chunk(sender, wanted: list[str], chunk: Chunk) -> None:
