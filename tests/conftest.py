@@ -3,7 +3,8 @@ and a real tritonserver serving it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -27,14 +28,22 @@ def generator(tiny_model_dir: Path) -> Generator:
     return load_csm_1b(tiny_model_dir, device="cpu", slots=SERVER_SLOTS)
 
 
+@contextlib.contextmanager
+def tiny_server(root: Path, tiny_model_dir: Path, slots: int, extra_args: Sequence[str] = ()) -> Iterator[TritonServer]:
+    """tritonserver on free ports serving a copy of the model repository in `root`, csm_stream on the
+    tiny model with `slots` slots; `extra_args` go to tritonserver."""
+    parameters = {"model_dir": str(root / "no-weights-staged"), "tiny_model_dir": str(tiny_model_dir), "slots": str(slots)}
+    options = ServerOptions.on_free_ports(model_repository_with(root / "model_repository", parameters))
+    options.extra_args.extend(extra_args)
+    server = TritonServer(options, log_file=root / "tritonserver.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[TritonServer]:
     """tritonserver on free ports, serving the tiny model on the CPU."""
-    root = tmp_path_factory.mktemp("triton")
-    repository = model_repository_with(
-        root / "model_repository",
-        {"model_dir": str(root / "no-weights-staged"), "tiny_model_dir": str(tiny_model_dir), "slots": str(SERVER_SLOTS)},
-    )
-    server = TritonServer(ServerOptions.on_free_ports(repository), log_file=root / "tritonserver.log").start()
-    yield server
-    server.stop()
+    with tiny_server(tmp_path_factory.mktemp("triton"), tiny_model_dir, SERVER_SLOTS) as server:
+        yield server

@@ -24,11 +24,12 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
+from conftest import tiny_server
 from csm_triton import Generator
 from csm_triton.config import ModelConfig
 from csm_triton.model import kv_cache_bytes_per_slot
 from csm_triton.request import MIB
-from csm_triton.server import PROJECT_ROOT, ServerOptions, TritonServer, model_repository_with
+from csm_triton.server import PROJECT_ROOT, TritonServer
 from triton_tensors import request, tensors
 
 # csm forwards every request to csm_stream: load csm_stream first, unload it last.
@@ -38,16 +39,8 @@ SLOTS = 2
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[TritonServer]:
-    root = tmp_path_factory.mktemp("explicit")
-    repository = model_repository_with(
-        root / "model_repository",
-        {"model_dir": str(root / "no-weights-staged"), "tiny_model_dir": str(tiny_model_dir), "slots": str(SLOTS)},
-    )
-    options = ServerOptions.on_free_ports(repository)
-    options.extra_args.append("--model-control-mode=explicit")
-    server = TritonServer(options, log_file=root / "tritonserver.log").start()
-    yield server
-    server.stop()
+    with tiny_server(tmp_path_factory.mktemp("explicit"), tiny_model_dir, SLOTS, ["--model-control-mode=explicit"]) as server:
+        yield server
 
 
 @pytest.fixture

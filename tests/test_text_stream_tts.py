@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from test_metrics import scrape, series, settled
+from test_triton_stream import wait_for_idle_server
 
 from csm_triton.server import ServerOptions, TritonServer, model_repository_with
 from sentences import split_sentences
@@ -218,21 +220,31 @@ def test_an_llm_failing_mid_stream_ends_the_request_and_the_server_goes_on(serve
     assert after.error is None and [caption for caption, _, _ in after.sentences()] == ["Still here."]
 
 
-def csm_stream_requests(server: TritonServer) -> int:
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    stats = client.get_inference_statistics("csm_stream", headers=server.admin_headers("grpc"), as_json=True)
-    return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+SENTENCES_SPOKEN = series("csm_time_to_first_audio_seconds_count")  # csm_stream's requests that made audio
+CANCELLED = series("csm_rejected_requests_total", reason="cancelled", field="")
 
 
 def test_a_cancelled_request_starts_no_more_sentences(server: TritonServer) -> None:
     sentences = [f"Sentence number {index}." for index in range(12)]
-    before = csm_stream_requests(server)
+    before = settled(server)
     spoken = stream(server, MODEL, speech_inputs(PROMPT=prompt(" ".join(sentences))), cancel_after=1)
     assert spoken.error is None and len(spoken.responses) == 1
     # Long enough for the LLM to finish and for several more sentences to be spoken, had the
-    # cancellation gone unnoticed; csm_stream finishes the sentence it was given (24.10 cannot cancel
-    # a BLS call).
+    # cancellation gone unnoticed.
     time.sleep(len(" ".join(sentences).split()) * WORD_DELAY_MS / 1000 + 3)
-    assert csm_stream_requests(server) - before <= 2
+    assert scrape(server)[SENTENCES_SPOKEN] - before[SENTENCES_SPOKEN] <= 2
     after = stream(server, MODEL, speech_inputs(PROMPT=prompt("Still here.")))
     assert after.error is None and len(after.sentences()) == 1
+
+
+def test_a_cancelled_request_stops_the_sentence_being_spoken_in_csm_stream(server: TritonServer) -> None:
+    before = settled(server)
+    inputs = speech_inputs(PROMPT=prompt("One long sentence, spoken slowly."), MAX_AUDIO_LENGTH_MS=scalar(30_000, np.int32))
+    spoken = stream(server, MODEL, inputs, cancel_after=1)
+    cancelled_at = time.monotonic()
+    assert spoken.error is None and len(spoken.responses) == 1
+    # 30 s of audio take the tiny model well over 10 s here: only the cancellation passed on ends it sooner.
+    wait_for_idle_server(server, timeout_s=10)
+    assert time.monotonic() - cancelled_at < 10
+    time.sleep(1)  # csm_stream's metrics reporter's interval
+    assert scrape(server)[CANCELLED] - before.get(CANCELLED, 0) == 1

@@ -35,6 +35,7 @@ class Received:
     arrivals: list[float] = field(default_factory=list)
     error: Exception | None = None
     done: bool = False
+    responses: int = 0  # errors included
 
     @property
     def audio(self) -> np.ndarray:
@@ -51,11 +52,14 @@ class Streams:
         self.clients: dict[str, grpcclient.InferenceServerClient] = {}
         self.received: dict[str, Received] = {}
 
-    def send(self, request_id: str, arrays: dict[str, np.ndarray]) -> None:
+    def send(self, request_id: str, arrays: dict[str, np.ndarray], parameters: dict[str, str | bool] | None = None) -> None:
+        """Starts a request; `parameters` are its Triton request parameters (csm_triton/bls.py's control protocol)."""
         client = self.clients[request_id] = grpcclient.InferenceServerClient(self.url)
         client.start_stream(callback=functools.partial(self._on_response, request_id))
         self.received[request_id] = Received(time.monotonic())
-        client.async_stream_infer(STREAM_MODEL, tensors(grpcclient, arrays), request_id=request_id, enable_empty_final_response=True)
+        client.async_stream_infer(
+            STREAM_MODEL, tensors(grpcclient, arrays), request_id=request_id, enable_empty_final_response=True, parameters=parameters
+        )
 
     def _on_response(self, request_id: str, result, error) -> None:
         self.events.put((request_id, time.monotonic(), result, error))
@@ -64,6 +68,7 @@ class Streams:
         """Wait for the next response; returns (request id, what that request has so far)."""
         request_id, arrival, result, error = self.events.get(timeout=timeout_s)
         received = self.received[request_id]
+        received.responses += 1
         if error is not None:
             received.error, received.done = error, True
             return request_id, received

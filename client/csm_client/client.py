@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 DEFAULT_TIMEOUT_S = 300.0  # generation of long audio on a busy server takes a while
 DEFAULT_STREAM_MODEL = "csm_stream"
-# Triton's message when a model's queue is full (max_queue_size); the request was refused, not failed.
-QUEUE_FULL = "Exceeds maximum queue size"
+# Refusals, not failures: Triton's message when a model's queue is full (max_queue_size), and the csm
+# model's when it forwards max_inflight requests already ("csm: 64 requests in flight; retry later").
+BUSY_MARKERS = ("Exceeds maximum queue size", "requests in flight; retry later")
 BUSY_PREFIX = "server busy: "
 # Asks Triton (24.09 and later) to end a stream with the request's gRPC status (INVALID_ARGUMENT, ...)
 # instead of an error message alone, so that streamed errors carry a status like unary ones.
@@ -46,16 +47,18 @@ class CSMError(Exception):
 
     @property
     def busy(self) -> bool:
-        """The server's queue was full and refused the request: worth retrying later, unlike an invalid request."""
+        """The server was full and refused the request (a full queue, or csm's max_inflight): worth
+        retrying later, unlike an invalid request."""
         return self.message.startswith(BUSY_PREFIX)
 
     @classmethod
     def wrap(cls, error: BaseException, url: str) -> CSMError:
-        """The CSMError for what a tritonclient call raised. A request refused because the queue
-        is full gets the message "server busy: <Triton's message>", whichever transport it used."""
+        """The CSMError for what a tritonclient call raised. A request refused because the server
+        is full gets the message "server busy: <the server's message>", whichever transport it used."""
         if isinstance(error, InferenceServerException):
             message = error.message() or str(error)
-            return cls(f"{BUSY_PREFIX}{message}" if QUEUE_FULL in message else message, error.status())
+            busy = any(marker in message for marker in BUSY_MARKERS)
+            return cls(f"{BUSY_PREFIX}{message}" if busy else message, error.status())
         return cls(f"cannot reach the server at {url}: {type(error).__name__}: {error}")
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from csm_metrics import StreamMetrics  # beside this file: the stub puts the model directory on sys.path
 
+from csm_triton import bls
 from csm_triton.engine_client import ChunkOut, EngineClient, EngineUnavailable, Lost, Refused, WorkerSettings
 from csm_triton.serving import INPUTS, ServingConfig, read_chunking, read_request
 
@@ -36,7 +37,6 @@ METRICS_INTERVAL_S = 0.5
 CANCEL_POLL_S = 0.1  # how often each running request's transport is asked whether its client left
 # Triton's own message for a full queue, which clients (and the csm front) read as "server busy".
 BUSY_MESSAGE = "Exceeds maximum queue size"
-FORWARD_ID = "csm_forward_id"  # the request parameter of requests that the csm and text_stream_tts models forward
 
 
 class TritonPythonModel:
@@ -60,6 +60,7 @@ class TritonPythonModel:
         self.limits = ready.limits
         self.metrics = StreamMetrics(ready.slots)
         self._links: dict[int, _Link] = {}  # engine key -> the request's way out, while it runs
+        self.forwarded = bls.ForwardedStreams()  # the fronts' requests, which they may cancel by forward id
         self._links_lock = threading.Lock()
         self._stopping = threading.Event()
         threading.Thread(target=self._report_forever, name="csm-metrics", daemon=True).start()
@@ -69,8 +70,12 @@ class TritonPythonModel:
     def execute(self, requests: list) -> None:
         for request in requests:
             sender = request.get_response_sender()
+            control = bls.Control.of(request)
+            if control.is_control:
+                self._answer_control(control, sender)
+                continue
             try:
-                self._submit(request, sender)
+                self._submit(request, sender, control.forward_id)
             except ValueError as error:
                 self.metrics.invalid_argument(error)
                 _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)
@@ -83,15 +88,31 @@ class TritonPythonModel:
                 _send_error(sender, f"preparing the request failed: {error}", pb_utils.TritonError.INTERNAL)
         return None
 
-    def _submit(self, request, sender) -> None:
+    def _answer_control(self, control: bls.Control, sender) -> None:
+        """A front's CANCEL or PROBE (csm_triton/bls.py), answered at once with one final response."""
+        if control.cancel is not None:
+            self.forwarded.cancel(control.cancel)
+            sender.send(flags=FINAL)
+            return
+        heartbeat = self.engine.heartbeat
+        problem = "it is unloading" if self._stopping.is_set() else self.engine.down or (heartbeat and heartbeat.health)
+        if problem:
+            _send_error(sender, f"{self.name} cannot serve: {problem}", pb_utils.TritonError.UNAVAILABLE)
+            return
+        sender.send(flags=FINAL)
+
+    def _submit(self, request, sender, forward_id: str | None) -> None:
         arrays = {name: tensor.as_numpy() for name in INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
         generation = read_request(arrays, self.limits)
         first_chunk_frames, chunk_frames = read_chunking(arrays, self.config)
         wanted = request.requested_output_names()
-        forwarded = FORWARD_ID in json.loads(request.parameters() or "{}")
-        link = _Link(request, sender, wanted, forwarded, self.metrics, self._forget, self.engine.cancel)
+        link = _Link(request, sender, wanted, self.metrics, self._forget, self.engine.cancel, self.forwarded, forward_id)
         with self._links_lock:  # before the engine can answer: its last chunk removes the link
-            key = self.engine.submit(generation, link.receive, "AUDIO" in wanted, first_chunk_frames, chunk_frames)
+            try:
+                key = self.engine.submit(generation, link.receive, "AUDIO" in wanted, first_chunk_frames, chunk_frames)
+            except EngineUnavailable:
+                self.forwarded.finish(forward_id)
+                raise
             link.key = key
             self._links[key] = link
 
@@ -147,9 +168,21 @@ class _Link:
     response sender are let go of (the python backend unloads the model only once every one of
     them is gone)."""
 
-    def __init__(self, request, sender, wanted: list[str], forwarded: bool, metrics: StreamMetrics, forget, cancel) -> None:
+    def __init__(
+        self,
+        request,
+        sender,
+        wanted: list[str],
+        metrics: StreamMetrics,
+        forget,
+        cancel,
+        forwarded: bls.ForwardedStreams,
+        forward_id: str | None,
+    ) -> None:
         self._request, self._sender, self._wanted = request, sender, wanted
-        self._errors_in_band = forwarded and "ERROR" in wanted  # see config.pbtxt, ERROR
+        self._forwarded, self._forward_id = forwarded, forward_id
+        self._stopped = forwarded.start(forward_id)  # a front's CANCEL for this request
+        self._errors_in_band = forward_id is not None and "ERROR" in wanted  # see config.pbtxt, ERROR
         self._metrics, self._forget, self._cancel = metrics, forget, cancel
         self.key = -1
         self._start = time.monotonic()  # csm_stream took the request; Triton's queue time is not known here
@@ -164,7 +197,7 @@ class _Link:
         if self._cancel_asked or request is None:
             return False
         try:
-            self._cancel_asked = request.is_cancelled()
+            self._cancel_asked = self._stopped() or request.is_cancelled()
         except Exception:  # asking failed: the request is gone
             logger.exception("checking for cancellation failed")
             self._cancel_asked = True
@@ -236,6 +269,7 @@ class _Link:
             sender.send(response, flags=FINAL) if response is not None else sender.send(flags=FINAL)
         except Exception:
             logger.exception("sending the final response failed")
+        self._forwarded.finish(self._forward_id)
         self._forget(self)
 
     def _measure(self, chunk: ChunkOut, last: bool) -> None:

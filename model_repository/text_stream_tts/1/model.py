@@ -2,9 +2,10 @@
 
 For each request, PROMPT goes to the decoupled text model named in config.pbtxt (an LLM served by
 vLLM's or TensorRT-LLM's Triton backend) with streaming on. Its text is cut into sentences as it
-arrives (sentences.py), and each complete sentence goes to csm_stream (a decoupled BLS call, bls.py)
-with the request's SPEAKER, context and sampling inputs; csm_stream's AUDIO chunks are sent on as
-they come, sentence after sentence, so the first sentence is heard before the LLM has finished.
+arrives (sentences.py), and each complete sentence goes to csm_stream (a decoupled BLS call,
+csm_triton/bls.py) with the request's SPEAKER, context and sampling inputs; csm_stream's AUDIO chunks
+are sent on as they come, sentence after sentence, so the first sentence is heard before the LLM has
+finished. A request that ends early (cancelled, failed) tells csm_stream to stop its sentence.
 
 Sentences are spoken one at a time, each holding one csm_stream slot for as long as it generates;
 meanwhile the LLM's text waits on its call's queue. Generation runs faster than real time on a GPU,
@@ -20,24 +21,19 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-import re
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from bls import DecoupledCall, RequestFailed
-from sentences import SentenceSplitter
+from csm_triton.bls import DecoupledCall, RequestFailed, speech_failure
+from csm_triton.parameters import typed_parameters
+from sentences import SentenceSplitter  # beside this file: the stub puts the model directory on sys.path
 
 logger = logging.getLogger("csm_triton.triton.text_stream")
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# As in the "csm" model: a BLS response arrives with its error code set to INTERNAL whatever code
-# was sent (python backend 24.10), so csm_stream's invalid-argument errors are told by their
-# message, which starts with the field it names ("SPEAKER: ...", "CONTEXT_TEXT: segment 1 ...").
-INVALID_FIELD = re.compile(r"^(prompt|[A-Z_]+(, [A-Z_]+)*): ")
-QUEUE_FULL = "Exceeds maximum queue size"
 # csm_stream's outputs, sent on with each chunk when asked for.
 SPEECH_OUTPUTS = ("AUDIO", "AUDIO_CODES")
 
@@ -59,27 +55,14 @@ class Settings:
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, dict[str, str]]) -> Settings:
-        """Triton gives parameters as {"key": {"string_value": "..."}}."""
-        values: dict = {key: value["string_value"] for key, value in parameters.items()}
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"config.pbtxt parameters: unknown keys {sorted(unknown)}")
+        values = typed_parameters(cls, parameters, positive=("max_sentence_chars", "stream_timeout_s"))
         if not values.get("text_model"):
             raise ValueError("config.pbtxt parameters: text_model must name the text model")
-        if "text_model_batched" in values:
-            if values["text_model_batched"] not in ("true", "false"):
-                raise ValueError(f"config.pbtxt parameters: text_model_batched must be true or false, got {values['text_model_batched']!r}")
-            values["text_model_batched"] = values["text_model_batched"] == "true"
         if "text_model_inputs" in values:
             constants = json.loads(values["text_model_inputs"])
             if not isinstance(constants, dict):
                 raise ValueError("config.pbtxt parameters: text_model_inputs must be a JSON object")
             values["text_model_inputs"] = {name: _constant_input(name, value) for name, value in constants.items()}
-        for key, kind in (("max_sentence_chars", int), ("stream_timeout_s", float)):
-            if key in values:
-                values[key] = kind(values[key])
-                if values[key] <= 0:
-                    raise ValueError(f"config.pbtxt parameters: {key} must be > 0")
         return cls(**values)
 
 
@@ -121,7 +104,7 @@ class TritonPythonModel:
             answer.speak(sender)
             final = None
         except RequestFailed as failure:
-            final = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(failure), failure.code))
+            final = failure.response()
         except Exception as error:  # never leave a request unanswered
             logger.exception("text_stream_tts failed")
             final = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"text_stream_tts failed: {error}"))
@@ -156,9 +139,7 @@ class SpokenAnswer:
         # UTF-8 incrementally: a character may be split between two responses.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         callee = f"text_model '{settings.text_model}'"
-        for response in self._call(settings.text_model, self._text_inputs(), [settings.text_output], callee):
-            if response.has_error():
-                raise RequestFailed(f"{callee}: {response.error().message()}", pb_utils.TritonError.INTERNAL)
+        for response in self._call(settings.text_model, self._text_inputs(), [settings.text_output], callee=callee):
             tensor = pb_utils.get_output_tensor_by_name(response, settings.text_output)
             if tensor is not None:
                 for sentence in splitter.feed(decoder.decode(tensor.as_numpy().reshape(-1)[0])):  # [n] completions: the first
@@ -167,8 +148,9 @@ class SpokenAnswer:
             self._speak(sentence, sender)
 
     def stop(self) -> None:
-        """After the final response: lets go of the calls still running (see DecoupledCall.close)
-        and of the request, so that the python backend can release it."""
+        """After the final response: lets go of the calls still running, telling csm_stream to stop
+        the sentence being spoken (see DecoupledCall.close; the text model runs to its end), and of
+        the request, so that the python backend can release it."""
         for call in self._calls:
             call.close()
         self._calls.clear()
@@ -193,10 +175,8 @@ class SpokenAnswer:
         speech_model = self.settings.speech_model
         # AUDIO also when only TEXT is asked for: it is what tells the chunks apart.
         forwarded = [name for name in SPEECH_OUTPUTS if name in self.wanted] or ["AUDIO"]
-        call = self._call(speech_model, inputs, forwarded, speech_model)
+        call = self._call(speech_model, inputs, forwarded, failure=lambda message: speech_failure(message, speech_model), stoppable=True)
         for response in call:
-            if response.has_error():
-                raise RequestFailed(*_speech_error(response.error().message(), speech_model))
             tensors = {name: pb_utils.get_output_tensor_by_name(response, name) for name in forwarded}
             chunk = {name: tensor.as_numpy() for name, tensor in tensors.items() if tensor is not None}
             if not any(array.size for array in chunk.values()):
@@ -207,11 +187,14 @@ class SpokenAnswer:
             sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
         self._calls.remove(call)
 
-    def _call(self, model: str, inputs: list, outputs: list[str], callee: str) -> DecoupledCall:
+    def _call(self, model: str, inputs: list, outputs: list[str], **options) -> DecoupledCall:
+        """A call to `model` that ends this request when its client cancels or the callee goes
+        silent; `options` are DecoupledCall's."""
         if self.request.is_cancelled():  # no new call for a request already given up
             raise RequestFailed("cancelled by the client", pb_utils.TritonError.CANCELLED)
-        request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
-        call = DecoupledCall(request, callee, self.settings.stream_timeout_s, self.request.is_cancelled)
+        call = DecoupledCall(
+            model, inputs, outputs, is_cancelled=self.request.is_cancelled, silence_timeout_s=self.settings.stream_timeout_s, **options
+        )
         self._calls.append(call)
         return call
 
@@ -236,13 +219,3 @@ def _prompt(array: np.ndarray) -> str:
     if not prompt.strip():
         raise RequestFailed("PROMPT: must not be empty", pb_utils.TritonError.INVALID_ARG)
     return prompt
-
-
-def _speech_error(message: str, speech_model: str) -> tuple[str, object]:
-    """(message, code) for an error from the speech model: an invalid field or a full queue keep
-    csm_stream's message, so that clients read them as they read csm_stream's own."""
-    if INVALID_FIELD.match(message):
-        return message, pb_utils.TritonError.INVALID_ARG
-    if QUEUE_FULL in message:
-        return message, pb_utils.TritonError.UNAVAILABLE
-    return f"{speech_model}: {message}", pb_utils.TritonError.INTERNAL
