@@ -49,11 +49,13 @@ def client(server: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
 @contextlib.contextmanager
 def csm_with(server: TritonServer, client: grpcclient.InferenceServerClient, **parameters: str) -> Iterator[None]:
     """csm loaded with some parameters changed, then again as config.pbtxt has it."""
-    client.load_model("csm", config=config_with(server, "csm", **parameters))
+    client.load_model("csm", config=config_with(server, "csm", **parameters), headers=server.admin_headers("grpc"))
     try:
         yield
     finally:
-        client.load_model("csm", config=config_with(server, "csm"))  # a load without a config would keep the one above
+        client.load_model(
+            "csm", config=config_with(server, "csm"), headers=server.admin_headers("grpc")
+        )  # a load without a config keeps the one above
 
 
 def lasting(text: str, audio_ms: int = LONG_MS) -> dict[str, np.ndarray]:
@@ -75,7 +77,8 @@ def infer(server: TritonServer, arrays: dict[str, np.ndarray]) -> tuple[float, o
 
 
 def wait_for_streams(server: TritonServer, count: int, timeout_s: float = 30.0) -> None:
-    """Until csm_stream has `count` streams (its metrics lag by up to 0.5 s)."""
+    """Until csm_stream has `count` streams (its metrics lag by up to a second: the engine's
+    heartbeat, then the stub's metrics reporter, each every 0.5 s)."""
     deadline = time.monotonic() + timeout_s
     while gauges(server).get("csm_streams", 0) < count:
         assert time.monotonic() < deadline, f"csm_stream never had {count} streams: {gauges(server)}"
@@ -120,7 +123,8 @@ def test_a_cancelled_request_stops_its_generation_and_another_finishes(server: T
         try:
             outputs = [grpcclient_aio.InferRequestedOutput("AUDIO_CODES")]
             doomed = asyncio.create_task(client.infer("csm", tensors(grpcclient_aio, lasting("Cancel me."))))
-            other = asyncio.create_task(client.infer("csm", tensors(grpcclient_aio, lasting("I finish.", 1600)), outputs=outputs))
+            # Long enough to be seen beside the other: csm_stream's gauges lag by up to a second.
+            other = asyncio.create_task(client.infer("csm", tensors(grpcclient_aio, lasting("I finish.", 4000)), outputs=outputs))
             await asyncio.to_thread(wait_for_streams, server, 2)
             doomed.cancel()
             cancelled_at = time.monotonic()
@@ -131,7 +135,7 @@ def test_a_cancelled_request_stops_its_generation_and_another_finishes(server: T
             await client.close()
 
     cancelled_at, codes = asyncio.run(run())
-    assert codes.shape == (20, 32)
+    assert codes.shape == (50, 32)
     wait_for_idle_server(server, timeout_s=10)
     assert time.monotonic() - cancelled_at < 10  # generation alone would have gone on for many seconds more
     time.sleep(1)  # the metrics reporter's interval
@@ -226,5 +230,5 @@ def test_a_csm_stream_that_cannot_be_reloaded_is_unloaded_and_the_server_is_not_
         assert "reloading csm_stream (try 3 of 3)" in log and "could not be reloaded in 3 tries: unloading it" in log
     finally:
         config.write_text(text)
-    client.load_model("csm_stream")
+    client.load_model("csm_stream", headers=server.admin_headers("grpc"))
     assert client.is_server_ready()
