@@ -165,8 +165,18 @@ def test_csm_stream_runs_in_a_packed_environment(
     client.load_model("csm", headers=server.admin_headers("grpc"))  # beside it, in the server's own environment
     assert np.array_equal(codes(client), expected_codes(generator))
 
+    # The stub runs on the packed libpython; its engine process, a child, is the packed python3 and
+    # maps torch from the packed environment. (That python3 finds its libpython by the RPATH it was
+    # built with while that path exists, as here, else by the stub's LD_LIBRARY_PATH: the same file.)
     [stub] = stubs(server, "csm_stream")
-    mapped = {line.split()[-1] for line in Path(f"/proc/{stub.pid}/maps").read_text().splitlines() if line.split()[-1].startswith("/")}
-    assert [path for path in mapped if "libpython" in path] == [str(packed_env / "lib" / sysconfig.get_config_var("INSTSONAME"))]
-    torch_libraries = [path for path in mapped if "/torch/lib/" in path]
+    [engine] = stub.children()
+    assert Path(engine.exe()).resolve() == (packed_env / "bin" / "python3").resolve()
+    libpython = packed_env / "lib" / sysconfig.get_config_var("INSTSONAME")
+    assert [path for path in mapped_files(stub) if "libpython" in path] == [str(libpython)]
+    torch_libraries = [path for path in mapped_files(engine) if "/torch/lib/" in path]
     assert torch_libraries and all(path.startswith(f"{packed_env}/") for path in torch_libraries)
+
+
+def mapped_files(process) -> set[str]:
+    maps = Path(f"/proc/{process.pid}/maps").read_text().splitlines()
+    return {line.split()[-1] for line in maps if line.split()[-1].startswith("/")}

@@ -239,6 +239,7 @@ class ServingLoop:
         self._inbox: deque[_Submit | _Cancel | _Decoded | _Released | _Close] = deque()
         self._streams: set[Stream] = set()  # submitted, last chunk not yet delivered
         self._waiting_published = 0
+        self._submits_taken = 0  # submissions the generation thread has taken and not yet counted
         self._busy_since: dict[str, float | None] = {"generation": None, "audio": None}
         self._closing = False
         self._failure: LoopFailed | None = None
@@ -320,9 +321,10 @@ class ServingLoop:
         return self.engine.num_slots - self.engine.active_slots
 
     def _waiting_count(self) -> int:
-        """Streams without a slot yet (with _wake held): those the generation thread last counted
-        and the submissions it has not taken yet."""
-        return self._waiting_published + sum(isinstance(message, _Submit) for message in self._inbox)
+        """Streams without a slot yet (with _wake held): those the generation thread last counted,
+        those it has taken since, and the submissions still in its inbox."""
+        pending = sum(isinstance(message, _Submit) for message in self._inbox)
+        return self._waiting_published + self._submits_taken + pending
 
     # Both threads.
 
@@ -368,6 +370,7 @@ class ServingLoop:
             if self._failure is not None:
                 return False
             messages, self._inbox = self._inbox, deque()
+            self._submits_taken = sum(isinstance(message, _Submit) for message in messages)
             self._busy_since["generation"] = time.monotonic()
         for message in messages:
             self._handle(message)
@@ -418,6 +421,7 @@ class ServingLoop:
         starting = sum(not stream.started.is_set() for stream in self._running.values())
         with self._wake:
             self._waiting_published = len(self._preparing) + len(self._waiting) + starting
+            self._submits_taken = 0
 
     def _poll_cancellations(self) -> None:
         """Ask every stream's transport whether its receiver has gone, once a step."""
