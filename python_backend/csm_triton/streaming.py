@@ -238,7 +238,10 @@ class ServingLoop:
         self._wake = threading.Condition()
         self._inbox: deque[_Submit | _Cancel | _Decoded | _Released | _Close] = deque()
         self._streams: set[Stream] = set()  # submitted, last chunk not yet delivered
+        # Counted together by the generation thread, so that their difference is right even while
+        # it admits streams: a waiting stream that takes a free slot changes both.
         self._waiting_published = 0
+        self._free_published = engine.num_slots
         self._submits_taken = 0  # submissions the generation thread has taken and not yet counted
         self._busy_since: dict[str, float | None] = {"generation": None, "audio": None}
         self._closing = False
@@ -273,7 +276,7 @@ class ServingLoop:
                 raise self._failure
             if self._closing:
                 raise LoopFailed("the serving loop is closed")
-            if self.max_waiting is not None and self._waiting_count() + 1 - self._free_slots() > self.max_waiting:
+            if self.max_waiting is not None and self._waiting_count() + 1 - self._free_published > self.max_waiting:
                 raise Busy(f"{self.max_waiting} requests are waiting for a slot already")
             self._streams.add(stream)
             self._post(_Submit(stream))
@@ -317,8 +320,6 @@ class ServingLoop:
         self._inbox.append(message)
         self._wake.notify_all()
 
-    def _free_slots(self) -> int:
-        return self.engine.num_slots - self.engine.active_slots
 
     def _waiting_count(self) -> int:
         """Streams without a slot yet (with _wake held): those the generation thread last counted,
@@ -421,6 +422,7 @@ class ServingLoop:
         starting = sum(not stream.started.is_set() for stream in self._running.values())
         with self._wake:
             self._waiting_published = len(self._preparing) + len(self._waiting) + starting
+            self._free_published = self.engine.num_slots - self.engine.active_slots
             self._submits_taken = 0
 
     def _poll_cancellations(self) -> None:
