@@ -320,7 +320,6 @@ class ServingLoop:
         self._inbox.append(message)
         self._wake.notify_all()
 
-
     def _waiting_count(self) -> int:
         """Streams without a slot yet (with _wake held): those the generation thread last counted,
         those it has taken since, and the submissions still in its inbox."""
