@@ -192,16 +192,21 @@ class _Link:
         self._lock = threading.Lock()
 
     def cancel_asked(self) -> bool:
-        """Whether the client has cancelled (or gone) and the engine is still to be told."""
-        request = self._request
-        if self._cancel_asked or request is None:
-            return False
-        try:
-            self._cancel_asked = self._stopped() or request.is_cancelled()
-        except Exception:  # asking failed: the request is gone
-            logger.exception("checking for cancellation failed")
-            self._cancel_asked = True
-        return self._cancel_asked
+        """Whether the client has cancelled (or gone) and the engine is still to be told. Asked
+        under the lock that the final response is sent under: the python backend deletes a
+        request's response factory with its final response, and `is_cancelled()` after that
+        reads freed memory in tritonserver, which crashed it (SIGSEGV in
+        TRITONBACKEND_ResponseFactoryIsCancelled, seen after 8 minutes of bench/soak.py)."""
+        with self._lock:
+            request = self._request
+            if self._cancel_asked or request is None:
+                return False
+            try:
+                self._cancel_asked = self._stopped() or request.is_cancelled()
+            except Exception:  # asking failed: the request is gone
+                logger.exception("checking for cancellation failed")
+                self._cancel_asked = True
+            return self._cancel_asked
 
     def receive(self, message: ChunkOut | Refused | Lost) -> None:
         """The engine's message for this request (on the engine client's reader thread)."""
