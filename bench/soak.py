@@ -155,7 +155,11 @@ def stream(client: grpcclient.InferenceServerClient, arrays: dict[str, np.ndarra
     start, ending = time.monotonic(), Ending()
     try:
         outputs = [grpcclient.InferRequestedOutput("AUDIO")]
-        client.async_stream_infer(STREAM_MODEL, infer_inputs(grpcclient, arrays), outputs=outputs, enable_empty_final_response=True)
+        try:
+            client.async_stream_infer(STREAM_MODEL, infer_inputs(grpcclient, arrays), outputs=outputs, enable_empty_final_response=True)
+        except InferenceServerException as error:  # the stream broke at once (the server is gone): this request's end
+            ending.error = error
+            return ending
         while True:
             try:
                 result, error = events.get(timeout=max(0.0, start + bound_s - time.monotonic()))
