@@ -26,6 +26,7 @@ from csm_metrics import StreamMetrics  # beside this file: the stub puts the mod
 
 from csm_triton import bls
 from csm_triton.engine_client import ChunkOut, EngineClient, EngineUnavailable, Lost, Refused, WorkerSettings
+from csm_triton.orphan import exit_with_server
 from csm_triton.serving import INPUTS, ServingConfig, read_chunking, read_request
 
 logger = logging.getLogger("csm_triton.triton")
@@ -45,6 +46,7 @@ class TritonPythonModel:
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <stub pid>`: every thread's stack, in the server log
         model_config = json.loads(args["model_config"])
         self.name = args["model_name"]
+        exit_with_server(self.name)  # and the engine process with this one (engine_worker.py)
         self.config = ServingConfig.from_parameters(model_config.get("parameters", {}))
         kind, device_id = args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0))
         settings = WorkerSettings(self.config, str(PROJECT_ROOT), args["model_instance_name"], kind, device_id)
@@ -130,17 +132,11 @@ class TritonPythonModel:
                     self.engine.cancel(link.key)
 
     def _report_forever(self) -> None:
-        """Pass the metrics on to Triton (csm_metrics.py), and notice when the server has died under us."""
-        server = os.getppid()
+        """Pass the metrics on to Triton (csm_metrics.py)."""
         while not self._stopping.wait(METRICS_INTERVAL_S):
-            if os.getppid() != server:
-                # tritonserver died without unloading us: the engine would keep generating (and
-                # holding the GPU) for requests nobody will read. It dies with this process.
-                logger.error("tritonserver (pid %d) is gone; exiting", server)
-                os._exit(1)
             try:
                 self.metrics.report(self.engine.heartbeat, self.engine.restarts)
-            except Exception:  # a failed metrics call must not stop the watchdog
+            except Exception:  # a failed metrics call must not stop the reporter
                 logger.exception("reporting metrics failed")
 
     def _give_up(self, reason: str) -> None:

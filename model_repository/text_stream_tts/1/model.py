@@ -28,6 +28,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from csm_triton.bls import DecoupledCall, RequestFailed, speech_failure
+from csm_triton.orphan import exit_with_server
 from csm_triton.parameters import typed_parameters
 from sentences import SentenceSplitter  # beside this file: the stub puts the model directory on sys.path
 
@@ -83,6 +84,7 @@ def _constant_input(name: str, value) -> np.ndarray:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        exit_with_server(args["model_name"])
         model_config = json.loads(args["model_config"])
         self.settings = Settings.from_parameters(model_config.get("parameters", {}))
         # csm_stream's inputs, with PROMPT in place of TEXT: all but PROMPT and SEED are passed on
