@@ -34,6 +34,7 @@ from csm_triton.config import CSM_1B, TINY, ModelConfig
 from csm_triton.engine import Engine, EngineRequest
 from csm_triton.generator import CUDA_PREFILL_CHUNK
 from csm_triton.model import CSM
+from csm_triton.pacing import ChunkPlan
 from csm_triton.request import FRAME_MS
 from csm_triton.streaming import Chunk, ServingLoop, Stream
 from export.staging import cast_tensors
@@ -131,7 +132,7 @@ def time_to_first_audio(loop: ServingLoop, config: ModelConfig, background: int,
                 first.set()
 
         start = time.perf_counter()
-        stream = loop.submit(Stream(prompt(config, frames, 10_000 + attempt), deliver, first_chunk_frames=2))
+        stream = loop.submit(Stream(prompt(config, frames, 10_000 + attempt), deliver, chunking=ChunkPlan(first_frames=2)))
         first.wait()
         waits.append(time.perf_counter() - start)
         stream.finished.wait()

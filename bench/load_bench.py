@@ -4,17 +4,24 @@ At each level N virtual users each start at a random offset within --stagger-s, 
 gRPC requests back to back for --duration-s (or --requests-per-user requests): a mix of short, medium
 and long texts, no context, text-only context or a 1-3 s audio context, and 2-6 s of audio asked for.
 Per level it reports time to first audio (TTFA), real-time factor (generation wall time / audio
-duration), aggregate audio-seconds per wall second, errors and playback underruns, and checks the
-targets: at 8 streams, TTFA p95 <= 3x and audio-s per wall-s >= 4x their values at 1 stream.
+duration), aggregate audio-seconds per wall second, errors, and what a listener hears: streaming
+viability as VoxServe (arXiv 2602.00269) defines it (a chunk after the first is viable when the
+audio received before it is at least as long as the time since the first chunk arrived; a request
+is viable when all its chunks are), and the silence a player that resumes on each late chunk would
+play (stall seconds). It checks the targets: at 8 streams, TTFA p95 <= 3x and audio-s per wall-s
+>= 4x their values at 1 stream; with --chunking naming the server's schedule and a fixed one, at
+1 stream >= 95% viable requests and at 8 streams at least the fixed schedule's share.
 
 Starts its own tritonserver on the tiny model (CPU, 8 slots) unless --url names a running one.
-Usage: python bench/load_bench.py [--concurrency 1 2 4 8] [--duration-s 30] [--url HOST:PORT] [--json OUT] [--plot OUT]
+Usage: python bench/load_bench.py [--concurrency 1 2 4 8] [--duration-s 30] [--chunking server 2/12]
+       [--url HOST:PORT] [--json OUT] [--plot OUT]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -71,6 +78,8 @@ STREAM_TIMEOUT_S = 300.0
 ERROR_BACKOFF_S = 0.5  # a failing server must not turn the users into a tight error loop
 TTFA_P95_RATIO_TARGET = 3.0  # at 8 streams, at most this times the 1-stream TTFA p95
 THROUGHPUT_RATIO_TARGET = 4.0  # at 8 streams, at least this times the 1-stream audio-s per wall-s
+VIABLE_SHARE_TARGET = 0.95  # at 1 stream, with the server's schedule
+SERVER_CHUNKING = "server"  # --chunking: the server's own schedule, no chunk sizes sent
 LOG_PROBLEM = re.compile(r"^E\d{4} |Traceback|Exception|ERROR|Error:")  # tritonserver's own error lines start "E<mmdd> "
 GAUGE_INTERVAL_S = 0.5  # how often the model refreshes its csm_* gauges
 LOG_BENIGN = re.compile(r"CudaDriverHelper has not been initialized|Failed to initialize NVML")  # a host without GPUs
@@ -121,8 +130,18 @@ class RequestResult:
             played_until = start + samples / SAMPLE_RATE
         return count, silence
 
+    def viable_chunks(self) -> tuple[int, int]:
+        """(viable chunks, chunks after the first), by VoxServe's rule: the audio received before
+        a chunk is at least as long as the time since the first chunk arrived."""
+        viable, audio_s = 0, 0.0
+        for index, (arrival, samples) in enumerate(self.chunks):
+            viable += index > 0 and audio_s >= arrival - self.chunks[0][0]
+            audio_s += samples / SAMPLE_RATE
+        return viable, max(0, len(self.chunks) - 1)
+
     def record(self) -> dict[str, Any]:
         underruns, silence = self.underruns()
+        viable, later = self.viable_chunks()
         return {
             "user": self.user,
             "text_length": self.spec.text_length,
@@ -135,6 +154,8 @@ class RequestResult:
             "chunks": [[round(arrival - self.sent, 4), samples] for arrival, samples in self.chunks],  # (s after sending, samples)
             "underruns": underruns,
             "underrun_silence_s": silence,
+            "viable_chunks": viable,
+            "chunks_after_the_first": later,
             "error": self.error,
         }
 
@@ -158,6 +179,13 @@ class LoadSettings:
     seed: int
     first_chunk_frames: int | None
     chunk_frames: int | None
+
+    @property
+    def chunking(self) -> str:
+        """SERVER_CHUNKING, or the sizes sent as "FIRST/LATER"."""
+        if self.first_chunk_frames is None and self.chunk_frames is None:
+            return SERVER_CHUNKING
+        return f"{self.first_chunk_frames}/{self.chunk_frames}"
 
 
 def context_clip(rng: random.Random, seconds: float) -> np.ndarray:
@@ -272,6 +300,7 @@ def summarize(concurrency: int, runs: list[UserRun]) -> dict[str, Any]:
         window_start, window_end = min(run.started for run in runs), max(run.finished for run in runs)
     window_audio_s = sum(samples for result in results for arrival, samples in result.chunks if window_start <= arrival <= window_end)
     underruns = [result.underruns() for result in ok]
+    viability = [result.viable_chunks() for result in ok if len(result.chunks) > 1]  # VoxServe's: a one-chunk request cannot stall
     by_context = {
         kind: percentiles([r.ttfa_s for r in ok if r.spec.context == kind and r.ttfa_s is not None], (50,))["p50"]
         for kind, _ in CONTEXT_KINDS
@@ -292,6 +321,10 @@ def summarize(concurrency: int, runs: list[UserRun]) -> dict[str, Any]:
         "requests_with_underruns": sum(1 for count, _ in underruns if count),
         "underruns_per_request_max": max((count for count, _ in underruns), default=0),
         "underrun_silence_s_total": sum(silence for _, silence in underruns),
+        "stall_s_per_request": {"mean": float(np.mean([s for _, s in underruns])) if underruns else None}
+        | percentiles([silence for _, silence in underruns], (95,)),
+        "viable_requests_share": sum(viable == later for viable, later in viability) / len(viability) if viability else None,
+        "viable_chunks_share": sum(v for v, _ in viability) / max(1, sum(later for _, later in viability)) if viability else None,
         "requests": [result.record() for result in results],
     }
 
@@ -302,7 +335,7 @@ async def run_level(url: str, concurrency: int, settings: LoadSettings) -> dict[
     deadline = start + settings.stagger_s + settings.duration_s if settings.duration_s is not None else math.inf
     total = concurrency * settings.requests_per_user if settings.requests_per_user is not None else None
     errors = 0
-    with tqdm(total=total, desc=f"{concurrency} stream{'s' if concurrency > 1 else ''}", unit="req") as bar:
+    with tqdm(total=total, desc=f"{settings.chunking}, {concurrency} stream{'s' if concurrency > 1 else ''}", unit="req") as bar:
 
         def on_result(result: RequestResult) -> None:
             nonlocal errors
@@ -313,7 +346,7 @@ async def run_level(url: str, concurrency: int, settings: LoadSettings) -> dict[
         runs = await asyncio.gather(
             *(virtual_user(url, user, settings, start + offsets() * settings.stagger_s, deadline, on_result) for user in range(concurrency))
         )
-    level = summarize(concurrency, list(runs))
+    level = {"chunking": settings.chunking} | summarize(concurrency, list(runs))
     for message, count in level["error_messages"]:
         logger.warning("%d streams: %d x %s", concurrency, count, message)
     return level
@@ -335,13 +368,15 @@ async def warm_up(url: str, requests: int, settings: LoadSettings) -> None:
             logger.warning("warm-up request failed: %s", result.error)
 
 
-async def sweep(url: str, levels: list[int], settings: LoadSettings, warmup: int) -> list[dict[str, Any]]:
-    await warm_up(url, warmup, settings)
-    return [await run_level(url, concurrency, settings) for concurrency in levels]
+async def sweep(url: str, levels: list[int], schedules: list[LoadSettings], warmup: int) -> list[dict[str, Any]]:
+    """Every level with each chunk schedule in turn, after one warm-up."""
+    await warm_up(url, warmup, schedules[0])
+    return [await run_level(url, concurrency, settings) for settings in schedules for concurrency in levels]
 
 
 def check_targets(levels: list[dict[str, Any]]) -> dict[str, Any]:
-    """The 8-stream targets against the 1-stream figures; None where the sweep lacks either level."""
+    """The 8-stream targets against the 1-stream figures of one chunk schedule; None where the
+    sweep lacks either level."""
     by_level = {level["concurrency"]: level for level in levels}
     one, eight = by_level.get(1), by_level.get(8)
     if one is None or eight is None or not one["ttfa_s"]["p95"] or not one["audio_s_per_wall_s"] or eight["ttfa_s"]["p95"] is None:
@@ -356,6 +391,26 @@ def check_targets(levels: list[dict[str, Any]]) -> dict[str, Any]:
         "throughput_target": f">= {THROUGHPUT_RATIO_TARGET}x",
         "throughput_met": throughput_ratio >= THROUGHPUT_RATIO_TARGET,
     }
+
+
+def check_viability(levels: list[dict[str, Any]]) -> dict[str, Any]:
+    """The server's schedule against a fixed one run beside it: at 1 stream at least
+    VIABLE_SHARE_TARGET of requests viable, with a TTFA p95 no worse; at 8 streams a viable share
+    at least as high. None where the sweep lacks a level or a second schedule."""
+    by_key = {(level["chunking"], level["concurrency"]): level for level in levels}
+    fixed = next((level["chunking"] for level in levels if level["chunking"] != SERVER_CHUNKING), None)
+    checks: dict[str, Any] = {"fixed_schedule": fixed}
+    one = by_key.get((SERVER_CHUNKING, 1))
+    if one is not None and one["viable_requests_share"] is not None:
+        checks["viable_share_1"] = one["viable_requests_share"]
+        checks["viable_share_1_met"] = one["viable_requests_share"] >= VIABLE_SHARE_TARGET
+    for streams in (1, 8):
+        server, other = by_key.get((SERVER_CHUNKING, streams)), by_key.get((fixed, streams))
+        if server is None or other is None or server["viable_requests_share"] is None or other["viable_requests_share"] is None:
+            continue
+        checks[f"viable_share_{streams}_vs_fixed"] = [server["viable_requests_share"], other["viable_requests_share"]]
+        checks[f"ttfa_p95_{streams}_vs_fixed"] = [server["ttfa_s"]["p95"], other["ttfa_s"]["p95"]]
+    return checks
 
 
 def run_perf_analyzer(url: str, concurrency: int, workdir: Path) -> dict[str, Any]:
@@ -410,49 +465,78 @@ def table(levels: list[dict[str, Any]]) -> str:
     def number(value: float | None, digits: int = 2) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
-    header = "| streams | requests | errors | TTFA p50 / p95 / p99 (s) | RTF p50 / p95 | audio-s per wall-s | underruns (requests) |"
-    rows = [header, "|---|---|---|---|---|---|---|"]
+    def percent(share: float | None) -> str:
+        return "-" if share is None else f"{100 * share:.0f}%"
+
+    header = (
+        "| chunks | streams | requests | errors | TTFA p50 / p95 / p99 (s) | RTF p50 / p95 | audio-s per wall-s "
+        "| viable requests (chunks) | stall s per request mean / p95 |"
+    )
+    rows = [header, "|---|---|---|---|---|---|---|---|---|"]
     for level in levels:
-        ttfa, rtf = level["ttfa_s"], level["rtf"]
+        ttfa, rtf, stall = level["ttfa_s"], level["rtf"], level["stall_s_per_request"]
         rows.append(
-            f"| {level['concurrency']} | {level['requests_completed']} | {level['errors']} "
+            f"| {level['chunking']} | {level['concurrency']} | {level['requests_completed']} | {level['errors']} "
             f"| {number(ttfa['p50'])} / {number(ttfa['p95'])} / {number(ttfa['p99'])} "
             f"| {number(rtf['p50'])} / {number(rtf['p95'])} | {number(level['audio_s_per_wall_s'])} "
-            f"| {level['underruns_total']} ({level['requests_with_underruns']}) |"
+            f"| {percent(level['viable_requests_share'])} ({percent(level['viable_chunks_share'])}) "
+            f"| {number(stall['mean'])} / {number(stall['p95'])} |"
         )
     return "\n".join(rows)
 
 
-def target_lines(targets: dict[str, Any]) -> list[str]:
+def target_lines(chunking: str, targets: dict[str, Any]) -> list[str]:
     if targets["ttfa_met"] is None:
-        return ["targets: not evaluated (the sweep needs levels 1 and 8 with audio at both)"]
+        return [f"{chunking}: targets not evaluated (the sweep needs levels 1 and 8 with audio at both)"]
     return [
-        f"TTFA p95 at 8 streams / 1 stream: {targets['ttfa_p95_ratio']:.2f}x "
+        f"{chunking}: TTFA p95 at 8 streams / 1 stream: {targets['ttfa_p95_ratio']:.2f}x "
         f"(target {targets['ttfa_target']}): {'met' if targets['ttfa_met'] else 'NOT met'}",
-        f"audio-s per wall-s at 8 streams / 1 stream: {targets['throughput_ratio']:.2f}x "
+        f"{chunking}: audio-s per wall-s at 8 streams / 1 stream: {targets['throughput_ratio']:.2f}x "
         f"(target {targets['throughput_target']}): {'met' if targets['throughput_met'] else 'NOT met'}",
     ]
 
 
+def viability_lines(checks: dict[str, Any]) -> list[str]:
+    lines = []
+    if "viable_share_1" in checks:
+        lines.append(
+            f"{SERVER_CHUNKING}: viable requests at 1 stream {100 * checks['viable_share_1']:.0f}% "
+            f"(target >= {100 * VIABLE_SHARE_TARGET:.0f}%): {'met' if checks['viable_share_1_met'] else 'NOT met'}"
+        )
+    for streams in (1, 8):
+        if f"viable_share_{streams}_vs_fixed" in checks:
+            (ours, fixed), (ttfa_ours, ttfa_fixed) = checks[f"viable_share_{streams}_vs_fixed"], checks[f"ttfa_p95_{streams}_vs_fixed"]
+            lines.append(
+                f"{streams} stream(s): viable {100 * ours:.0f}% ({SERVER_CHUNKING}) vs {100 * fixed:.0f}% ({checks['fixed_schedule']}), "
+                f"TTFA p95 {ttfa_ours:.2f} s vs {ttfa_fixed:.2f} s"
+            )
+    return lines
+
+
 def plot(levels: list[dict[str, Any]], out: Path) -> None:
-    """TTFA and throughput against concurrency; the dashed line is where every stream just keeps up."""
+    """TTFA, throughput and viable requests against concurrency, a line per chunk schedule; the
+    dashed line is where every stream just keeps up."""
     import matplotlib  # here, not at the top: the headless Agg backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    streams = [level["concurrency"] for level in levels]
-    figure, (latency, throughput) = plt.subplots(1, 2, figsize=(10, 4))
-    for q in ("p50", "p95"):
-        latency.plot(streams, [level["ttfa_s"][q] for level in levels], marker="o", label=f"TTFA {q}")
-    latency.set(xlabel="concurrent streams", ylabel="seconds", title="time to first audio", xticks=streams)
-    latency.set_ylim(bottom=0)
-    latency.legend()
-    throughput.plot(streams, [level["audio_s_per_wall_s"] for level in levels], marker="o", label="measured")
+    figure, (latency, throughput, viable) = plt.subplots(1, 3, figsize=(15, 4))
+    for chunking in dict.fromkeys(level["chunking"] for level in levels):
+        ours = [level for level in levels if level["chunking"] == chunking]
+        streams = [level["concurrency"] for level in ours]
+        for q in ("p50", "p95"):
+            latency.plot(streams, [level["ttfa_s"][q] for level in ours], marker="o", label=f"{chunking} TTFA {q}")
+        throughput.plot(streams, [level["audio_s_per_wall_s"] for level in ours], marker="o", label=chunking)
+        viable.plot(streams, [100 * (level["viable_requests_share"] or 0) for level in ours], marker="o", label=chunking)
+    streams = sorted({level["concurrency"] for level in levels})
     throughput.plot(streams, streams, linestyle="--", color="grey", label="every stream real time")
+    latency.set(xlabel="concurrent streams", ylabel="seconds", title="time to first audio", xticks=streams)
     throughput.set(xlabel="concurrent streams", ylabel="audio-s per wall-s", title="aggregate throughput", xticks=streams)
-    throughput.set_ylim(bottom=0)
-    throughput.legend()
+    viable.set(xlabel="concurrent streams", ylabel="% of requests", title="viable requests (no stall)", xticks=streams)
+    for axes in (latency, throughput, viable):
+        axes.set_ylim(bottom=0)
+        axes.legend()
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     plt.close(figure)
@@ -471,6 +555,17 @@ def start_server(workdir: Path, log_file: Path, slots: int) -> TritonServer:
     return TritonServer(ServerOptions.on_free_ports(repository), log_file).start()
 
 
+def chunking_sizes(value: str) -> tuple[int | None, int | None]:
+    """--chunking's value: (FIRST_CHUNK_FRAMES, CHUNK_FRAMES) to send, None for the server's."""
+    if value == SERVER_CHUNKING:
+        return None, None
+    first, _, later = value.partition("/")
+    try:
+        return int(first), int(later)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected "{SERVER_CHUNKING}" or FIRST/LATER frames such as 2/12, got {value!r}') from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8], help="levels of concurrent streams")
@@ -479,31 +574,31 @@ def main() -> None:
     parser.add_argument("--stagger-s", type=float, default=4.0, help="users start at uniform random offsets within this")
     parser.add_argument("--warmup", type=int, help="short requests sent before the sweep (default: the largest level)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the request mix, the offsets and the generation seeds")
-    parser.add_argument("--first-chunk-frames", type=int, help="FIRST_CHUNK_FRAMES to send (default: the server's)")
-    parser.add_argument("--chunk-frames", type=int, help="CHUNK_FRAMES to send (default: the server's)")
+    parser.add_argument(
+        "--chunking",
+        type=chunking_sizes,
+        nargs="+",
+        default=[(None, None)],
+        help=f'chunk schedules to sweep in turn: "{SERVER_CHUNKING}" (send no sizes) or FIRST/LATER frames to send, e.g. 2/12',
+    )
     parser.add_argument("--url", help="gRPC host:port of a running server (default: start one on the tiny model)")
     parser.add_argument("--slots", type=int, default=8, help="engine slots of the server this script starts")
     parser.add_argument("--server-log", type=Path, default=Path(tempfile.gettempdir()) / "csm-load-bench-server.log")
     parser.add_argument("--perf-analyzer-concurrency", type=int, default=1, help="level for perf_analyzer --streaming; 0 skips it")
     parser.add_argument("--json", type=Path, default=Path("docs/load_bench.json"), help="results (with every request's figures)")
-    parser.add_argument("--plot", type=Path, default=Path("docs/load_bench.png"), help="TTFA and throughput against concurrency")
+    parser.add_argument("--plot", type=Path, default=Path("docs/load_bench.png"), help="TTFA, throughput and viability against concurrency")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = LoadSettings(
-        None if args.requests_per_user else args.duration_s,
-        args.requests_per_user,
-        args.stagger_s,
-        args.seed,
-        args.first_chunk_frames,
-        args.chunk_frames,
-    )
+    duration_s = None if args.requests_per_user else args.duration_s
+    settings = LoadSettings(duration_s, args.requests_per_user, args.stagger_s, args.seed, None, None)
+    schedules = [dataclasses.replace(settings, first_chunk_frames=first, chunk_frames=later) for first, later in args.chunking]
     levels_wanted = sorted(set(args.concurrency))
     warmup = args.warmup if args.warmup is not None else max(levels_wanted)
     with tempfile.TemporaryDirectory() as tmp, logging_redirect_tqdm():
         server = None if args.url else start_server(Path(tmp), args.server_log, args.slots)
         url = args.url or server.grpc_url
         try:
-            levels = asyncio.run(sweep(url, levels_wanted, settings, warmup))
+            levels = asyncio.run(sweep(url, levels_wanted, schedules, warmup))
             perf_analyzer = (
                 run_perf_analyzer(url, args.perf_analyzer_concurrency, Path(tmp))
                 if args.perf_analyzer_concurrency > 0
@@ -513,20 +608,28 @@ def main() -> None:
         finally:
             if server is not None:
                 server.stop()
-    targets = check_targets(levels)
+    targets = {
+        schedule.chunking: check_targets([level for level in levels if level["chunking"] == schedule.chunking]) for schedule in schedules
+    }
+    viability = check_viability(levels)
     results = {
         "command": " ".join(["python", *sys.argv]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()},
         "server": args.url or f"started here: tiny model, CPU, {args.slots} slots",
         "settings": {**vars(settings), "levels": levels_wanted, "warmup_requests": warmup},
+        "chunking": [schedule.chunking for schedule in schedules],
         "targets": targets,
+        "viability": viability,
         "perf_analyzer": perf_analyzer,
         "server_gauges_after_sweep": gauges,
         "server_log_problems": [] if args.url else server_log_problems(args.server_log),
         "levels": levels,
     }
     print(table(levels))
-    for line in target_lines(targets):
+    for chunking, checks in targets.items():
+        for line in target_lines(chunking, checks):
+            print(line)
+    for line in viability_lines(viability):
         print(line)
     if perf_analyzer["status"] != "ok":
         print(f"perf_analyzer: {perf_analyzer['status']} ({perf_analyzer.get('reason', 'see the JSON')})")

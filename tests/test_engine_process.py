@@ -18,6 +18,7 @@ import pytest
 
 from csm_triton import GenerationRequest, Generator
 from csm_triton.engine_client import ChunkOut, EngineClient, EngineUnavailable, Lost, Refused, WorkerSettings
+from csm_triton.pacing import ChunkPlan
 from csm_triton.serving import ServingConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -88,14 +89,14 @@ def engine_pid(client: EngineClient) -> int:
 def test_answers_as_the_generator_does(client: EngineClient, generator: Generator) -> None:
     inbox = Inbox()
     request = GenerationRequest("Across a process.", 1, max_audio_length_ms=1200, seed=4)
-    client.submit(request, inbox, True, 2, 5)
+    client.submit(request, inbox, True, ChunkPlan(2, 5, adaptive=False))
     chunks = inbox.until_last()
     assert [len(chunk.codes) for chunk in chunks] == [2, 5, 5, 3] and chunks[-1].finish == "length"
     codes = generator.generate_codes("Across a process.", 1, [], max_audio_length_ms=1200, seed=4)
     assert (sum(len(chunk.audio) for chunk in chunks), chunks[0].codes.dtype.name) == (15 * 1920, "int32")
     assert [row for chunk in chunks for row in chunk.codes.tolist()] == codes.tolist()
     invalid = Inbox()
-    client.submit(GenerationRequest("Too long a prompt. " * 400, 0, seed=1), invalid, False, 2, 12)
+    client.submit(GenerationRequest("Too long a prompt. " * 400, 0, seed=1), invalid, False, ChunkPlan(2, 12, adaptive=False))
     (refusal,) = invalid.until_last()
     assert isinstance(refusal, Refused) and refusal.reason == "invalid" and refusal.message.startswith("text: holds 7600 bytes")
 
@@ -105,7 +106,7 @@ def test_requests_beyond_max_waiting_are_refused_as_busy(tiny_model_dir: Path) -
     try:
         inboxes = [Inbox() for _ in range(4)]
         for seed, inbox in enumerate(inboxes):
-            client.submit(long_request(seed), inbox, False, 2, 12)
+            client.submit(long_request(seed), inbox, False, ChunkPlan(2, 12, adaptive=False))
         refused = [inbox.until_last(10) for inbox in inboxes[2:]]
         assert all(isinstance(message, Refused) and message.reason == "busy" for (message,) in refused)
     finally:
@@ -117,7 +118,7 @@ def test_requests_beyond_max_waiting_are_refused_as_busy(tiny_model_dir: Path) -
 def test_a_killed_engine_loses_its_requests_at_once_and_a_new_one_serves(client: EngineClient, generator: Generator) -> None:
     inboxes = [Inbox() for _ in range(3)]
     for seed, inbox in enumerate(inboxes):
-        client.submit(long_request(seed), inbox, True, 2, 12)
+        client.submit(long_request(seed), inbox, True, ChunkPlan(2, 12, adaptive=False))
     inboxes[0].messages.put(inboxes[0].messages.get(timeout=30))  # generating: its first chunk is out
     os.kill(engine_pid(client), signal.SIGKILL)
     killed = time.monotonic()
@@ -125,18 +126,18 @@ def test_a_killed_engine_loses_its_requests_at_once_and_a_new_one_serves(client:
         *_, last = inbox.until_last(10)
         assert isinstance(last, Lost) and "killed by SIGKILL" in last.message
     with pytest.raises(EngineUnavailable, match=r"killed by SIGKILL\); a new one is starting"):
-        client.submit(long_request(9), Inbox(), True, 2, 12)
+        client.submit(long_request(9), Inbox(), True, ChunkPlan(2, 12, adaptive=False))
     assert time.monotonic() - killed < 5
     assert wait_until_up(client) < 30 and client.restarts == 1
     inbox = Inbox()
-    client.submit(GenerationRequest("Back again.", 2, max_audio_length_ms=800, seed=5), inbox, False, 2, 12)
+    client.submit(GenerationRequest("Back again.", 2, max_audio_length_ms=800, seed=5), inbox, False, ChunkPlan(2, 12, adaptive=False))
     codes = [row for chunk in inbox.until_last() for row in chunk.codes.tolist()]
     assert codes == generator.generate_codes("Back again.", 2, [], max_audio_length_ms=800, seed=5).tolist()
 
 
 def test_a_hung_engine_is_killed_and_replaced(client: EngineClient) -> None:
     inbox = Inbox()
-    client.submit(long_request(1), inbox, True, 2, 12)
+    client.submit(long_request(1), inbox, True, ChunkPlan(2, 12, adaptive=False))
     pid = engine_pid(client)
     os.kill(pid, signal.SIGSTOP)  # frozen: no heartbeat, no chunk
     *_, last = inbox.until_last(15)
@@ -157,7 +158,7 @@ def test_an_engine_that_cannot_be_kept_running_is_given_up(tiny_model_dir: Path)
             time.sleep(0.05)
         assert "1 engine processes ended" in gave_up[0] and "killed by SIGKILL" in gave_up[0]
         with pytest.raises(EngineUnavailable, match="csm_stream cannot serve"):
-            client.submit(long_request(1), Inbox(), True, 2, 12)
+            client.submit(long_request(1), Inbox(), True, ChunkPlan(2, 12, adaptive=False))
     finally:
         client.close()
 

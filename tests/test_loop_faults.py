@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from csm_triton import GenerationRequest, Generator, load_csm_1b
+from csm_triton.pacing import ChunkPlan
 from csm_triton.streaming import Chunk, LoopFailed
 
 SLOTS = 2
@@ -53,7 +54,7 @@ def request(seed: int, ms: int = 2000, text: str = "Faults, injected.") -> Gener
 
 
 def submit(generator: Generator, seed: int, received: Received, ms: int = 2000, decode_audio: bool = True):
-    return generator.submit(request(seed, ms), received, decode_audio, first_chunk_frames=2, chunk_frames=3)
+    return generator.submit(request(seed, ms), received, decode_audio, ChunkPlan(2, 3, adaptive=False))
 
 
 def wait_idle(generator: Generator, timeout_s: float = 30.0) -> None:

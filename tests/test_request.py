@@ -4,6 +4,7 @@ No model is loaded; `serving` and `request` import without torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from csm_triton.config import TINY
+from csm_triton.pacing import ChunkPlan
 from csm_triton.request import (
     API_NAMES,
     MAX_RESAMPLING_FILTER,
@@ -85,7 +87,7 @@ def test_every_input_is_read() -> None:
     assert (generation.max_audio_length_ms, generation.seed) == (400, 3)
     assert [(s.speaker, s.text, s.audio is None) for s in generation.context] == [(0, "Before.", True), (1, "With audio.", False)]
     assert generation.context[1].sample_rate == 16_000 and generation.context[1].audio.shape == (1600,)  # not resampled
-    assert read_chunking(every_input(), CONFIG) == (1, 4)
+    assert read_chunking(every_input(), CONFIG) == ChunkPlan(1, 4, adaptive=False)
 
 
 def test_optional_inputs_take_their_defaults() -> None:
@@ -99,7 +101,10 @@ def test_optional_inputs_take_their_defaults() -> None:
         None,
         [],
     )
-    assert read_chunking(arrays, CONFIG) == (2, 12)
+    assert read_chunking(arrays, CONFIG) == ChunkPlan(2, 12, adaptive=True)  # the config's, adaptive
+    assert read_chunking(arrays, dataclasses.replace(CONFIG, chunk_schedule="fixed")) == ChunkPlan(2, 12, adaptive=False)
+    only_first = request(FIRST_CHUNK_FRAMES=scalar(4, np.int32))
+    assert read_chunking(only_first, CONFIG) == ChunkPlan(4, 12, adaptive=True)  # later chunks still adaptive
     assert read_request(arrays, RequestLimits(max_audio_length_ms=800)).max_audio_length_ms == 800
 
 
@@ -283,11 +288,15 @@ def test_seeds_of_64_bits() -> None:
 
 
 def test_chunk_frames() -> None:
-    assert read_chunking(request(FIRST_CHUNK_FRAMES=scalar(375, np.int32), CHUNK_FRAMES=scalar(1, np.int32)), CONFIG) == (375, 1)
+    sizes = request(FIRST_CHUNK_FRAMES=scalar(375, np.int32), CHUNK_FRAMES=scalar(1, np.int32))
+    assert read_chunking(sizes, CONFIG) == ChunkPlan(375, 1, adaptive=False)
     for name in ("FIRST_CHUNK_FRAMES", "CHUNK_FRAMES"):
         for frames in (0, 376):
             with pytest.raises(ValueError, match=rf"^{name}: must be in \[1, 375\] frames of 80 ms, got {frames}"):
                 read_chunking(request(**{name: scalar(frames, np.int32)}), CONFIG)
+    assert ServingConfig.from_parameters({"chunk_schedule": {"string_value": "fixed"}}).chunk_plan() == ChunkPlan(2, 12, adaptive=False)
+    with pytest.raises(ValueError, match='^chunk_schedule: must be "adaptive" or "fixed", got \'steady\''):
+        ServingConfig.from_parameters({"chunk_schedule": {"string_value": "steady"}})
 
 
 @pytest.mark.parametrize(

@@ -154,6 +154,21 @@ def test_chunks_arrive_as_frames_are_generated_and_join_to_the_unary_audio(
     assert np.abs(received.audio - unary.as_numpy("AUDIO")[0]).max() < 1e-4
 
 
+def test_by_default_chunks_start_short_and_follow_the_listener(streaming: Streams, generator: Generator) -> None:
+    """No chunk sizes sent: the adaptive schedule (csm_triton/pacing.py). After the 2-frame first
+    chunk the listener has 160 ms of audio, so the next chunk ends long before 12 frames (a tiny
+    model frame takes more than a few ms on any CPU), and no chunk holds more than 12."""
+    streaming.send("a", request("Paced for its listener.", 0, MAX_AUDIO_LENGTH_MS=scalar(4000, np.int32)))
+    streaming.run_until_done(["a"])
+    received = streaming.received["a"]
+    assert received.error is None
+    codes = generator.generate_codes("Paced for its listener.", 0, [], max_audio_length_ms=4000, seed=3)
+    sizes = [len(chunk) // SAMPLES_PER_FRAME for chunk in received.chunks if len(chunk)]
+    assert sizes[0] == 2 and max(sizes) <= 12 and sum(sizes) == len(codes)
+    assert sizes[1] < 12 and sizes != chunk_sizes(len(codes), 2, 12)
+    assert np.abs(received.audio - generator.codec.decode(codes).numpy()).max() < 1e-4
+
+
 def test_a_short_request_joins_a_long_one_and_finishes_first(streaming: Streams) -> None:
     streaming.send("long", request("A long answer to a long question.", 0, MAX_AUDIO_LENGTH_MS=scalar(6000, np.int32)))
     while not streaming.received["long"].chunks:

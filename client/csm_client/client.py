@@ -224,7 +224,7 @@ class CSMClient:
         """Speak `text` as `speaker` after `context`, yielding mono float32 audio chunks as the
         server makes them, so playback can start after the first `first_chunk_frames` frames (80 ms
         each) instead of at the end; later chunks hold `chunk_frames` frames (None: the server's
-        defaults). Joined, the chunks are `generate`'s audio. Closing the iterator early (break,
+        schedule, by default as many as keep ahead of playback). Joined, the chunks are `generate`'s audio. Closing the iterator early (break,
         .close()) cancels the request on the server. gRPC only."""
         check_streaming(self.protocol)
         inputs = build_inputs(

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .pacing import ChunkPlan
+
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5  # how often the worker reports its stats and health
@@ -80,8 +82,7 @@ class Submit:
     key: int
     request: Any  # a GenerationRequest
     decode_audio: bool
-    first_chunk_frames: int
-    chunk_frames: int
+    chunking: ChunkPlan
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,7 @@ class EngineClient:
         threading.Thread(target=self._supervise, name="csm-engine-supervisor", daemon=True).start()
         return ready
 
-    def submit(self, request: Any, handler: Handler, decode_audio: bool, first_chunk_frames: int, chunk_frames: int) -> int:
+    def submit(self, request: Any, handler: Handler, decode_audio: bool, chunking: ChunkPlan) -> int:
         """Hand a request to the engine; `handler` gets its chunks (or its refusal, or its loss)
         from the reader thread, the last one exactly once. Raises EngineUnavailable."""
         with self._lock:
@@ -275,7 +276,7 @@ class EngineClient:
             self._handlers[key] = handler
             worker = self._worker
         try:
-            worker.send(Submit(key, request, decode_audio, first_chunk_frames, chunk_frames))
+            worker.send(Submit(key, request, decode_audio, chunking))
         except OSError as error:  # the worker is gone; the supervisor is about to notice
             with self._lock:
                 self._handlers.pop(key, None)

@@ -122,7 +122,7 @@ class _Server:
     def _submit(self, message: Submit) -> None:
         deliver = functools.partial(self._deliver, message.key)
         try:
-            stream = self.generator.submit(message.request, deliver, message.decode_audio, message.first_chunk_frames, message.chunk_frames)
+            stream = self.generator.submit(message.request, deliver, message.decode_audio, message.chunking)
         except ValueError as error:
             self.send(Refused(message.key, "invalid", str(error)))
             return

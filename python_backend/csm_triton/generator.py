@@ -21,8 +21,9 @@ import torch
 from . import checkpoint
 from .codec import MimiCodec, StreamingDecoder
 from .engine import Engine, EngineRequest
+from .pacing import ADAPTIVE, ChunkPlan, chunk_plan
 from .prompt import PromptBuilder, TextTokenizer
-from .request import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, SAMPLE_RATE, GenerationRequest, RequestLimits, Segment, check_chunking
+from .request import SAMPLE_RATE, GenerationRequest, RequestLimits, Segment, check_chunking
 from .streaming import STALL_TIMEOUT_S, Chunk, LoopStats, ServingLoop, Stream
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class Generator:
         context audio is left for the loop's generation thread to resample and encode, so that
         the caller's thread (Triton's execute()) is not held by it."""
         self.limits.check(request)
-        check_chunking(stream.first_chunk_frames, stream.chunk_frames, self.limits.max_audio_length_ms)
+        check_chunking(stream.chunking.first_frames, stream.chunking.max_frames, self.limits.max_audio_length_ms)
         if not any(segment.audio is not None for segment in request.context):
             stream.request = self.engine_request(request)
             return stream
@@ -86,13 +87,13 @@ class Generator:
         request: GenerationRequest,
         deliver: Callable[[Chunk], None],
         decode_audio: bool = True,
-        first_chunk_frames: int = FIRST_CHUNK_FRAMES,
-        chunk_frames: int = CHUNK_FRAMES,
+        chunking: ChunkPlan = ADAPTIVE,
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> Stream:
-        """Start generating; `deliver` gets the chunks in order from the loop's threads. Raises
-        ValueError naming the field for a request that cannot run."""
-        return self.loop.submit(self._checked(request, Stream(None, deliver, decode_audio, first_chunk_frames, chunk_frames, is_cancelled)))
+        """Start generating; `deliver` gets the chunks in order from the loop's threads, cut as
+        `chunking` says (default: the adaptive schedule, pacing.py). Raises ValueError naming the
+        field for a request that cannot run."""
+        return self.loop.submit(self._checked(request, Stream(None, deliver, decode_audio, chunking, is_cancelled)))
 
     def cancel(self, stream: Stream) -> None:
         self.loop.cancel(stream)
@@ -116,7 +117,7 @@ class Generator:
         for index, request in enumerate(requests):
             chunks[index] = []
             try:
-                whole = Stream(None, chunks[index].append, decode_audio, request.max_frames, request.max_frames)  # one chunk
+                whole = Stream(None, chunks[index].append, decode_audio, ChunkPlan.whole(request.max_frames))
                 prepared[index] = self._checked(request, whole)
             except ValueError as error:
                 if not return_exceptions:
@@ -181,14 +182,16 @@ class Generator:
         topk: int = 50,
         max_audio_length_ms: int = 10_000,
         seed: int | None = None,
-        first_chunk_frames: int = FIRST_CHUNK_FRAMES,
-        chunk_frames: int = CHUNK_FRAMES,
+        first_chunk_frames: int | None = None,
+        chunk_frames: int | None = None,
     ) -> Iterator[torch.Tensor]:
         """Audio chunks [samples] as they are generated; joined, they are `generate`'s audio.
-        Closing the iterator early cancels the generation."""
+        The first holds `first_chunk_frames` frames of 80 ms (default 2); later ones hold
+        `chunk_frames` each if given, or else as many as keep ahead of playback, up to 12 (the
+        adaptive schedule, pacing.py). Closing the iterator early cancels the generation."""
         request = GenerationRequest(text, speaker, context, temperature, topk, max_audio_length_ms, seed)
         chunks: queue.Queue[Chunk] = queue.Queue()
-        stream = self.submit(request, chunks.put, True, first_chunk_frames, chunk_frames)
+        stream = self.submit(request, chunks.put, True, chunk_plan(first_chunk_frames, chunk_frames, ADAPTIVE))
         return self._chunks_of(stream, chunks)
 
     def _chunks_of(self, stream: Stream, chunks: queue.Queue[Chunk]) -> Iterator[torch.Tensor]:
@@ -226,7 +229,7 @@ class Generator:
             if chunk.finish is not None:
                 event_loop.call_soon_threadsafe(lambda: done.done() or done.set_result(pieces))
 
-        stream = self.submit(request, deliver, first_chunk_frames=request.max_frames)
+        stream = self.submit(request, deliver, chunking=ChunkPlan.whole(request.max_frames))
         try:
             return _joined(await done).audio
         except asyncio.CancelledError:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import ModelConfig
+from .pacing import ChunkPlan, chunk_plan
 from .request import (
     CHUNK_FRAMES,
     FIRST_CHUNK_FRAMES,
@@ -85,7 +86,8 @@ class ServingConfig:
     dtype: str = "auto"
     slots: int = 8
     first_chunk_frames: int = FIRST_CHUNK_FRAMES
-    chunk_frames: int = CHUNK_FRAMES
+    chunk_frames: int = CHUNK_FRAMES  # the adaptive schedule's largest chunk, or every later chunk's size
+    chunk_schedule: str = "adaptive"  # or "fixed": chunk_frames a chunk after the first (pacing.py)
     cpu_threads: int = 0  # 0: half the cores for each of the serving loop's two threads
     prefill_chunk: int = 0  # prompt positions prefilled per step at most; 0: load_csm_1b's default
     kv_cache_memory_mb: int = 0  # MiB the KV caches of all slots may take; 0: no bound
@@ -120,7 +122,13 @@ class ServingConfig:
             raise ValueError(f"kv_cache_memory_mb: must be >= 0 (0: no bound), got {config.kv_cache_memory_mb}")
         RequestLimits(**config.limit_parameters())  # refuses a limit out of range, naming it
         check_chunking(config.first_chunk_frames, config.chunk_frames, config.max_audio_length_ms)
+        if config.chunk_schedule not in ("adaptive", "fixed"):
+            raise ValueError(f'chunk_schedule: must be "adaptive" or "fixed", got {config.chunk_schedule!r}')
         return config
+
+    def chunk_plan(self) -> ChunkPlan:
+        """How a streaming request that asks for no chunk sizes is cut."""
+        return ChunkPlan(self.first_chunk_frames, self.chunk_frames, self.chunk_schedule == "adaptive")
 
     def limit_parameters(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in RequestLimits.parameters()}
@@ -246,10 +254,10 @@ def read_request(arrays: dict[str, np.ndarray], limits: RequestLimits) -> Genera
     return request
 
 
-def read_chunking(arrays: dict[str, np.ndarray], config: ServingConfig) -> tuple[int, int]:
-    """(frames in the first audio chunk, frames in each later chunk) of a streaming request."""
+def read_chunking(arrays: dict[str, np.ndarray], config: ServingConfig) -> ChunkPlan:
+    """How a streaming request is cut into chunks: the sizes it sends, the config's for the rest."""
     _check_types_and_shapes({name: arrays[name] for name in ("FIRST_CHUNK_FRAMES", "CHUNK_FRAMES") if name in arrays})
-    first_chunk_frames = int(_scalar(arrays, "FIRST_CHUNK_FRAMES", config.first_chunk_frames))
-    chunk_frames = int(_scalar(arrays, "CHUNK_FRAMES", config.chunk_frames))
-    check_chunking(first_chunk_frames, chunk_frames, config.max_audio_length_ms, TRITON_NAMES)
-    return first_chunk_frames, chunk_frames
+    sizes = {name: int(_scalar(arrays, name)) if name in arrays else None for name in ("FIRST_CHUNK_FRAMES", "CHUNK_FRAMES")}
+    plan = chunk_plan(sizes["FIRST_CHUNK_FRAMES"], sizes["CHUNK_FRAMES"], config.chunk_plan())
+    check_chunking(plan.first_frames, plan.max_frames, config.max_audio_length_ms, TRITON_NAMES)
+    return plan

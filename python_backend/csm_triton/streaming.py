@@ -39,7 +39,7 @@ import torch
 
 from .codec import StreamingDecoder
 from .engine import Engine, EngineRequest
-from .request import CHUNK_FRAMES, FIRST_CHUNK_FRAMES
+from .pacing import ADAPTIVE, FRAME_S, ChunkPlan, Playback, Smoothed, pass_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ class Stream:
     request: EngineRequest | None
     deliver: Callable[[Chunk], None]
     decode_audio: bool = True
-    first_chunk_frames: int = FIRST_CHUNK_FRAMES
-    chunk_frames: int = CHUNK_FRAMES
+    chunking: ChunkPlan = ADAPTIVE
     is_cancelled: Callable[[], bool] = lambda: False
     prepare: Callable[[], EngineRequest] | None = None
     started: threading.Event = field(default_factory=threading.Event)  # it has a slot, or has ended
@@ -105,9 +104,6 @@ class Stream:
             self.send(Chunk(torch.zeros(0, 0, dtype=torch.long), None, "error", error))
         except Exception:
             logger.exception("delivering an error to a stream failed")
-
-    def next_chunk_frames(self, chunks_done: int) -> int:
-        return self.first_chunk_frames if chunks_done == 0 else self.chunk_frames
 
 
 @dataclass(frozen=True)
@@ -138,6 +134,16 @@ class _Decoded:
 
 
 @dataclass(frozen=True)
+class _Delivered:
+    """A chunk of the stream has been delivered, `latency_s` after its last frame reached the decoder."""
+
+    stream: Stream
+    frames: int
+    at: float
+    latency_s: float
+
+
+@dataclass(frozen=True)
 class _Released:
     """The stream's last chunk is out: its decoder row is free."""
 
@@ -162,8 +168,8 @@ class _DecodeJob:
     finish: str | None = None
     error: Exception | None = None
     first: bool = False  # the stream's first frames: its decoder row starts here
-    first_chunk: bool = False  # part of its first chunk, which goes before all other work
     ends_chunk: bool = True  # the chunk is complete after these frames
+    sent_at: float = 0.0  # when generation sent them
     decoded: int = 0  # frames decoded so far
     audio: list[torch.Tensor] = field(default_factory=list)  # their samples, a tensor a pass
 
@@ -193,6 +199,9 @@ class _Progress:
     decoder_started: bool = False  # its first frames have been sent to the decoder
     decoding: int = 0  # frames sent to the decoder and not yet delivered
     ended: bool = False  # its last job has been sent to the audio thread
+    playback: Playback = field(default_factory=Playback)  # its listener: the frames of its complete chunks
+    first_sent_at: float | None = None  # when its first chunk went to the decoder
+    ready_at: float = 0.0  # when it could take a slot
 
 
 class ServingLoop:
@@ -212,6 +221,12 @@ class ServingLoop:
     CPU, full-size Mimi: the mean pass went from 3 rows to most of 8, and 8 streams from 2.8 to
     3.2 audio-seconds a second).
 
+    Chunks end where each stream's ChunkPlan says (pacing.py), from the listener's slack as the
+    generation thread sees it: the audio of the chunks it has sent, playing from the first one's
+    delivery, against the frame time and the decoder's latency it measures. Decoder passes serve
+    the streams closest to a stall first (pacing.pass_jobs), by the audio thread's own count of
+    what it has delivered. `clock` is the loop's time (tests may give it another).
+
     At most `max_waiting` streams (None: any number) may wait for a slot beyond those that a free
     slot takes at once; `submit` refuses more with Busy."""
 
@@ -225,6 +240,7 @@ class ServingLoop:
         cpu_threads: int | None = None,
         max_waiting: int | None = None,
         stall_timeout_s: float = STALL_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.decoder = decoder
@@ -233,10 +249,11 @@ class ServingLoop:
         self.cpu_threads = cpu_threads or max(1, len(os.sched_getaffinity(0)) // 2)
         self.max_waiting = max_waiting
         self.stall_timeout_s = stall_timeout_s
+        self.clock = clock
         # Shared, under _wake: the generation thread's inbox, the unfinished streams, what the
         # generation thread publishes for stats(), each thread's busy time, and the loop's end.
         self._wake = threading.Condition()
-        self._inbox: deque[_Submit | _Cancel | _Decoded | _Released | _Close] = deque()
+        self._inbox: deque[_Submit | _Cancel | _Decoded | _Delivered | _Released | _Close] = deque()
         self._streams: set[Stream] = set()  # submitted, last chunk not yet delivered
         # Counted together by the generation thread, so that their difference is right even while
         # it admits streams: a waiting stream that takes a free slot changes both.
@@ -253,10 +270,13 @@ class ServingLoop:
         self._running: dict[int, Stream] = {}  # engine request id -> stream (in a slot or the engine's queue)
         self._progress: dict[Stream, _Progress] = {}
         self._step_failures = 0
+        self._frame_s = Smoothed()  # a round that steps the engine
+        self._latency = Smoothed()  # from a chunk's last frame sent to the decoder to its delivery
         # The audio thread's own.
         self._jobs: queue.Queue[_DecodeJob | None] = queue.Queue()  # its work; None stops it
         self._backlog: dict[Stream, deque[_DecodeJob]] = {}  # each stream's jobs at the decoder, oldest stream first
         self._parts: dict[Stream, list[_DecodeJob]] = {}  # decoded pieces of the chunk being completed
+        self._playback: dict[Stream, Playback] = {}  # what each stream's listener has been given
         self._pass_failures = 0
         self._threads = [
             threading.Thread(target=self._run, args=("generation", self._generate_round), name="csm-generate", daemon=True),
@@ -315,7 +335,7 @@ class ServingLoop:
         for thread in self._threads:
             thread.join(timeout=timeout_s)
 
-    def _post(self, message: _Submit | _Cancel | _Decoded | _Released | _Close) -> None:
+    def _post(self, message: _Submit | _Cancel | _Decoded | _Delivered | _Released | _Close) -> None:
         """Hand a message to the generation thread (with _wake held)."""
         self._inbox.append(message)
         self._wake.notify_all()
@@ -372,14 +392,16 @@ class ServingLoop:
             messages, self._inbox = self._inbox, deque()
             self._submits_taken = sum(isinstance(message, _Submit) for message in messages)
             self._busy_since["generation"] = time.monotonic()
+        began = self.clock()
         for message in messages:
             self._handle(message)
         self._prepare_next()
         if self._can_step():
-            while self._admissible():
+            while self._admissible() and not self._admission_waits():
                 self._start(self._waiting.popleft())
             self._poll_cancellations()
             self._step()
+            self._frame_s.add(self.clock() - began)
         self._publish()
         self._busy("generation", False)
         if self._closing and not self._progress:
@@ -387,16 +409,21 @@ class ServingLoop:
             return False
         return True
 
-    def _handle(self, message: _Submit | _Cancel | _Decoded | _Released | _Close) -> None:
+    def _handle(self, message: _Submit | _Cancel | _Decoded | _Delivered | _Released | _Close) -> None:
         match message:
             case _Submit(stream):
-                self._progress[stream] = _Progress()
+                self._progress[stream] = _Progress(ready_at=self.clock())
                 (self._waiting if stream.request is not None else self._preparing).append(stream)
             case _Cancel(stream):
                 self._cancel(stream)
             case _Decoded(stream, frames):
                 if stream in self._progress:
                     self._progress[stream].decoding -= frames
+            case _Delivered(stream, frames, at, latency_s):
+                self._latency.add(latency_s)
+                progress = self._progress.get(stream)
+                if progress is not None and frames and progress.playback.started_at is None:
+                    progress.playback.started_at = at
             case _Released(stream):
                 progress = self._progress.pop(stream)
                 if progress.row >= 0:
@@ -446,6 +473,7 @@ class ServingLoop:
             self._end(stream, "error", error)
             return
         stream.request = request
+        self._progress[stream].ready_at = self.clock()
         self._waiting.append(stream)
 
     def _can_step(self) -> bool:
@@ -455,14 +483,41 @@ class ServingLoop:
         """Whether some stream has more than two chunks waiting for the decoder. Generation then
         waits, since running ahead of the decoder would only queue audio and take the cores the
         decoder needs; but never while a stream has yet to send its first chunk, which is what
-        its caller is waiting for (a step costs about the same for one stream as for all)."""
+        its caller is waiting for (a step costs about the same for one stream as for all), nor
+        while one is about to stall for want of frames."""
+        now = self.clock()
         running = [(stream, self._progress[stream]) for stream in self._running.values()]
-        if any(progress.chunks == 0 for _, progress in running):
+        if any(progress.chunks == 0 or self._starved(progress, now) for _, progress in running):
             return False
-        return any(stream.decode_audio and progress.decoding > 2 * stream.chunk_frames for stream, progress in running)
+        return any(stream.decode_audio and progress.decoding > 2 * stream.chunking.max_frames for stream, progress in running)
+
+    def _starved(self, progress: _Progress, now: float) -> bool:
+        """Its listener is about to run out (the same test as a chunk's end) and the decoder holds
+        less than a pass of its frames: only generation can keep it playing."""
+        return progress.decoding < self.DECODE_PASS_FRAMES and self._slack(progress, now) < 2 * self._frame_s.value
+
+    def _slack(self, progress: _Progress, now: float) -> float:
+        """The audio the stream's listener would have left when a chunk sent now arrived: the
+        stream's complete chunks, playing from the first one's delivery (or, before it, from when
+        it is due)."""
+        arrival = now + self._latency.value
+        playback = progress.playback
+        if playback.started_at is None and progress.first_sent_at is not None:
+            playback = Playback(progress.first_sent_at + self._latency.value, playback.frames)
+        return playback.slack(arrival)
 
     def _admissible(self) -> bool:
         return bool(self._waiting) and bool(self._free_rows)
+
+    def _admission_waits(self) -> bool:
+        """Whether the next waiting stream stays out of the engine for this step: while a running
+        stream is about to stall for want of frames, since a new prompt's prefill would lengthen
+        the step it needs, but for one frame's playback time at most, so that a new request's
+        first audio is never held for long."""
+        now = self.clock()
+        if now - self._progress[self._waiting[0]].ready_at >= FRAME_S:
+            return False
+        return any(self._starved(self._progress[stream], now) for stream in self._running.values() if self._progress[stream].chunks)
 
     def _start(self, stream: Stream) -> None:
         progress = self._progress[stream]
@@ -485,6 +540,7 @@ class ServingLoop:
                 raise LoopFailed(f"{self._step_failures} engine steps in a row failed, the last with {error!r}") from error
             return
         self._step_failures = 0
+        now = self.clock()
         for result in results:
             stream = self._running.get(result.request_id)
             if stream is None:
@@ -495,7 +551,9 @@ class ServingLoop:
                 progress.frames.append(result.codes)
             if result.finish is not None:
                 self._end(stream, result.finish)
-            elif progress.chunk_sent + len(progress.frames) >= stream.next_chunk_frames(progress.chunks):
+            elif stream.chunking.ends(
+                progress.chunks, progress.chunk_sent + len(progress.frames), self._slack(progress, now), self._frame_s.value
+            ):
                 self._send(stream, ends_chunk=True)
             elif len(progress.frames) >= self.DECODE_PASS_FRAMES:
                 self._send(stream, ends_chunk=False)
@@ -503,12 +561,15 @@ class ServingLoop:
     def _send(self, stream: Stream, ends_chunk: bool, finish: str | None = None, error: Exception | None = None) -> None:
         progress = self._progress[stream]
         codes = torch.stack(progress.frames) if progress.frames else _no_codes(self.engine)
-        first, first_chunk = not progress.decoder_started, progress.chunks == 0
-        self._jobs.put(_DecodeJob(stream, codes, progress.row, finish, error, first, first_chunk, ends_chunk))
+        first, now = not progress.decoder_started, self.clock()
+        self._jobs.put(_DecodeJob(stream, codes, progress.row, finish, error, first, ends_chunk, now))
         progress.decoder_started = True
         progress.decoding += len(codes)
         progress.frames = []
         if ends_chunk:
+            if progress.chunks == 0:
+                progress.first_sent_at = now
+            progress.playback.frames += progress.chunk_sent + len(codes)
             progress.chunks += 1
             progress.chunk_sent = 0
         else:
@@ -556,15 +617,13 @@ class ServingLoop:
         return True
 
     def _next_pass(self) -> tuple[int, list[_DecodeJob]]:
-        """The jobs to advance by one decoder call, and by how many frames. First chunks go
-        before all others; otherwise the oldest job sets the pass length and every job with
-        that many frames left joins it."""
+        """The jobs to advance by one decoder call, and by how many frames (pacing.pass_jobs): a
+        stream's first chunk or one whose listener is about to run out first."""
+        now = self.clock()
         heads = [backlog[0] for backlog in self._backlog.values()]
-        candidates = [job for job in heads if job.first_chunk] or heads
-        if not candidates:
-            return 0, []
-        frames = min(self.DECODE_PASS_FRAMES, candidates[0].frames_left)
-        return frames, [job for job in candidates if job.frames_left >= frames]
+        slack = [self._playback.get(job.stream, Playback()).slack(now) for job in heads]
+        frames, chosen = pass_jobs([job.frames_left for job in heads], slack, self.DECODE_PASS_FRAMES)
+        return frames, [heads[index] for index in chosen]
 
     @torch.inference_mode()
     def _run_pass(self, frames: int, jobs: list[_DecodeJob]) -> None:
@@ -610,9 +669,14 @@ class ServingLoop:
         except Exception as error:  # the receiver is gone (a closed connection)
             logger.exception("delivering a chunk failed; ending the stream")
             stream.fail(error)
+        now = self.clock()
+        self._playback.setdefault(stream, Playback()).add(len(chunk.codes), now)
+        with self._wake:
+            self._post(_Delivered(stream, len(chunk.codes), now, now - job.sent_at))
         if job.finish is None and stream.ended:
             self.cancel(stream)
         if job.finish is not None:
+            del self._playback[stream]
             stream.started.set()
             stream.finished.set()
             with self._wake:

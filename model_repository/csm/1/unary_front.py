@@ -33,6 +33,7 @@ class Settings:
 
     stream_model: str = "csm_stream"
     max_inflight: int = 64
+    chunk_frames: int = 12
     first_audio_timeout_s: float = 60.0
     max_real_time_factor: float = 20.0
     watch_interval_s: float = 2.0
@@ -116,6 +117,7 @@ class UnaryFront:
 
     def _forward(self, request, wanted: list[str]) -> bls.DecoupledCall:
         inputs = [tensor for name in self.input_names if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None]
+        inputs.append(pb_utils.Tensor("CHUNK_FRAMES", np.array([[self.settings.chunk_frames]], dtype=np.int32)))
         call = bls.DecoupledCall(
             self.settings.stream_model,
             inputs,

@@ -106,12 +106,12 @@ class TritonPythonModel:
     def _submit(self, request, sender, forward_id: str | None) -> None:
         arrays = {name: tensor.as_numpy() for name in INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
         generation = read_request(arrays, self.limits)
-        first_chunk_frames, chunk_frames = read_chunking(arrays, self.config)
+        chunking = read_chunking(arrays, self.config)
         wanted = request.requested_output_names()
         link = _Link(request, sender, wanted, self.metrics, self._forget, self.engine.cancel, self.forwarded, forward_id)
         with self._links_lock:  # before the engine can answer: its last chunk removes the link
             try:
-                key = self.engine.submit(generation, link.receive, "AUDIO" in wanted, first_chunk_frames, chunk_frames)
+                key = self.engine.submit(generation, link.receive, "AUDIO" in wanted, chunking)
             except EngineUnavailable:
                 self.forwarded.finish(forward_id)
                 raise
