@@ -290,11 +290,12 @@ def virtual_user(index: int, settings: UserSettings) -> None:
 
 def stream_processes(server: TritonServer) -> list[psutil.Process]:
     """Every tritonserver child whose command line names csm_stream: the model's stub, and its
-    engine process where it has one of its own."""
+    engine process where it has one of its own (not the stub's orphan watch, a shell)."""
     found = []
     for child in psutil.Process(server.process.pid).children(recursive=True):
         try:
-            if STREAM_MODEL in " ".join(child.cmdline()):
+            command = " ".join(child.cmdline())
+            if STREAM_MODEL in command and "csm-orphan-watch" not in command:
                 found.append(child)
         except psutil.NoSuchProcess:
             pass

@@ -169,7 +169,7 @@ def test_csm_stream_runs_in_a_packed_environment(
     # maps torch from the packed environment. (That python3 finds its libpython by the RPATH it was
     # built with while that path exists, as here, else by the stub's LD_LIBRARY_PATH: the same file.)
     [stub] = stubs(server, "csm_stream")
-    [engine] = stub.children()
+    [engine] = [process for process in stub.children() if "csm_triton.engine_worker" in process.cmdline()]
     assert Path(engine.exe()).resolve() == (packed_env / "bin" / "python3").resolve()
     libpython = packed_env / "lib" / sysconfig.get_config_var("INSTSONAME")
     assert [path for path in mapped_files(stub) if "libpython" in path] == [str(libpython)]

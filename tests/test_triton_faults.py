@@ -212,13 +212,19 @@ def test_an_engine_that_cannot_come_back_unloads_csm_stream_and_readiness_says_s
 def test_a_killed_tritonserver_leaves_none_of_the_models_processes_behind(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> None:
-    """The python backend leaves its stubs running when tritonserver dies; ours exit, and
-    csm_stream's engine with its stub."""
+    """The python backend leaves its stubs running when tritonserver dies; ours are killed by
+    their watches (csm_triton/orphan.py), and csm_stream's engine goes with its stub."""
     server = serve(tmp_path_factory.mktemp("orphans"), tiny_model_dir)
-    processes = psutil.Process(server.process.pid).children(recursive=True)
-    commands = [" ".join(process.cmdline()) for process in processes]
-    assert len(processes) == 4 and sum("engine_worker" in command for command in commands) == 1  # 3 stubs and the engine
+    kinds = {"triton_python_backend_stub": "stub", "engine_worker": "engine", "csm-orphan-watch": "watch"}
+    processes = {}  # the long-lived ones: a watch's subshells come and go
+    for stub in psutil.Process(server.process.pid).children():
+        for process in [stub, *stub.children()]:
+            command = " ".join(process.cmdline())
+            for marker, kind in kinds.items():
+                if marker in command:
+                    processes[process] = kind
+    assert sorted(processes.values()) == ["engine", "stub", "stub", "stub", "watch", "watch", "watch"]
     server.process.kill()
     server.process.wait()
-    gone, alive = psutil.wait_procs(processes, timeout=10)
+    gone, alive = psutil.wait_procs(list(processes), timeout=10)
     assert not alive, f"left running: {[' '.join(process.cmdline()) for process in alive]}"

@@ -121,10 +121,10 @@ def wait_for_idle_server(server: TritonServer, timeout_s: float = 20.0) -> dict[
 
 def stream_model_processes(server: TritonServer) -> tuple[psutil.Process, psutil.Process]:
     """csm_stream's python-backend stub (requests and response senders) and its engine process
-    (the serving loop, weights and caches), the stub's child."""
+    (the serving loop, weights and caches), the stub's child beside its orphan watch."""
     for child in psutil.Process(server.process.pid).children():
         if "csm_stream" in " ".join(child.cmdline()):
-            (engine,) = child.children()
+            (engine,) = [process for process in child.children() if "engine_worker" in " ".join(process.cmdline())]
             return child, engine
     raise AssertionError("no python-backend stub process for csm_stream")
 

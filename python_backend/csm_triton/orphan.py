@@ -2,30 +2,35 @@
 (killed, crashed): exit. The python backend leaves its stub processes running then; a stub left
 over keeps its threads going (a csm watch once probed and "reloaded" a server that was gone for
 40 minutes, writing into the log of the next one), csm_stream's engine keeps holding the GPU, and
-none of them will ever be asked for anything again. Imports no torch.
+none of them will ever be asked for anything again.
+
+The watch is a shell of its own, not a thread of the stub: the python backend's calls into the
+server (a metric's `set`, a response's `send`) wait for the server's answer holding the GIL, so a
+stub whose server died during one never runs Python again (seen: csm_stream's metrics thread in
+`Metric.set`, every other thread waiting for the GIL). Imports no torch.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
-
-logger = logging.getLogger(__name__)
+import subprocess
 
 CHECK_S = 0.5
+# $1: the stub, this shell's parent; $2: tritonserver, the stub's parent; $3: the model. Either
+# parent changing means it is gone (a process whose parent dies is given another): the stub's
+# ends the watch, tritonserver's ends the stub (its engine process follows, engine_worker.py).
+WATCH = f"""
+parent() {{ sed -n 's/^PPid:[[:space:]]*//p' "/proc/$1/status" 2>/dev/null; }}
+while [ "$(parent $$)" = "$1" ] && [ "$(parent $1)" = "$2" ]; do sleep {CHECK_S}; done
+if [ "$(parent $$)" = "$1" ]; then
+  echo "csm_triton.orphan: tritonserver (pid $2) is gone; killing $3's process ($1)" >&2
+  kill -9 "$1"
+fi
+"""
 
 
-def exit_with_server(model: str) -> threading.Thread:
-    """Start a thread that exits this process once tritonserver, its parent, is gone."""
-    server = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == server:
-            threading.Event().wait(CHECK_S)
-        logger.error("tritonserver (pid %d) is gone; %s's process exits", server, model)
-        os._exit(1)
-
-    thread = threading.Thread(target=watch, name="csm-orphan-watch", daemon=True)
-    thread.start()
-    return thread
+def exit_with_server(model: str) -> subprocess.Popen:
+    """Start the shell that kills this process once tritonserver, its parent, is gone."""
+    return subprocess.Popen(
+        ["/bin/sh", "-c", WATCH, "csm-orphan-watch", str(os.getpid()), str(os.getppid()), model], stdin=subprocess.DEVNULL
+    )

@@ -17,7 +17,7 @@ from csm_triton.orphan import exit_with_server
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        exit_with_server(args["model_name"])
+        self.orphan_watch = exit_with_server(args["model_name"])
         model_config = json.loads(args["model_config"])
         settings = Settings.from_parameters(model_config.get("parameters", {}))
         self.front = UnaryFront(settings, [tensor["name"] for tensor in model_config["input"]])

@@ -46,7 +46,7 @@ class TritonPythonModel:
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <stub pid>`: every thread's stack, in the server log
         model_config = json.loads(args["model_config"])
         self.name = args["model_name"]
-        exit_with_server(self.name)  # and the engine process with this one (engine_worker.py)
+        self.orphan_watch = exit_with_server(self.name)  # and the engine process with this one (engine_worker.py)
         self.config = ServingConfig.from_parameters(model_config.get("parameters", {}))
         kind, device_id = args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0))
         settings = WorkerSettings(self.config, str(PROJECT_ROOT), args["model_instance_name"], kind, device_id)

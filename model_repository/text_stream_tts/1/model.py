@@ -84,7 +84,7 @@ def _constant_input(name: str, value) -> np.ndarray:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        exit_with_server(args["model_name"])
+        self.orphan_watch = exit_with_server(args["model_name"])
         model_config = json.loads(args["model_config"])
         self.settings = Settings.from_parameters(model_config.get("parameters", {}))
         # csm_stream's inputs, with PROMPT in place of TEXT: all but PROMPT and SEED are passed on
