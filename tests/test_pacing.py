@@ -14,32 +14,33 @@ import torch
 from csm_triton import GenerationRequest, Generator, checkpoint
 from csm_triton.codec import StreamingDecoder
 from csm_triton.engine import Engine
-from csm_triton.pacing import FRAME_S, PRESSING_S, ChunkPlan, Playback, chunk_plan, pass_jobs
+from csm_triton.pacing import ADAPTIVE, FRAME_S, PASS_FRAMES, PRESSING_S, SAFETY_S, ChunkPlan, Playback, chunk_plan, pass_jobs
 from csm_triton.request import SAMPLES_PER_FRAME
 from csm_triton.streaming import Chunk, ServingLoop, Stream
-
-ADAPTIVE = ChunkPlan(first_frames=2, max_frames=12)
 
 
 def test_the_first_chunk_has_its_size_whatever_the_slack() -> None:
     for slack_s in (-math.inf, -1.0, 0.0, 10.0):
-        assert [ADAPTIVE.ends(0, frames, slack_s, 0.05) for frames in (1, 2)] == [False, True]
+        assert [ADAPTIVE.ends(0, frames, frames, slack_s, 0.05) for frames in (1, 2)] == [False, True]
 
 
-def test_a_later_chunk_ends_once_one_more_frame_would_come_too_late() -> None:
+def test_a_later_chunk_ends_at_a_pass_boundary_once_the_next_pass_would_come_too_late() -> None:
     frame_s = 0.05
-    assert not ADAPTIVE.ends(1, 3, slack_s=0.11, frame_s=frame_s)  # room for this frame and one more
-    assert ADAPTIVE.ends(1, 3, slack_s=0.09, frame_s=frame_s)
-    assert not ADAPTIVE.ends(1, 1, slack_s=-5.0, frame_s=frame_s)  # never shorter than the first chunk
-    assert ADAPTIVE.ends(1, 2, slack_s=-5.0, frame_s=frame_s)
-    assert ADAPTIVE.ends(3, 12, slack_s=100.0, frame_s=frame_s) and not ADAPTIVE.ends(3, 11, slack_s=100.0, frame_s=frame_s)
+    enough = (PASS_FRAMES + 1) * frame_s + SAFETY_S  # the next pass's frames, one for jitter, the way to the client
+    assert not ADAPTIVE.ends(1, 2, 4, slack_s=enough + 0.01, frame_s=frame_s)
+    assert ADAPTIVE.ends(1, 2, 4, slack_s=enough - 0.01, frame_s=frame_s)
+    assert not ADAPTIVE.ends(1, 3, 5, slack_s=-5.0, frame_s=frame_s)  # between two passes: never
+    assert ADAPTIVE.ends(2, 4, 8, slack_s=-5.0, frame_s=frame_s)
+    assert ADAPTIVE.ends(1, 10, 12, slack_s=100.0, frame_s=frame_s)  # another pass would pass 12 frames
+    assert not ADAPTIVE.ends(2, 8, 12, slack_s=100.0, frame_s=frame_s)
+    assert ADAPTIVE.ends(2, 12, 16, slack_s=100.0, frame_s=frame_s)
 
 
-def test_a_fixed_plan_ignores_the_slack() -> None:
+def test_a_fixed_plan_ignores_the_slack_and_the_passes() -> None:
     fixed = ChunkPlan(2, 6, adaptive=False)
     for slack_s in (-math.inf, 0.0, 100.0):
-        assert [frames for frames in range(1, 13) if fixed.ends(1, frames, slack_s, 0.05)] == list(range(6, 13))
-    assert [ChunkPlan.whole(30).ends(0, frames, -1.0, 0.05) for frames in (29, 30)] == [False, True]
+        assert [frames for frames in range(1, 13) if fixed.ends(1, frames, frames + 2, slack_s, 0.05)] == list(range(6, 13))
+    assert [ChunkPlan.whole(30).ends(0, frames, frames, -1.0, 0.05) for frames in (29, 30)] == [False, True]
 
 
 def test_a_request_fixes_only_the_sizes_it_asks_for() -> None:
@@ -49,24 +50,25 @@ def test_a_request_fixes_only_the_sizes_it_asks_for() -> None:
     assert chunk_plan(None, None, ChunkPlan(2, 12, adaptive=False)) == ChunkPlan(2, 12, adaptive=False)
 
 
-def test_playback_slack_is_the_audio_left() -> None:
+def test_playback_resumes_on_a_late_chunk() -> None:
     playback = Playback()
     assert playback.slack(5.0) == -math.inf  # waiting for its first audio
-    playback.add(2, at=10.0)
-    playback.add(10, at=10.5)
+    playback.add(2, at=10.0)  # plays until 10.16
+    playback.add(10, at=10.1)  # queued behind it: until 10.96
     assert playback.slack(10.5) == pytest.approx(12 * FRAME_S - 0.5)
-    assert playback.slack(11.0 + 12 * FRAME_S) == pytest.approx(-1.0)
+    playback.add(4, at=12.0)  # it ran out at 10.96 and resumes now
+    assert playback.slack(12.0) == pytest.approx(4 * FRAME_S)
 
 
 def test_a_stream_about_to_stall_is_decoded_before_one_with_much_buffered() -> None:
     # Stream 0 has seconds of audio buffered and four frames ready; stream 1 is about to stall with
     # the last two frames of its chunk: the pass is stream 1's alone, as long as its two frames.
-    assert pass_jobs([4, 2], [5.0, PRESSING_S / 5], pass_frames=4) == (2, [1])
+    assert pass_jobs([4, 2], [5.0, PRESSING_S / 5]) == (2, [1])
     # A first chunk (its caller is waiting for it) goes before a stream about to stall.
-    assert pass_jobs([2, 4, 4], [0.1, -math.inf, 3.0], pass_frames=4) == (4, [1])
+    assert pass_jobs([2, 4, 4], [0.1, -math.inf, 3.0]) == (4, [1])
     # Nobody pressed: the least buffered sets the length, everyone with that many frames joins.
-    assert pass_jobs([4, 2, 3], [5.0, 2.0, 1.0], pass_frames=4) == (3, [2, 0])
-    assert pass_jobs([0, 0], [0.0, 0.0], pass_frames=4) == (0, [])
+    assert pass_jobs([4, 2, 3], [5.0, 2.0, 1.0]) == (3, [2, 0])
+    assert pass_jobs([0, 0], [0.0, 0.0]) == (0, [])
 
 
 class StepClock:
@@ -112,15 +114,20 @@ def streamed_chunks(loop: ServingLoop, generator: Generator, request: Generation
     return chunks
 
 
-@pytest.mark.parametrize(("frame_s", "later"), [(0.001, 12), (0.2, 2)], ids=["far faster than real time", "slower than real time"])
-def test_the_adaptive_schedule_follows_the_measured_frame_time(clocked_loop, generator: Generator, frame_s: float, later: int) -> None:
-    """A model far ahead of its listener gets the largest chunks at once; one that cannot keep up
-    gets the shortest, each sent as soon as it is ready. Joined, they are still the one-shot decode."""
+@pytest.mark.parametrize(
+    ("frame_s", "expected"),
+    [(0.001, [2, 10, 12, 12, 12, 2]), (0.2, [2, 2, *[4] * 11, 2])],
+    ids=["far faster than real time", "slower than real time"],
+)
+def test_the_adaptive_schedule_follows_the_measured_frame_time(
+    clocked_loop, generator: Generator, frame_s: float, expected: list[int]
+) -> None:
+    """A model far ahead of its listener gets the largest chunks at once (the second ends at the
+    last pass boundary within 12 frames); one that cannot keep up gets one pass a chunk, each sent as
+    soon as it is ready. Joined, they are still the one-shot decode."""
     request = GenerationRequest("Paced by the clock.", 0, max_audio_length_ms=4000, seed=11)
     chunks = streamed_chunks(clocked_loop(frame_s), generator, request, ADAPTIVE)
-    sizes = [len(chunk.codes) for chunk in chunks]
-    assert sizes[0] == 2 and sum(sizes) == 50
-    assert sizes[1:-1] == [later] * (len(sizes) - 2) and 1 <= sizes[-1] <= later
+    assert [len(chunk.codes) for chunk in chunks] == expected
     codes = generator.generate_codes(request.text, 0, [], max_audio_length_ms=4000, seed=11)
     assert torch.equal(torch.cat([chunk.codes for chunk in chunks]), codes)
     audio = torch.cat([chunk.audio for chunk in chunks])

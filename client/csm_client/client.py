@@ -224,8 +224,9 @@ class CSMClient:
         """Speak `text` as `speaker` after `context`, yielding mono float32 audio chunks as the
         server makes them, so playback can start after the first `first_chunk_frames` frames (80 ms
         each) instead of at the end; later chunks hold `chunk_frames` frames (None: the server's
-        schedule, by default as many as keep ahead of playback). Joined, the chunks are `generate`'s audio. Closing the iterator early (break,
-        .close()) cancels the request on the server. gRPC only."""
+        schedule, by default as many as keep ahead of playback). Joined, the chunks are
+        `generate`'s audio. Closing the iterator early (break, .close()) cancels the request on
+        the server. gRPC only."""
         check_streaming(self.protocol)
         inputs = build_inputs(
             self.module, text, speaker, context, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames, **options

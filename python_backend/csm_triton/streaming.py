@@ -39,7 +39,7 @@ import torch
 
 from .codec import StreamingDecoder
 from .engine import Engine, EngineRequest
-from .pacing import ADAPTIVE, FRAME_S, ChunkPlan, Playback, Smoothed, pass_jobs
+from .pacing import ADAPTIVE, FRAME_S, PASS_FRAMES, ChunkPlan, Playback, Smoothed, cannot_wait, pass_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +135,8 @@ class _Decoded:
 
 @dataclass(frozen=True)
 class _Delivered:
-    """A chunk of the stream has been delivered, `latency_s` after its last frame reached the decoder."""
+    """A chunk has been delivered, `latency_s` after its last frame was sent to the decoder."""
 
-    stream: Stream
-    frames: int
-    at: float
     latency_s: float
 
 
@@ -199,8 +196,8 @@ class _Progress:
     decoder_started: bool = False  # its first frames have been sent to the decoder
     decoding: int = 0  # frames sent to the decoder and not yet delivered
     ended: bool = False  # its last job has been sent to the audio thread
-    playback: Playback = field(default_factory=Playback)  # its listener: the frames of its complete chunks
-    first_sent_at: float | None = None  # when its first chunk went to the decoder
+    generated: int = 0  # frames generated
+    playback: Playback = field(default_factory=Playback)  # its listener, given its complete chunks as they should arrive
     ready_at: float = 0.0  # when it could take a slot
 
 
@@ -213,8 +210,8 @@ class ServingLoop:
     decoding share the cores instead of oversubscribing them: on 2 cores, one thread each made
     8 concurrent tiny-model requests 4.4x as productive as one, against 3.8x with two each.
 
-    Generation hands frames to the decoder as soon as a stream has DECODE_PASS_FRAMES of them (or
-    its chunk is complete), and the decoder advances every stream together, that many frames a
+    Generation hands a stream's frames to the decoder at each of its pass boundaries (every
+    PASS_FRAMES frames it has generated) and at its chunks' ends, and the decoder advances every stream together, that many frames a
     call, first chunks before anything else: a new stream's first audio waits for at most one
     pass of the others, and passes find most streams' frames ready. Four frames a row cost no more
     a frame than twelve at eight rows, while a call's cost grows little with its rows (2-core
@@ -222,15 +219,13 @@ class ServingLoop:
     3.2 audio-seconds a second).
 
     Chunks end where each stream's ChunkPlan says (pacing.py), from the listener's slack as the
-    generation thread sees it: the audio of the chunks it has sent, playing from the first one's
-    delivery, against the frame time and the decoder's latency it measures. Decoder passes serve
+    generation thread sees it: the audio of the chunks it has sent, each arriving the decoder's
+    measured latency after it was sent, against the frame time it measures. Decoder passes serve
     the streams closest to a stall first (pacing.pass_jobs), by the audio thread's own count of
     what it has delivered. `clock` is the loop's time (tests may give it another).
 
     At most `max_waiting` streams (None: any number) may wait for a slot beyond those that a free
     slot takes at once; `submit` refuses more with Busy."""
-
-    DECODE_PASS_FRAMES = 4
 
     def __init__(
         self,
@@ -419,11 +414,8 @@ class ServingLoop:
             case _Decoded(stream, frames):
                 if stream in self._progress:
                     self._progress[stream].decoding -= frames
-            case _Delivered(stream, frames, at, latency_s):
+            case _Delivered(latency_s):
                 self._latency.add(latency_s)
-                progress = self._progress.get(stream)
-                if progress is not None and frames and progress.playback.started_at is None:
-                    progress.playback.started_at = at
             case _Released(stream):
                 progress = self._progress.pop(stream)
                 if progress.row >= 0:
@@ -494,17 +486,11 @@ class ServingLoop:
     def _starved(self, progress: _Progress, now: float) -> bool:
         """Its listener is about to run out (the same test as a chunk's end) and the decoder holds
         less than a pass of its frames: only generation can keep it playing."""
-        return progress.decoding < self.DECODE_PASS_FRAMES and self._slack(progress, now) < 2 * self._frame_s.value
+        return progress.decoding < PASS_FRAMES and cannot_wait(self._slack(progress, now), self._frame_s.value)
 
     def _slack(self, progress: _Progress, now: float) -> float:
-        """The audio the stream's listener would have left when a chunk sent now arrived: the
-        stream's complete chunks, playing from the first one's delivery (or, before it, from when
-        it is due)."""
-        arrival = now + self._latency.value
-        playback = progress.playback
-        if playback.started_at is None and progress.first_sent_at is not None:
-            playback = Playback(progress.first_sent_at + self._latency.value, playback.frames)
-        return playback.slack(arrival)
+        """The audio the stream's listener would have left when a chunk sent now arrived."""
+        return progress.playback.slack(now + self._latency.value)
 
     def _admissible(self) -> bool:
         return bool(self._waiting) and bool(self._free_rows)
@@ -549,13 +535,13 @@ class ServingLoop:
             progress = self._progress[stream]
             if result.codes is not None:
                 progress.frames.append(result.codes)
+                progress.generated += 1
+            chunk_frames = progress.chunk_sent + len(progress.frames)
             if result.finish is not None:
                 self._end(stream, result.finish)
-            elif stream.chunking.ends(
-                progress.chunks, progress.chunk_sent + len(progress.frames), self._slack(progress, now), self._frame_s.value
-            ):
+            elif stream.chunking.ends(progress.chunks, chunk_frames, progress.generated, self._slack(progress, now), self._frame_s.value):
                 self._send(stream, ends_chunk=True)
-            elif len(progress.frames) >= self.DECODE_PASS_FRAMES:
+            elif len(progress.frames) >= PASS_FRAMES or (progress.frames and progress.generated % PASS_FRAMES == 0):
                 self._send(stream, ends_chunk=False)
 
     def _send(self, stream: Stream, ends_chunk: bool, finish: str | None = None, error: Exception | None = None) -> None:
@@ -567,9 +553,7 @@ class ServingLoop:
         progress.decoding += len(codes)
         progress.frames = []
         if ends_chunk:
-            if progress.chunks == 0:
-                progress.first_sent_at = now
-            progress.playback.frames += progress.chunk_sent + len(codes)
+            progress.playback.add(progress.chunk_sent + len(codes), now + self._latency.value)
             progress.chunks += 1
             progress.chunk_sent = 0
         else:
@@ -622,7 +606,7 @@ class ServingLoop:
         now = self.clock()
         heads = [backlog[0] for backlog in self._backlog.values()]
         slack = [self._playback.get(job.stream, Playback()).slack(now) for job in heads]
-        frames, chosen = pass_jobs([job.frames_left for job in heads], slack, self.DECODE_PASS_FRAMES)
+        frames, chosen = pass_jobs([job.frames_left for job in heads], slack)
         return frames, [heads[index] for index in chosen]
 
     @torch.inference_mode()
@@ -672,7 +656,7 @@ class ServingLoop:
         now = self.clock()
         self._playback.setdefault(stream, Playback()).add(len(chunk.codes), now)
         with self._wake:
-            self._post(_Delivered(stream, len(chunk.codes), now, now - job.sent_at))
+            self._post(_Delivered(now - job.sent_at))
         if job.finish is None and stream.ended:
             self.cancel(stream)
         if job.finish is not None:
