@@ -54,9 +54,11 @@ class FrameGraphs:
         self._steps: dict[tuple[int, int], _Step] = {}
 
     def warm_up(self) -> None:
-        """Capture every batch bucket for the smallest top-k bucket now, not on a first request."""
+        """Capture every bucket (batch x top-k) now: capturing while serving would run beside the
+        audio thread's work and hold the frames of every stream."""
         for batch in self.batch_buckets:
-            self._step(batch, self.topk_buckets[0])
+            for max_topk in self.topk_buckets:
+                self._step(batch, max_topk)
         logger.info("frame step %s for batch buckets %s", "captured" if self.capture else "ready", self.batch_buckets)
 
     @torch.inference_mode()
@@ -111,16 +113,18 @@ class FrameGraphs:
         if not self.capture:
             return _Step(inputs, max_topk)
         # Warm-up on a side stream (cuBLAS and allocator set-up happen outside the capture), then
-        # capture into a pool shared by all buckets.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._frame(inputs, max_topk)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            codes = self._frame(inputs, max_topk)
+        # capture into a pool shared by all buckets, on the weights' device whichever is current
+        # (torch.cuda.graph captures on the current device's stream).
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._frame(inputs, max_topk)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                codes = self._frame(inputs, max_topk)
         return _Step(inputs, max_topk, codes, graph)
 
     def _frame(self, inputs: dict[str, torch.Tensor], max_topk: int) -> torch.Tensor:

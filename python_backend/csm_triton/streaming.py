@@ -345,9 +345,11 @@ class ServingLoop:
 
     def _run(self, name: str, round_: Callable[[], bool]) -> None:
         """A thread's life: rounds until it is told to stop; what escapes a round fails the loop."""
-        if self.engine.device.type == "cpu":
-            torch.set_num_threads(self.cpu_threads)  # OpenMP keeps this per calling thread
         try:
+            if self.engine.device.type == "cpu":
+                torch.set_num_threads(self.cpu_threads)  # OpenMP keeps this per calling thread
+            elif self.engine.device.type == "cuda":  # the current device is per thread too: graphs replay on its stream
+                torch.cuda.set_device(self.engine.device)
             while round_():
                 pass
         except Exception as error:

@@ -1,0 +1,213 @@
+"""The work one frame of the fixed-shape step asks of a device, counted on the CPU: the figures the
+GPU hot path (issue 12) is judged by, at CSM-1B's layer counts (16 backbone layers, 4 decoder
+layers, 32 codebooks, 2048 positions) with small widths, so that it runs anywhere in seconds.
+
+The step is `FrameGraphs._frame`, what the engine captures as a CUDA graph: one backbone position
+for every slot of a batch bucket, the 31-step depth decoder, sampling. For one frame it prints and
+writes (--json):
+- eager_ops_per_frame: aten ops the eager step dispatches, views excluded (they launch nothing),
+  in all and by part (the backbone position, the codebook heads and depth decoder, the sampler's
+  calls); on a GPU each is a kernel launch, a few microseconds each even inside a graph.
+- graphs, graph_breaks: what torch._dynamo.explain makes of the step (--no-explain skips it).
+- kv_positions_read_per_slot: the key positions each attention call reads for a slot, for a batch
+  whose longest stream is at position --position (100), next to that position.
+- host_device_copies_per_frame: in one engine step with every slot running on the frame step
+  (`Engine(frame_graphs=True)`): tensors built from host values (`torch.tensor`, each an upload on
+  a GPU) and tensors copied back (`Tensor.cpu`).
+
+Usage: python bench/frame_bench.py [--batch 8] [--position 100] [--json OUT] [--no-explain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from gpu_bench import prompt
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from csm_triton.config import CSM_1B, ModelConfig
+from csm_triton.engine import Engine
+from csm_triton.graphs import FrameGraphs
+from csm_triton.model import CSM
+from csm_triton.sampling import Sampler
+
+logger = logging.getLogger("frame_bench")
+
+# CSM-1B's depth and vocabularies, narrow: the counts depend on the layers, not their widths.
+NARROW = {"embed_dim": 64, "intermediate_dim": 128, "num_heads": 4, "num_kv_heads": 2}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active, views excluded, under the label `part` says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.by_part: Counter[str] = Counter()
+        self.part = "other"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[str(func.overloadpacket)] += 1
+            self.by_part[self.part] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def narrow_config() -> ModelConfig:
+    return dataclasses.replace(
+        CSM_1B,
+        backbone=dataclasses.replace(CSM_1B.backbone, **NARROW),
+        decoder=dataclasses.replace(CSM_1B.decoder, **NARROW),
+        backbone_flavor=None,
+        decoder_flavor=None,
+    )
+
+
+def labelled(counter: OpCounter, part: str, function: Callable) -> Callable:
+    """`function`, counting its ops under `part` (the part around it resumes after)."""
+
+    def wrapper(*args, **kwargs):
+        outer, counter.part = counter.part, part
+        try:
+            return function(*args, **kwargs)
+        finally:
+            counter.part = outer
+
+    return wrapper
+
+
+def count_frame_ops(graphs: FrameGraphs, batch: int) -> OpCounter:
+    """The ops of one eager frame step over `batch` rows, by part."""
+    model = graphs.model
+    step = graphs._step(batch, graphs.topk_buckets[0])
+    counter = OpCounter()
+    model.backbone_forward = labelled(counter, "backbone position", model.backbone_forward)
+    model.sample_frame = labelled(counter, "heads and depth decoder", model.sample_frame)
+    sampler_call = Sampler.__call__
+    Sampler.__call__ = labelled(counter, "sampler", sampler_call)
+    try:
+        with torch.inference_mode(), counter:
+            graphs._frame(step.inputs, step.max_topk)
+    finally:
+        Sampler.__call__ = sampler_call
+        del model.backbone_forward, model.sample_frame
+    return counter
+
+
+def kv_positions_read(graphs: FrameGraphs, batch: int, position: int) -> list[int]:
+    """Key positions each attention call of one frame reads for a slot, with every row at `position`."""
+    reads: list[int] = []
+    attention = F.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):
+        reads.append(key.shape[-2])
+        return attention(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = recording
+    try:
+        rows = list(range(batch))
+        frames = torch.zeros(batch, graphs.num_codebooks, dtype=torch.long)
+        graphs.run(rows, frames, [position] * batch, [0.9] * batch, [50] * batch, rows, [1] * batch)
+    finally:
+        F.scaled_dot_product_attention = attention
+    return reads
+
+
+def host_device_copies(model: CSM, batch: int) -> dict[str, int]:
+    """Uploads (`torch.tensor` calls) and downloads (`Tensor.cpu` calls) of one engine step once
+    `batch` streams run on the frame step."""
+    engine = Engine(model, batch, frame_graphs=True)
+    for seed in range(batch):
+        engine.submit(prompt(model.config, 1000, seed))
+    engine.step()  # admits and prefills them all (whole prompts on the CPU) and samples their first frames eagerly
+    calls: Counter[str] = Counter()
+    make, download = torch.tensor, torch.Tensor.cpu
+
+    def upload(*args, **kwargs):
+        calls["uploads"] += 1
+        return make(*args, **kwargs)
+
+    def to_host(self, *args, **kwargs):
+        calls["downloads"] += 1
+        return download(self, *args, **kwargs)
+
+    torch.tensor, torch.Tensor.cpu = upload, to_host
+    try:
+        engine.step()
+    finally:
+        torch.tensor, torch.Tensor.cpu = make, download
+    return {"uploads": calls["uploads"], "downloads": calls["downloads"], "total": calls.total()}
+
+
+def explain(graphs: FrameGraphs, batch: int) -> dict[str, float | int]:
+    step = graphs._step(batch, graphs.topk_buckets[0])
+    began = time.perf_counter()
+    with torch.inference_mode():
+        result = torch._dynamo.explain(graphs._frame)(step.inputs, step.max_topk)
+    return {"graphs": result.graph_count, "graph_breaks": result.graph_break_count, "explain_s": time.perf_counter() - began}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8, help="rows of the batch bucket")
+    parser.add_argument("--position", type=int, default=100, help="every stream's position, for the attention's reads")
+    parser.add_argument("--no-explain", action="store_true", help="skip torch._dynamo.explain")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = narrow_config()
+    torch.manual_seed(0)
+    model = CSM(config).eval()
+    model.setup_caches(args.batch)
+    graphs = FrameGraphs(model, args.batch, capture=False)
+    counter = count_frame_ops(graphs, args.batch)
+    reads = kv_positions_read(graphs, args.batch, args.position)
+    results = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__},
+        "config": {"backbone": dataclasses.asdict(config.backbone), "decoder": dataclasses.asdict(config.decoder)},
+        "batch": args.batch,
+        "eager_ops_per_frame": sum(counter.by_part.values()),
+        "eager_ops_by_part": dict(counter.by_part),
+        "eager_ops_by_kind": dict(counter.ops.most_common(15)),
+        "attention_calls_per_frame": len(reads),
+        "kv_positions_read_per_slot": {
+            "position": args.position,
+            "backbone": max(reads[: config.backbone.num_layers]),
+            "decoder": max(reads[config.backbone.num_layers :]),
+        },
+        "host_device_copies_per_frame": host_device_copies(model, args.batch),
+    }
+    if not args.no_explain:
+        logger.info("torch._dynamo.explain of the frame step (slow: it traces all 31 decoder steps)")
+        results.update(explain(graphs, args.batch))
+    shown = (
+        "eager_ops_per_frame",
+        "eager_ops_by_part",
+        "attention_calls_per_frame",
+        "kv_positions_read_per_slot",
+        "host_device_copies_per_frame",
+    )
+    for key in shown:
+        print(f"{key}: {results[key]}")
+    if "graphs" in results:
+        print(f"graphs: {results['graphs']}, graph_breaks: {results['graph_breaks']} (explain took {results['explain_s']:.0f} s)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        logger.info("wrote %s", args.json)
+
+
+if __name__ == "__main__":
+    main()
