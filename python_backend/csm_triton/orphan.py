@@ -18,14 +18,18 @@ import subprocess
 CHECK_S = 0.5
 # $1: the stub, this shell's parent; $2: tritonserver, the stub's parent; $3: the model. Either
 # parent changing means it is gone (a process whose parent dies is given another): the stub's
-# ends the watch, tritonserver's ends the stub (its engine process follows, engine_worker.py).
+# ends the watch, tritonserver's ends the stub (its engine process follows, engine_worker.py). A
+# parent that cannot be read (a failed fork under load) changes nothing.
 WATCH = f"""
 parent() {{ sed -n 's/^PPid:[[:space:]]*//p' "/proc/$1/status" 2>/dev/null; }}
-while [ "$(parent $$)" = "$1" ] && [ "$(parent $1)" = "$2" ]; do sleep {CHECK_S}; done
-if [ "$(parent $$)" = "$1" ]; then
-  echo "csm_triton.orphan: tritonserver (pid $2) is gone; killing $3's process ($1)" >&2
-  kill -9 "$1"
-fi
+while :; do
+  sleep {CHECK_S}
+  own=$(parent $$) stub=$(parent $1)
+  if [ -n "$own" ] && [ "$own" != "$1" ]; then exit 0; fi
+  if [ -n "$stub" ] && [ "$stub" != "$2" ]; then break; fi
+done
+echo "csm_triton.orphan: tritonserver (pid $2) is gone; killing $3's process ($1)" >&2
+kill -9 "$1"
 """
 
 
