@@ -543,7 +543,7 @@ class ServingLoop:
                 self._end(stream, result.finish)
             elif stream.chunking.ends(progress.chunks, chunk_frames, progress.generated, self._slack(progress, now), self._frame_s.value):
                 self._send(stream, ends_chunk=True)
-            elif len(progress.frames) >= PASS_FRAMES or (progress.frames and progress.generated % PASS_FRAMES == 0):
+            elif progress.generated % PASS_FRAMES == 0:  # a pass boundary: every 4 frames hold one
                 self._send(stream, ends_chunk=False)
 
     def _send(self, stream: Stream, ends_chunk: bool, finish: str | None = None, error: Exception | None = None) -> None:
