@@ -220,3 +220,56 @@ def test_a_long_prompt_prefills_in_pieces_while_running_streams_go_on(generator:
         engine.cancel(request_id)
     engine.step()
     assert engine.active_slots == 0
+
+
+def run_logged(engine: Engine, arrivals: dict[int, list[EngineRequest]], cancels: dict[int, int]) -> tuple[dict[int, torch.Tensor], list]:
+    """`run`, cancelling the `cancels[step]`-th submitted request at that step; also the frame
+    step's bucket at each step (None for a step that ran none)."""
+    frames: dict[int, list[torch.Tensor]] = {}
+    submitted: list[int] = []
+    buckets = []
+    step = 0
+    while step <= max(arrivals) or engine.has_work:
+        for request in arrivals.get(step, []):
+            submitted.append(engine.submit(request))
+            frames[submitted[-1]] = []
+        if step in cancels:
+            engine.cancel(submitted[cancels[step]])
+        before = engine.graphs.runs.copy() if engine.graphs else None
+        for result in engine.step():
+            if result.codes is not None:
+                frames[result.request_id].append(result.codes)
+        if engine.graphs is not None:
+            ran = engine.graphs.runs - before
+            buckets.append(next(iter(ran)) if ran else None)
+        step += 1
+    return {rid: torch.stack(codes) if codes else torch.zeros(0, 32, dtype=torch.long) for rid, codes in frames.items()}, buckets
+
+
+def test_the_frame_step_compacts_its_slots_and_runs_the_smallest_buckets_that_hold_them(generator: Generator) -> None:
+    """Slot 0's stream is cancelled while slots 1 and 2 run: slot 2 moves to row 0 (KV cache and
+    device state), the batch bucket drops from 4 to 2, and every code stays what the dynamic
+    path makes; the length bucket is the smallest that holds the longest stream."""
+    batch = requests(generator, topk=50)
+    arrivals, cancels = {0: batch}, {6: 0}
+    dynamic, _ = run_logged(generator.engine, arrivals, cancels)
+    fixed_engine = Engine(generator.engine.model, generator.engine.num_slots, frame_graphs=True)
+    fixed, buckets = run_logged(fixed_engine, arrivals, cancels)
+    for request_id, codes in dynamic.items():
+        assert torch.equal(codes, fixed[request_id])
+    assert len(dynamic[0]) == 6  # a frame a step, steps 0 to 5
+    longest = max(len(request.tokens) for request in batch)
+    assert buckets[5] == (4, 64, 64 if longest + 5 < 64 else 128)  # slots 0, 1, 2 in the batch-4 graph
+    assert buckets[6] == (2, 64, buckets[5][2])  # cancelled, then compacted: rows 0 and 1
+    positions = {bucket[2] for bucket in buckets if bucket is not None}
+    assert positions <= {64, 128} and fixed_engine.graphs.state.uploads == 1  # all three start in one upload
+
+
+def test_a_one_position_prompt_starts_on_the_frame_step(generator: Generator) -> None:
+    """A prompt of one position has nothing to prefill: its first frame comes from the frame step."""
+    request = EngineRequest(
+        tokens=torch.zeros(1, 33, dtype=torch.long), mask=torch.ones(1, 33, dtype=torch.bool), max_frames=3, temperature=1.0, topk=1, seed=0
+    )
+    dynamic = run(generator.engine, {0: [request]})
+    fixed = run(Engine(generator.engine.model, 2, frame_graphs=True), {0: [request]})
+    assert torch.equal(next(iter(dynamic.values())), next(iter(fixed.values())))

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,6 +146,28 @@ def test_a_hung_engine_is_killed_and_replaced(client: EngineClient) -> None:
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     wait_until_up(client)
     assert client.restarts == 1
+
+
+def test_a_handler_that_blocks_holds_up_its_own_request_alone(client: EngineClient, generator: Generator) -> None:
+    """A send to a Triton client can block; while one request's handler is stuck for longer than
+    the heartbeat timeout (3 s here), the engine is not taken for hung, another request runs to
+    its end, and the stuck one then gets all its messages, in order."""
+    release = threading.Event()
+    stuck = Inbox()
+
+    def blocking(message: ChunkOut | Refused | Lost) -> None:
+        release.wait(30)
+        stuck(message)
+
+    client.submit(GenerationRequest("Held up.", 0, max_audio_length_ms=800, seed=6), blocking, False, ChunkPlan(2, 4, adaptive=False))
+    other = Inbox()
+    client.submit(GenerationRequest("Going on.", 1, max_audio_length_ms=800, seed=7), other, False, ChunkPlan(2, 4, adaptive=False))
+    assert other.until_last()[-1].finish == "length"
+    time.sleep(4)  # past the heartbeat timeout, with the first handler still blocked
+    assert client.restarts == 0 and client.down is None and stuck.messages.empty()
+    release.set()
+    codes = [row for chunk in stuck.until_last() for row in chunk.codes.tolist()]
+    assert codes == generator.generate_codes("Held up.", 0, [], max_audio_length_ms=800, seed=6).tolist()
 
 
 def test_an_engine_that_cannot_be_kept_running_is_given_up(tiny_model_dir: Path) -> None:

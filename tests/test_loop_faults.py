@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from csm_triton import GenerationRequest, Generator, load_csm_1b
+from csm_triton.graphs import DeviceFailed
 from csm_triton.pacing import ChunkPlan
 from csm_triton.streaming import Chunk, LoopFailed
 
@@ -166,19 +167,35 @@ def test_engine_steps_failing_again_and_again_fail_the_loop(fresh_generator: Gen
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     generator.engine.model.backbone_forward = broken_forward  # a device gone bad: every step fails
-    outcomes = []
-    for seed in range(5):
+    for seed in range(3):
         received = Received()
-        try:
-            stream = submit(generator, seed, received)
-        except LoopFailed as error:
-            outcomes.append(str(error))
-            break
-        stream.finished.wait(10)
-        outcomes.append(received.finals)
-    assert outcomes[:3] == [["error"]] * 3
-    assert "3 engine steps in a row failed" in outcomes[3]
+        submit(generator, seed, received).finished.wait(10)
+        assert received.finals == ["error"]
+    # The third failure ends its stream, then the loop: wait for the second.
+    deadline = time.monotonic() + 10
+    while generator.health() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert "illegal memory access" in generator.health()
+    with pytest.raises(LoopFailed, match="3 engine steps in a row failed"):
+        submit(generator, 3, Received())
+
+
+def test_a_device_failure_fails_the_loop_at_once(fresh_generator: Generator) -> None:
+    """A CUDA error under a graph replay (graphs.DeviceFailed) leaves nothing on the device
+    usable: the first one fails the loop, so that the engine process is replaced."""
+    generator = fresh_generator
+
+    def failed_replay():
+        raise DeviceFailed("the frame step failed on cuda:0: CUDA error: an illegal memory access was encountered")
+
+    generator.engine.step = failed_replay
+    received = Received()
+    submit(generator, 1, received).finished.wait(10)
+    assert received.finals == ["error"]
+    assert "the device failed" in generator.health()
+    with pytest.raises(LoopFailed, match="the device failed"):
+        submit(generator, 2, Received())
 
 
 def test_a_stalled_thread_is_reported(fresh_generator: Generator) -> None:

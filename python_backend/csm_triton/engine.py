@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .graphs import FrameGraphs
+from .graphs import FrameGraphs, SlotStart
 from .model import CSM
 from .sampling import Sampler
 
@@ -58,13 +58,17 @@ class _Slot:
     request: EngineRequest
     position: int = 0  # next cache position to write (while prefilling: prompt positions cached so far)
     frames: int = 0  # frames generated so far
-    pending: torch.Tensor | None = None  # [32] last frame, fed to the backbone next step
+    pending: torch.Tensor | None = None  # [32] last frame, fed to the backbone next step (dynamic path)
+    in_graph: bool = False  # running on the frame step, which keeps its state on the device
 
 
 class Engine:
     """`frame_graphs` (default: on CUDA) runs the running slots' frames through `FrameGraphs`:
-    fixed shapes, captured as CUDA graphs on CUDA, eager elsewhere (for tests). Otherwise the
-    step has the shapes of the slots it runs, which is fastest on the CPU."""
+    fixed shapes, captured as CUDA graphs on CUDA, eager elsewhere (for tests). A prompt's last
+    position is then fed by the frame step too, and the busy slots are kept in the lowest rows
+    (a slot that frees is filled by the highest busy one), so that the batch bucket follows the
+    number of streams. Otherwise the step has the shapes of the slots it runs, which is fastest
+    on the CPU."""
 
     def __init__(self, model: CSM, slots: int, frame_graphs: bool | None = None, prefill_chunk: int | None = None) -> None:
         if slots <= 0:
@@ -128,6 +132,8 @@ class Engine:
         their ids; requests still waiting for a slot stay queued."""
         aborted = [slot.request_id for slot in self._slots if slot is not None]
         self._slots = [None] * self.num_slots
+        if self.graphs is not None:
+            self.graphs.state.clear()
         return aborted
 
     @property
@@ -142,23 +148,32 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepResult]:
         results = self._drop_cancelled()
+        if self.graphs is not None:
+            self._compact()
         self._admit()
-        running = [i for i, slot in enumerate(self._slots) if slot is not None and slot.pending is not None]
-        prefilling = [i for i, slot in enumerate(self._slots) if slot is not None and slot.pending is None]
         if self.graphs is None:
+            running = [i for i, slot in enumerate(self._slots) if slot is not None and slot.pending is not None]
+            prefilling = [i for i, slot in enumerate(self._slots) if slot is not None and slot.pending is None]
             frames = self._sample(self._decode_running(running) | self._prefill(prefilling))
+            indices = sorted(frames)
+            codes = torch.stack([frames[i] for i in indices]) if frames else None
+            codes_host = codes.cpu() if frames else None  # the step's one device-to-host copy
         else:
-            frames = self._sample(self._prefill(prefilling)) | self._graph_frames(running)
-        if not frames:
+            prefilling = [i for i, slot in enumerate(self._slots) if slot is not None and not slot.in_graph]
+            self._prefill(prefilling)
+            self._start_in_graph([i for i in prefilling if self._slots[i].position == self._prompt_end(self._slots[i])])
+            indices = [i for i, slot in enumerate(self._slots) if slot is not None and slot.in_graph]
+            codes = codes_host = self._graph_frames(indices)
+        if not indices:
             return results
-        indices = sorted(frames)
-        codes = torch.stack([frames[i] for i in indices])
-        codes_host = codes.cpu()  # the step's one device-to-host copy
         self.stats.steps += 1
         self.stats.slot_steps += len(indices)
         self.stats.peak_batch = max(self.stats.peak_batch, len(indices))
         for row, index in enumerate(indices):
-            results.append(self._advance(index, codes[row], codes_host[row]))
+            if self.graphs is None:
+                results.append(self._advance(index, codes_host[row], pending=codes[row]))
+            else:
+                results.append(self._advance(index, codes_host[index]))
         return results
 
     def _drop_cancelled(self) -> list[StepResult]:
@@ -169,9 +184,28 @@ class Engine:
             self._waiting = kept
         for index, slot in enumerate(self._slots):
             if slot is not None and slot.request_id in cancelled:
-                self._slots[index] = None
+                self._free(index)
                 results.append(StepResult(slot.request_id, None, "cancelled"))
         return results
+
+    def _free(self, index: int) -> None:
+        """A slot that ends here rather than in the frame step (which stops its own ended rows)."""
+        if self._slots[index].in_graph:
+            self.graphs.state.stop(index)
+        self._slots[index] = None
+
+    def _compact(self) -> None:
+        """Move the highest busy slots into the free rows below them (their KV cache rows and
+        device state with them), so that the busy slots are rows 0..n-1."""
+        free = [i for i, slot in enumerate(self._slots) if slot is None]
+        for target in free:
+            source = max((i for i, slot in enumerate(self._slots) if slot is not None), default=-1)
+            if source < target:
+                break
+            slot, self._slots[source], self._slots[target] = self._slots[source], None, self._slots[source]
+            self.model.move_slot(source, target, slot.position)
+            if slot.in_graph:
+                self.graphs.state.move(source, target)
 
     def _admit(self) -> None:
         with self._lock:
@@ -190,9 +224,9 @@ class Engine:
         pieces = []  # (slot index, first position, positions)
         for index in sorted(indices, key=lambda i: self._slots[i].request_id):
             slot = self._slots[index]
-            count = min(len(slot.request.tokens) - slot.position, budget)
+            count = min(self._prompt_end(slot) - slot.position, budget)
             if count < 1:
-                break
+                continue
             pieces.append((index, slot.position, count))
             budget -= count
         if not pieces:
@@ -221,6 +255,10 @@ class Engine:
                 completed[index] = hidden[row, count - 1]
         return completed
 
+    def _prompt_end(self, slot: _Slot) -> int:
+        """Prompt positions the prefill caches: all, or all but the last, which the frame step feeds."""
+        return len(slot.request.tokens) - (self.graphs is not None)
+
     def _sample(self, hidden: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """The next frame's codes [32] of each slot from its backbone output [D]."""
         if not hidden:
@@ -238,23 +276,27 @@ class Engine:
         codes = self.model.sample_frame(torch.stack([hidden[i] for i in indices]), sampler)
         return dict(zip(indices, codes, strict=True))
 
-    def _graph_frames(self, indices: list[int]) -> dict[int, torch.Tensor]:
-        """`_decode_running` and `_sample` in one fixed-shape step (see graphs.py)."""
+    def _start_in_graph(self, indices: list[int]) -> None:
+        """Slots whose prompt is cached but for its last position, which the frame step feeds."""
+        starts = []
+        for index in indices:
+            slot = self._slots[index]
+            request = slot.request
+            sampling = (request.temperature, request.topk, request.seed, request.max_frames)
+            starts.append(SlotStart(index, request.tokens[-1], request.mask[-1], slot.position, *sampling))
+            slot.in_graph = True
+        self.graphs.state.write(starts)
+
+    def _graph_frames(self, indices: list[int]) -> torch.Tensor | None:
+        """`_decode_running` and `_sample` in one fixed-shape step (see graphs.py): the codes
+        [rows, 32] on the host, by slot index."""
         if not indices:
-            return {}
+            return None
         slots = [self._slots[i] for i in indices]
-        codes = self.graphs.run(
-            indices,
-            torch.stack([s.pending for s in slots]),
-            [s.position for s in slots],
-            [s.request.temperature for s in slots],
-            [s.request.topk for s in slots],
-            [s.request.seed for s in slots],
-            [s.frames for s in slots],
-        )
+        codes = self.graphs.run(max(indices) + 1, max(s.position for s in slots) + 1, max(s.request.topk for s in slots))
         for s in slots:
             s.position += 1
-        return dict(zip(indices, codes, strict=True))
+        return codes
 
     def _decode_running(self, indices: list[int]) -> dict[int, torch.Tensor]:
         """One backbone position for every slot that already has a frame to feed back."""
@@ -274,7 +316,9 @@ class Engine:
             s.position += 1
         return dict(zip(indices, hidden, strict=True))
 
-    def _advance(self, index: int, codes: torch.Tensor, codes_host: torch.Tensor) -> StepResult:
+    def _advance(self, index: int, codes_host: torch.Tensor, pending: torch.Tensor | None = None) -> StepResult:
+        """The slot's new frame; `pending` is it on the device, fed back next step (the frame
+        step feeds its own back, and stops its rows that end, by the same rules)."""
         slot = self._slots[index]
         if not codes_host.any():  # an all-zero frame is the end of the utterance; it is not audio
             self._slots[index] = None
@@ -284,5 +328,5 @@ class Engine:
         if slot.frames == slot.request.max_frames:
             self._slots[index] = None
             return StepResult(slot.request_id, codes_host, "length")
-        slot.pending = codes
+        slot.pending = pending
         return StepResult(slot.request_id, codes_host, None)

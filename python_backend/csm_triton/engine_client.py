@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import pickle
+import queue
 import signal
 import subprocess
 import threading
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_S = 0.5  # how often the worker reports its stats and health
 HEARTBEAT_TIMEOUT_S = 30.0  # silence after which the worker is taken for hung and killed
 CLOSE_TIMEOUT_S = 30.0
+DELIVERY_THREADS = 4  # handlers that may block at once before the others' messages wait
 
 
 class Channel:
@@ -230,6 +232,50 @@ class _Worker:
         return None
 
 
+class _Outboxes:
+    """Each request's messages, handed to its handler in order on a few threads of their own.
+
+    A handler sends to a Triton client, and a send can block (the python backend waits for the
+    server to take each response). Handed on from the thread that reads the engine's messages, one
+    stuck send would stop the reading: no heartbeat read, the engine taken for hung and killed, and
+    every request lost for one. Here it holds up its own request, and one delivery thread."""
+
+    def __init__(self, threads: int = DELIVERY_THREADS) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[int, deque[tuple[Handler, Any]]] = {}  # keys with messages not yet handed on
+        self._ready: queue.SimpleQueue[int] = queue.SimpleQueue()  # keys to drain, each once while pending
+        self._idle = threading.Condition(self._lock)
+        for index in range(threads):
+            threading.Thread(target=self._deliver_forever, name=f"csm-delivery-{index}", daemon=True).start()
+
+    def put(self, key: int, handler: Handler, message: ChunkOut | Refused | Lost) -> None:
+        with self._lock:
+            box = self._pending.get(key)
+            if box is not None:  # a thread is draining it, and will take this too
+                box.append((handler, message))
+                return
+            self._pending[key] = deque([(handler, message)])
+        self._ready.put(key)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Whether every message was handed on within `timeout_s`."""
+        with self._lock:
+            return self._idle.wait_for(lambda: not self._pending, timeout_s)
+
+    def _deliver_forever(self) -> None:
+        while True:
+            key = self._ready.get()
+            while True:
+                with self._lock:
+                    box = self._pending[key]
+                    if not box:
+                        del self._pending[key]
+                        self._idle.notify_all()
+                        break
+                    handler, message = box.popleft()
+                _call(handler, message)
+
+
 class EngineClient:
     """The Triton model's way to the engine: submit, cancel, stats; restarts behind the scenes.
 
@@ -258,6 +304,7 @@ class EngineClient:
         self._ends: deque[float] = deque()  # when recent engine processes ended
         self._closing = threading.Event()
         self._heartbeat: Heartbeat | None = None
+        self._outboxes = _Outboxes()
 
     def start(self) -> Ready:
         """Start the first engine process and the thread that watches it; raises
@@ -268,7 +315,7 @@ class EngineClient:
 
     def submit(self, request: Any, handler: Handler, decode_audio: bool, chunking: ChunkPlan) -> int:
         """Hand a request to the engine; `handler` gets its chunks (or its refusal, or its loss)
-        from the reader thread, the last one exactly once. Raises EngineUnavailable."""
+        on a delivery thread, in order, the last one exactly once. Raises EngineUnavailable."""
         with self._lock:
             if self._down is not None:
                 raise EngineUnavailable(self._down)
@@ -320,6 +367,8 @@ class EngineClient:
         worker.kill()
         worker.ended.wait(5)
         self._lose_all("the model was unloaded")
+        if not self._outboxes.wait_idle(CLOSE_TIMEOUT_S):
+            logger.error("some requests' last messages could not be handed on within %.0f s of closing", CLOSE_TIMEOUT_S)
 
     def _launch(self) -> Ready:
         worker = _Worker(self.python, self.settings, self.start_timeout_s, self.heartbeat_timeout_s, self._dispatch)
@@ -337,13 +386,13 @@ class EngineClient:
         with self._lock:
             handler = self._handlers.pop(message.key, None) if last else self._handlers.get(message.key)
         if handler is not None:
-            _call(handler, message)
+            self._outboxes.put(message.key, handler, message)
 
     def _lose_all(self, reason: str) -> None:
         with self._lock:
             handlers, self._handlers = self._handlers, {}
         for key, handler in handlers.items():
-            _call(handler, Lost(key, f"{reason}; the request was lost"))
+            self._outboxes.put(key, handler, Lost(key, f"{reason}; the request was lost"))
 
     def _supervise(self) -> None:
         """Watch the engine process; when it ends, fail its requests and start another."""

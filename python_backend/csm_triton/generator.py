@@ -276,6 +276,8 @@ def load_csm_1b(
     against `limits` (default: RequestLimits' defaults for the loaded model). `max_waiting` and
     `stall_timeout_s` are the serving loop's (ServingLoop)."""
     device = resolve_device(device)
+    if device.type == "cuda":  # before anything is allocated or captured: the instance's GPU, not cuda:0
+        torch.cuda.set_device(device)
     paths = checkpoint.resolve(ckpt_path)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -256,6 +256,14 @@ class CSM(nn.Module):
         self.backbone.setup_caches(slots, self.config.backbone.max_seq_len, dtype)
         self.decoder.setup_caches(slots, self.config.audio_num_codebooks, dtype)
 
+    def move_slot(self, source: int, target: int, length: int) -> None:
+        """Slot `source`'s first `length` cached backbone positions to slot `target` (the engine
+        compacting its busy slots); the decoder's cache holds one frame only and is not kept."""
+        for layer in self.backbone.layers:
+            cache = layer.attn.kv_cache
+            cache.k[target, :, :length] = cache.k[source, :, :length]
+            cache.v[target, :, :length] = cache.v[source, :, :length]
+
     def embed_frames(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """tokens, mask: [B, S, 33] -> [B, S, D], the masked sum of the text and codebook embeddings."""
         text = self.text_embeddings(tokens[..., -1:])

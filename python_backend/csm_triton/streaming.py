@@ -39,6 +39,7 @@ import torch
 
 from .codec import StreamingDecoder
 from .engine import Engine, EngineRequest
+from .graphs import DeviceFailed
 from .pacing import ADAPTIVE, FRAME_S, PASS_FRAMES, ChunkPlan, Playback, Smoothed, cannot_wait, pass_jobs
 
 logger = logging.getLogger(__name__)
@@ -524,6 +525,8 @@ class ServingLoop:
             for request_id in self.engine.abort():
                 self._end(self._running[request_id], "error", error)
             self._step_failures += 1
+            if isinstance(error, DeviceFailed):  # nothing more can run on this device
+                raise LoopFailed(f"the device failed: {error}") from error
             if self._step_failures >= MAX_CONSECUTIVE_FAILURES:
                 raise LoopFailed(f"{self._step_failures} engine steps in a row failed, the last with {error!r}") from error
             return

@@ -205,7 +205,7 @@ class _Link:
             return self._cancel_asked
 
     def receive(self, message: ChunkOut | Refused | Lost) -> None:
-        """The engine's message for this request (on the engine client's reader thread)."""
+        """The engine's message for this request (on one of the engine client's delivery threads)."""
         match message:
             case Refused(reason="invalid", message=text):
                 self._metrics.invalid_argument(ValueError(text))
