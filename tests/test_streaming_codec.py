@@ -60,6 +60,13 @@ def assert_matches(audio: torch.Tensor, expected: torch.Tensor) -> None:
     assert difference < TOLERANCE, f"max abs difference {difference:.3g}"
 
 
+@pytest.fixture(params=[False, True], ids=["copied-rows", "masked-rows"])
+def masked(request: pytest.FixtureRequest) -> bool:
+    """StreamingDecoder's two ways to run some rows: on copies of their state (the CPU's), or
+    all rows under moshi's execution mask (CUDA's)."""
+    return request.param
+
+
 @pytest.mark.parametrize("sizes", [[1], [1, 3, 5, 2], [7, 1, 20]], ids=["1", "1-3-5-2", "7-1-20"])  # 20 > FRAMES_PER_PASS
 def test_chunks_join_to_the_one_shot_decode(codec: MimiCodec, sizes: list[int]) -> None:
     codes = random_codes(30, seed=1)
@@ -76,22 +83,22 @@ def test_ids_past_mimis_codebooks_decode_as_zero(codec: MimiCodec) -> None:
     assert_matches(decode_in_chunks(StreamingDecoder(codec, 1), 0, codes, [1, 3, 5, 2]), codec.decode(codes))
 
 
-def test_rows_decoded_in_the_same_call(codec: MimiCodec) -> None:
+def test_rows_decoded_in_the_same_call(codec: MimiCodec, masked: bool) -> None:
     codes = torch.stack([random_codes(16, seed=3), random_codes(16, seed=4)])
-    decoder = StreamingDecoder(codec, 2)
+    decoder = StreamingDecoder(codec, 2, masked)
     rows = [1, 0]  # not in order
     audio = torch.cat([decoder.decode(rows, codes[:, part]) for part in chunks(16, [1, 4, 3])], dim=1)
     for stream, expected in zip(audio, codes, strict=True):
         assert_matches(stream, codec.decode(expected))
 
 
-def test_start_restarts_a_row(codec: MimiCodec) -> None:
+def test_start_restarts_a_row(codec: MimiCodec, masked: bool) -> None:
     first, second = random_codes(6, seed=5), random_codes(12, seed=6)
-    decoder = StreamingDecoder(codec, 2)
+    decoder = StreamingDecoder(codec, 2, masked)
     decode_in_chunks(decoder, 1, first, [2, 3])  # left mid-stream
     decoder.start([1])
     restarted = decode_in_chunks(decoder, 1, second, [1, 3, 5, 2])
-    fresh = decode_in_chunks(StreamingDecoder(codec, 2), 1, second, [1, 3, 5, 2])
+    fresh = decode_in_chunks(StreamingDecoder(codec, 2, masked), 1, second, [1, 3, 5, 2])
     assert_matches(restarted, fresh)
     assert_matches(restarted, codec.decode(second))
 
@@ -111,16 +118,16 @@ def decode_interleaved(decoder: StreamingDecoder, codes: dict[int, torch.Tensor]
     return {row: torch.cat(pieces) for row, pieces in audio.items()}
 
 
-def test_rows_not_listed_keep_their_state(codec: MimiCodec) -> None:
+def test_rows_not_listed_keep_their_state(codec: MimiCodec, masked: bool) -> None:
     codes = {0: random_codes(12, seed=7), 2: random_codes(12, seed=8)}
-    decoder = StreamingDecoder(codec, 3)
+    decoder = StreamingDecoder(codec, 3, masked)
     decoder.decode([1], random_codes(2, seed=9)[None])  # row 1 started, then left idle
     audio = decode_interleaved(decoder, codes, {0: [2, 1, 3], 2: [1, 4]})
     for row, expected in codes.items():
         assert_matches(audio[row], codec.decode(expected))
 
 
-def test_streams_longer_than_the_decoder_transformers_context(loud_transformer_codec: MimiCodec) -> None:
+def test_streams_longer_than_the_decoder_transformers_context(loud_transformer_codec: MimiCodec, masked: bool) -> None:
     """Mimi's decoder transformer attends to the last 250 steps at 25 Hz (2 steps a frame): 125
     frames. Past that, moshi's own ring KV cache (250 steps) loses keys within a multi-step call
     and overwrites keys of the rows frozen in a call (audio off by 8e-4 here, from frame ~123
@@ -130,7 +137,7 @@ def test_streams_longer_than_the_decoder_transformers_context(loud_transformer_c
     context = codec.mimi.decoder_transformer.transformer.layers[0].self_attn.context
     together, frames = context // 2 - 10, context // 2 + 10
     codes = {0: random_codes(frames, seed=10), 1: random_codes(frames, seed=11)}
-    decoder = StreamingDecoder(codec, 2)
+    decoder = StreamingDecoder(codec, 2, masked)
     head = torch.cat([decoder.decode([0, 1], torch.stack([codes[0], codes[1]])[:, part]) for part in chunks(together, [16])], dim=1)
     tails = decode_interleaved(decoder, {row: codes[row][together:] for row in codes}, {0: [1, 3, 5, 2], 1: [4, 1, 2]})
     for row, expected in codes.items():

@@ -99,20 +99,26 @@ class StreamingDecoder:
       rings here hold `context + 2 * FRAMES_PER_PASS - 1` steps (281), which makes every pass
       exact; a longer `decode` runs in passes of FRAMES_PER_PASS frames. State per row is about
       9.2 MB of KV ring (8 layers x 2 x 281 x 512 fp32) plus the convolutions' context.
-    - Cost: a call runs only the rows listed, on copies of their state (about 9 MB a row, copied
-      in and back: a few percent of a call), so it costs the streams it has. One batched call
-      beats a loop of single-row decoders: on a 2-core CPU 8 rows of 1 (4) frames
+    - Cost: on the CPU a call runs only the rows listed, on copies of their state (about 9 MB a
+      row, copied in and back: a few percent of a call), so it costs the streams it has. One
+      batched call beats a loop of single-row decoders: on a 2-core CPU 8 rows of 1 (4) frames
       took 101 (231) ms in one call and 670 (828) ms in a loop.
+    - `masked` (default on CUDA): every call runs all rows in place, the rows not listed under
+      moshi's execution mask (their state is left as it was), so that a call's shapes depend on
+      its frames alone and nothing is gathered or copied back; it runs on a CUDA stream of its
+      own, beside the frame step's.
     """
 
     FRAMES_PER_PASS = 16
 
-    def __init__(self, codec: MimiCodec, rows: int) -> None:
+    def __init__(self, codec: MimiCodec, rows: int, masked: bool | None = None) -> None:
         if rows <= 0:
             raise ValueError(f"rows: expected a positive number of streams, got {rows}")
         mimi = codec.mimi
         self.rows = rows
         self.device = codec.device
+        self.masked = self.device.type == "cuda" if masked is None else masked
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._quantizer = mimi.quantizer
         self._cardinality = mimi.cardinality
         self._modules = _DecoderSide(mimi)
@@ -164,22 +170,40 @@ class StreamingDecoder:
         frames = codes.shape[1]
         if not rows or frames == 0:
             return torch.zeros(len(rows), frames * SAMPLES_PER_FRAME)
+        if self._stream is None:
+            return self._decode(rows, codes)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # codes made on the frame step's stream
+        with torch.cuda.stream(self._stream):
+            return self._decode(rows, codes)
+
+    def _decode(self, rows: list[int], codes: torch.Tensor) -> torch.Tensor:
+        index = torch.tensor(rows, device=self.device)
+        codes = in_codebook(codes.to(self.device), self._cardinality).transpose(1, 2)  # [len(rows), codebooks, frames]
+        if self.masked:
+            every = torch.zeros(self.rows, *codes.shape[1:], dtype=codes.dtype, device=self.device)
+            every[index] = codes
+            listed = torch.zeros(self.rows, dtype=torch.bool, device=self.device)
+            listed[index] = True
+            self._modules.set_exec_mask(listed)
+            return self._passes(every)[index.cpu()]
         # Only the listed rows run: copies of their state stand in for the whole, so a call costs
         # what its streams need, not what `rows` allows; their new state is copied back after.
-        index = torch.tensor(rows, device=self.device)
         full = self._modules.get_streaming_state()
         listed = {name: _rows_of(state, index) for name, state in full.items()}
-        codes = in_codebook(codes.to(self.device), self._cardinality).transpose(1, 2)  # [len(rows), codebooks, frames]
-        chunks = []
         self._modules.set_streaming_state(listed)
         try:
-            for first in range(0, frames, self.FRAMES_PER_PASS):
-                latent = self._quantizer.decode(codes[..., first : first + self.FRAMES_PER_PASS])
-                chunks.append(self._modules(latent)[:, 0].float().cpu())
+            return self._passes(codes)
         finally:
             for name, state in full.items():
                 _write_back(state, listed[name], index)
             self._modules.set_streaming_state(full)
+
+    def _passes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [rows, codebooks, frames] on the device -> audio [rows, frames * 1920] on the CPU."""
+        chunks = []
+        for first in range(0, codes.shape[-1], self.FRAMES_PER_PASS):
+            latent = self._quantizer.decode(codes[..., first : first + self.FRAMES_PER_PASS])
+            chunks.append(self._modules(latent)[:, 0].float().cpu())
         return torch.cat(chunks, dim=1)
 
 
