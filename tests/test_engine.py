@@ -222,9 +222,10 @@ def test_a_long_prompt_prefills_in_pieces_while_running_streams_go_on(generator:
     assert engine.active_slots == 0
 
 
-def run_logged(engine: Engine, arrivals: dict[int, list[EngineRequest]], cancels: dict[int, int]) -> tuple[dict[int, torch.Tensor], list]:
-    """`run`, cancelling the `cancels[step]`-th submitted request at that step; also the frame
-    step's bucket at each step (None for a step that ran none)."""
+def run_logged(engine: Engine, arrivals: dict[int, list[EngineRequest]], cancels: dict[int, int]) -> tuple[list[torch.Tensor], list]:
+    """`run`, cancelling the `cancels[step]`-th submitted request at that step: each request's
+    codes in the order submitted, and the frame step's bucket at each step (None for a step that
+    ran none)."""
     frames: dict[int, list[torch.Tensor]] = {}
     submitted: list[int] = []
     buckets = []
@@ -243,7 +244,7 @@ def run_logged(engine: Engine, arrivals: dict[int, list[EngineRequest]], cancels
             ran = engine.graphs.runs - before
             buckets.append(next(iter(ran)) if ran else None)
         step += 1
-    return {rid: torch.stack(codes) if codes else torch.zeros(0, 32, dtype=torch.long) for rid, codes in frames.items()}, buckets
+    return [torch.stack(frames[rid]) if frames[rid] else torch.zeros(0, 32, dtype=torch.long) for rid in submitted], buckets
 
 
 def test_the_frame_step_compacts_its_slots_and_runs_the_smallest_buckets_that_hold_them(generator: Generator) -> None:
@@ -255,8 +256,8 @@ def test_the_frame_step_compacts_its_slots_and_runs_the_smallest_buckets_that_ho
     dynamic, _ = run_logged(generator.engine, arrivals, cancels)
     fixed_engine = Engine(generator.engine.model, generator.engine.num_slots, frame_graphs=True)
     fixed, buckets = run_logged(fixed_engine, arrivals, cancels)
-    for request_id, codes in dynamic.items():
-        assert torch.equal(codes, fixed[request_id])
+    for expected, got in zip(dynamic, fixed, strict=True):
+        assert torch.equal(expected, got)
     assert len(dynamic[0]) == 6  # a frame a step, steps 0 to 5
     longest = max(len(request.tokens) for request in batch)
     assert buckets[5] == (4, 64, 64 if longest + 5 < 64 else 128)  # slots 0, 1, 2 in the batch-4 graph
@@ -271,5 +272,5 @@ def test_a_one_position_prompt_starts_on_the_frame_step(generator: Generator) ->
         tokens=torch.zeros(1, 33, dtype=torch.long), mask=torch.ones(1, 33, dtype=torch.bool), max_frames=3, temperature=1.0, topk=1, seed=0
     )
     dynamic = run(generator.engine, {0: [request]})
-    fixed = run(Engine(generator.engine.model, 2, frame_graphs=True), {0: [request]})
+    fixed = run(Engine(generator.engine.model, generator.engine.num_slots, frame_graphs=True), {0: [request]})
     assert torch.equal(next(iter(dynamic.values())), next(iter(fixed.values())))
