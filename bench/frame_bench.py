@@ -7,7 +7,7 @@ for every slot of a batch bucket, the 31-step depth decoder, sampling. For one f
 writes (--json):
 - eager_ops_per_frame: aten ops the eager step dispatches, views excluded (they launch nothing),
   in all and by part (the backbone position, the codebook heads and depth decoder, the sampler's
-  calls); on a GPU each is a kernel launch, a few microseconds each even inside a graph.
+  tables and calls); on a GPU each is a kernel launch, a few microseconds each even inside a graph.
 - graphs, graph_breaks: what torch._dynamo.explain makes of the step (--no-explain skips it).
 - kv_positions_read_per_slot: the key positions each attention call reads for a slot, for a batch
   whose longest stream is at position --position (100), next to that position.
@@ -103,13 +103,14 @@ def count_frame_ops(graphs: FrameGraphs, batch: int) -> OpCounter:
     counter = OpCounter()
     model.backbone_forward = labelled(counter, "backbone position", model.backbone_forward)
     model.sample_frame = labelled(counter, "heads and depth decoder", model.sample_frame)
-    sampler_call = Sampler.__call__
+    sampler_init, sampler_call = Sampler.__init__, Sampler.__call__
+    Sampler.__init__ = labelled(counter, "sampler", sampler_init)  # its per-frame tables
     Sampler.__call__ = labelled(counter, "sampler", sampler_call)
     try:
         with torch.inference_mode(), counter:
             graphs._frame(step.inputs, step.max_topk)
     finally:
-        Sampler.__call__ = sampler_call
+        Sampler.__init__, Sampler.__call__ = sampler_init, sampler_call
         del model.backbone_forward, model.sample_frame
     return counter
 
