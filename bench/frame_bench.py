@@ -16,7 +16,8 @@ writes (--json):
   inside them), counted at run time: one frame under torch.profiler, with inductor's
   `cpp.enable_kernel_profile` so that each generated C++ kernel is an event; the events directly
   inside each compiled graph's call are its kernels (generated, `graph_N_cpp_*`) and its extern
-  calls (aten matmuls, attention, top-k), allocations (`aten::empty*`) and views left out. Also
+  calls (aten matmuls, attention, top-k), allocations (`aten::empty*`) and views left out; to
+  them are added the eager aten ops the frame runs between the graphs, views left out. Also
   by kind, and compile_s: the seconds the first compiled frame took (all compiling happens
   there; inductor's on-disk caches make a rerun faster, TORCHINDUCTOR_FORCE_DISABLE_CACHES=1
   times a cold compile). --no-compile skips it.
@@ -172,6 +173,12 @@ def explain(graphs: FrameGraphs, batch: int) -> dict[str, float | int]:
 NOT_KERNELS = ("aten::empty", "aten::empty_strided", "aten::as_strided", "aten::view", "aten::reshape", "aten::resize_")
 
 
+def is_view(name: str) -> bool:
+    """Whether the aten op an event names ("aten::select") is a view, which launches nothing."""
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"))
+    return getattr(packet, packet.overloads()[0]).is_view
+
+
 def compiled_kernels(graphs: FrameGraphs, batch: int) -> dict:
     """Compile the model's hot path, run one frame of the fixed-shape step to compile it (timed),
     then count the kernels of one more frame: see the module's docstring."""
@@ -193,6 +200,8 @@ def compiled_kernels(graphs: FrameGraphs, batch: int) -> dict:
             graph_calls += 1
         elif parent is not None and parent.name.startswith("## Call CompiledFxGraph") and event.name not in NOT_KERNELS:
             kinds["generated (inductor)" if "_cpp_" in event.name else event.name] += 1
+        elif parent is None and event.name.startswith("aten::") and not is_view(event.name):
+            kinds[f"eager, between the graphs: {event.name}"] += 1
     return {
         "compiled_kernels_per_frame": kinds.total(),
         "compiled_kernels_by_kind": dict(kinds.most_common()),

@@ -124,5 +124,4 @@ def test_the_noise_table_is_built_once():
             first(logits[:1], codebook)
         second(logits[:1], 0)
     assert token_hashes.cache_info().misses == 1  # one table for this vocabulary and device
-    assert "aten.arange" not in ops.names
-    assert len(ops.names) < 33 * 40, len(ops.names)  # each call's ops: ~25, no table, no per-call seed hashing
+    assert "aten.arange" not in ops.names  # the table's first op

@@ -73,9 +73,10 @@ def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab_size: int) 
 
 
 class Sampler:
-    """Samples one codebook for every row of a batch from its logits [B, vocab]. What does not
-    change between a frame's codebooks (each row's top-k index, its noise keys for all codebooks,
-    the token hashes) is computed once, here, not at every call."""
+    """Samples one codebook for every row of a batch from its logits [B, vocab]. The token hashes
+    are a constant table, looked up once here. Nothing else is computed ahead: a compiled step
+    fuses each call's per-row work (the noise keys, the threshold) into its kernels, where ops
+    computed here would each be a kernel of their own."""
 
     def __init__(
         self,
@@ -93,9 +94,6 @@ class Sampler:
         self.frames = frames  # [B] int64: index of the frame being sampled in each row's request
         self.num_codebooks = num_codebooks
         self.max_topk = max_topk  # the batch's largest k, known on the host: a partial sort suffices
-        self.kth = (topk - 1)[:, None]  # [B, 1]: where each row's threshold sits in the sorted logits
-        counters = frames[:, None] * num_codebooks + torch.arange(num_codebooks, device=frames.device)
-        self.keys = noise_keys(seeds[:, None], counters)  # [B, num_codebooks]
         self.tokens = token_hashes(vocab_size, seeds.device)
 
     def __call__(self, logits: torch.Tensor, codebook: int | torch.Tensor) -> torch.Tensor:
@@ -104,13 +102,11 @@ class Sampler:
         # Ranked before the cast and the division, which are monotonic: the same k-th value, and
         # one kernel less, since the division then fuses with the ops after the sort.
         ranked = logits.topk(self.max_topk or vocab_size, dim=-1).values  # descending
-        threshold = ranked.gather(1, self.kth).float() / self.temperature[:, None]
+        threshold = ranked.gather(1, (self.topk - 1)[:, None]).float() / self.temperature[:, None]
         logits = logits.float() / self.temperature[:, None]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         tokens = self.tokens if len(self.tokens) == vocab_size else token_hashes(vocab_size, logits.device)
-        # A 0-d tensor index would read its value on the host; index_select keeps it on the device.
-        keys = self.keys[:, codebook] if isinstance(codebook, int) else self.keys.index_select(1, codebook.view(1))[:, 0]
-        noise = noise_from_keys(keys, tokens)
+        noise = noise_from_keys(noise_keys(self.seeds, self.frames * self.num_codebooks + codebook), tokens)
         # Exponential race: argmax(p / Exp(1)) draws index i with probability p_i.
         return (probs / -torch.log(noise)).argmax(dim=-1)
