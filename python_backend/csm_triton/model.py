@@ -357,6 +357,8 @@ def compile_hot_path(model: CSM) -> None:
     synchronisation, so a compiled frame can still be captured as one CUDA graph."""
     if model._compiled is not None:
         return
+    if any(isinstance(module, CpuLinear) for module in model.modules()):
+        raise ValueError("compile_hot_path: inductor cannot lower CpuLinear's packed oneDNN weights; compile one without use_cpu_linear")
     # One graph per batch bucket x top-k bucket for each piece: more than dynamo's default of 8.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     steps = (model._backbone_step, model._first_decoder_step, model._decoder_step)
