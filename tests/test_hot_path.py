@@ -1,6 +1,7 @@
 """The GPU hot path's model side, on the CPU: compiled pieces (`compile_hot_path`) give the
 transformers port's greedy codes and the eager sampled codes; fused projections keep the
-checkpoint's names; the sampler's constant table is built once.
+checkpoint's names and are still swapped by use_cpu_linear; the sampler's constant table is built
+once.
 
 One compiled model for the module (batch 1, top-k bucket 64), so each piece compiles once.
 """
@@ -16,8 +17,8 @@ from test_conformance import FRAMES, assert_same_frames, prompts, random_pair  #
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from csm_triton.checkpoint import read_state_dict
-from csm_triton.config import ModelConfig
-from csm_triton.model import CSM, compile_hot_path
+from csm_triton.config import TINY, ModelConfig
+from csm_triton.model import CSM, CpuLinear, compile_hot_path, use_cpu_linear
 from csm_triton.sampling import Sampler, token_hashes
 from hf_reference import hf_generate
 
@@ -103,6 +104,16 @@ def test_fused_projections_keep_the_checkpoint_names(tiny_model_dir, tmp_path):
     fresh = CSM(config)
     fresh.load_state_dict(load_file(tmp_path / "again.safetensors"))  # strict
     assert all(torch.equal(tensor, state[name]) for name, tensor in fresh.state_dict().items())
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not built in")
+def test_cpu_linear_swaps_the_fused_projections_and_refuses_compiling():
+    model = CSM(TINY)
+    use_cpu_linear(model, min_weight_elements=0)
+    layer = model.backbone.layers[0]
+    assert isinstance(layer.attn.qkv_proj, CpuLinear) and isinstance(layer.mlp.w13, CpuLinear)
+    with pytest.raises(ValueError, match="cannot lower CpuLinear"):
+        compile_hot_path(model)
 
 
 class Ops(TorchDispatchMode):

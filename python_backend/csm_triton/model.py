@@ -354,7 +354,9 @@ def compile_hot_path(model: CSM) -> None:
     `Sampler`) run torch.compile'd pieces (idempotent): the backbone step, the first decoder step
     and the repeated decoder step, each with its sampler calls inside. Each compiles on its first
     call, once per batch size (and top-k bucket), with static shapes, whole graphs and no host
-    synchronisation, so a compiled frame can still be captured as one CUDA graph."""
+    synchronisation, so a compiled frame can still be captured as one CUDA graph. In float32 the
+    compiled pieces sample the eager codes; in bfloat16 inductor keeps float32 between the ops it
+    fuses, rounding less often than eager, so sampled codes can differ from eager ones."""
     if model._compiled is not None:
         return
     if any(isinstance(module, CpuLinear) for module in model.modules()):
