@@ -7,15 +7,25 @@ for every slot of a batch bucket, the 31-step depth decoder, sampling. For one f
 writes (--json):
 - eager_ops_per_frame: aten ops the eager step dispatches, views excluded (they launch nothing),
   in all and by part (the backbone position, the codebook heads and depth decoder, the sampler's
-  calls); on a GPU each is a kernel launch, a few microseconds each even inside a graph.
+  tables and calls); on a GPU each is a kernel launch, a few microseconds each even inside a graph.
 - graphs, graph_breaks: what torch._dynamo.explain makes of the step (--no-explain skips it).
 - kv_positions_read_per_slot: the key positions each attention call reads for a slot, for a batch
   whose longest stream is at position --position (100), next to that position.
+- compiled_kernels_per_frame: kernels one frame of the same step runs once `compile_hot_path` has
+  compiled its pieces (the backbone step, the first and the repeated decoder step, the sampler
+  inside them), counted at run time: one frame under torch.profiler, with inductor's
+  `cpp.enable_kernel_profile` so that each generated C++ kernel is an event; the events directly
+  inside each compiled graph's call are its kernels (generated, `graph_N_cpp_*`) and its extern
+  calls (aten matmuls, attention, top-k), allocations (`aten::empty*`) and views left out; to
+  them are added the eager aten ops the frame runs between the graphs, views left out. Also
+  by kind, and compile_s: the seconds the first compiled frame took (all compiling happens
+  there; inductor's on-disk caches make a rerun faster, TORCHINDUCTOR_FORCE_DISABLE_CACHES=1
+  times a cold compile). --no-compile skips it.
 - host_device_copies_per_frame: in one engine step with every slot running on the frame step
   (`Engine(frame_graphs=True)`): tensors built from host values (`torch.tensor`, each an upload on
   a GPU) and tensors copied back (`Tensor.cpu`).
 
-Usage: python bench/frame_bench.py [--batch 8] [--position 100] [--json OUT] [--no-explain]
+Usage: python bench/frame_bench.py [--batch 8] [--position 100] [--json OUT] [--no-explain] [--no-compile]
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from csm_triton.config import CSM_1B, ModelConfig
 from csm_triton.engine import Engine
 from csm_triton.graphs import FrameGraphs
-from csm_triton.model import CSM
+from csm_triton.model import CSM, compile_hot_path
 from csm_triton.sampling import Sampler
 
 logger = logging.getLogger("frame_bench")
@@ -94,13 +104,14 @@ def count_frame_ops(graphs: FrameGraphs, batch: int) -> OpCounter:
     counter = OpCounter()
     model.backbone_forward = labelled(counter, "backbone position", model.backbone_forward)
     model.sample_frame = labelled(counter, "heads and depth decoder", model.sample_frame)
-    sampler_call = Sampler.__call__
+    sampler_init, sampler_call = Sampler.__init__, Sampler.__call__
+    Sampler.__init__ = labelled(counter, "sampler", sampler_init)  # its per-frame tables
     Sampler.__call__ = labelled(counter, "sampler", sampler_call)
     try:
         with torch.inference_mode(), counter:
             graphs._frame(step.inputs, step.max_topk)
     finally:
-        Sampler.__call__ = sampler_call
+        Sampler.__init__, Sampler.__call__ = sampler_init, sampler_call
         del model.backbone_forward, model.sample_frame
     return counter
 
@@ -158,11 +169,53 @@ def explain(graphs: FrameGraphs, batch: int) -> dict[str, float | int]:
     return {"graphs": result.graph_count, "graph_breaks": result.graph_break_count, "explain_s": time.perf_counter() - began}
 
 
+# Events inside a compiled graph's call that launch no kernel.
+NOT_KERNELS = ("aten::empty", "aten::empty_strided", "aten::as_strided", "aten::view", "aten::reshape", "aten::resize_")
+
+
+def is_view(name: str) -> bool:
+    """Whether the aten op an event names ("aten::select") is a view, which launches nothing."""
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"))
+    return getattr(packet, packet.overloads()[0]).is_view
+
+
+def compiled_kernels(graphs: FrameGraphs, batch: int) -> dict:
+    """Compile the model's hot path, run one frame of the fixed-shape step to compile it (timed),
+    then count the kernels of one more frame: see the module's docstring."""
+    import torch._inductor.config as inductor_config
+
+    step = graphs._step(batch, graphs.topk_buckets[0])
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}), torch.inference_mode():
+        compile_hot_path(graphs.model)
+        began = time.perf_counter()
+        graphs._frame(step.inputs, step.max_topk)
+        compile_s = time.perf_counter() - began
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            graphs._frame(step.inputs, step.max_topk)
+    kinds: Counter[str] = Counter()
+    graph_calls = 0
+    for event in profile.events():
+        parent = event.cpu_parent
+        if event.name.startswith("## Call CompiledFxGraph"):
+            graph_calls += 1
+        elif parent is not None and parent.name.startswith("## Call CompiledFxGraph") and event.name not in NOT_KERNELS:
+            kinds["generated (inductor)" if "_cpp_" in event.name else event.name] += 1
+        elif parent is None and event.name.startswith("aten::") and not is_view(event.name):
+            kinds[f"eager, between the graphs: {event.name}"] += 1
+    return {
+        "compiled_kernels_per_frame": kinds.total(),
+        "compiled_kernels_by_kind": dict(kinds.most_common()),
+        "compiled_graph_calls_per_frame": graph_calls,
+        "compile_s": compile_s,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8, help="rows of the batch bucket")
     parser.add_argument("--position", type=int, default=100, help="every stream's position, for the attention's reads")
     parser.add_argument("--no-explain", action="store_true", help="skip torch._dynamo.explain")
+    parser.add_argument("--no-compile", action="store_true", help="skip compiling the hot path and counting its kernels")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -192,14 +245,21 @@ def main() -> None:
     if not args.no_explain:
         logger.info("torch._dynamo.explain of the frame step (slow: it traces all 31 decoder steps)")
         results.update(explain(graphs, args.batch))
+    if not args.no_compile:  # last: the eager counts above are of the uncompiled step
+        logger.info("compiling the hot path (the first frame) and counting the compiled frame's kernels")
+        results.update(compiled_kernels(graphs, args.batch))
     shown = (
         "eager_ops_per_frame",
         "eager_ops_by_part",
         "attention_calls_per_frame",
         "kv_positions_read_per_slot",
         "host_device_copies_per_frame",
+        "compiled_kernels_per_frame",
+        "compiled_kernels_by_kind",
+        "compiled_graph_calls_per_frame",
+        "compile_s",
     )
-    for key in shown:
+    for key in (key for key in shown if key in results):
         print(f"{key}: {results[key]}")
     if "graphs" in results:
         print(f"graphs: {results['graphs']}, graph_breaks: {results['graph_breaks']} (explain took {results['explain_s']:.0f} s)")

@@ -119,7 +119,7 @@ def test_tiny_model_loads_with_the_documented_init(tiny_dir: Path) -> None:
     model = load_model(paths, torch.device("cpu"), torch.float32)
     assert model.config == TINY
     assert torch.equal(model.backbone.layers[0].sa_norm.scale, torch.ones(TINY.backbone.embed_dim))
-    for weight in (model.text_embeddings.weight, model.backbone.layers[1].attn.q_proj.weight, model.audio_head):
+    for weight in (model.text_embeddings.weight, model.backbone.layers[1].attn.qkv_proj.weight, model.audio_head):
         assert abs(weight.std().item() - 0.02) < 0.002
         assert abs(weight.mean().item()) < 0.002
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from torch import nn
 
 from .config import ModelConfig, TransformerConfig
 from .request import MIB
+from .sampling import Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -125,14 +128,36 @@ def slots_within_budget(slots: int, kv_cache_memory_mb: int, config: ModelConfig
     return chosen
 
 
+def fused_linear(parent: nn.Module, name: str, in_features: int, parts: dict[str, int]) -> nn.Linear:
+    """One bias-free Linear standing for several with the same input (`parts`: name -> out
+    features), its weight their rows stacked in order, so one matmul does their work. State dicts
+    keep the parts' names: loading concatenates `{part}.weight` into `{name}.weight` (a pre-hook,
+    so `assign=True` and meta-device loading work unchanged) and `state_dict()` splits it back
+    into copies (safetensors refuses tensors that share memory)."""
+    sizes = list(parts.values())
+
+    def concatenate(module, state, prefix, *args) -> None:
+        keys = [f"{prefix}{part}.weight" for part in parts]
+        if all(key in state for key in keys):
+            state[f"{prefix}{name}.weight"] = torch.cat([state.pop(key) for key in keys])
+
+    def split(module, state, prefix, metadata) -> None:
+        weight = state.pop(f"{prefix}{name}.weight", None)  # absent once swapped for a CpuLinear
+        if weight is not None:
+            state.update((f"{prefix}{part}.weight", piece.clone()) for part, piece in zip(parts, weight.split(sizes), strict=True))
+
+    parent.register_load_state_dict_pre_hook(concatenate)
+    parent.register_state_dict_post_hook(split)
+    return nn.Linear(in_features, sum(sizes), bias=False)
+
+
 class Attention(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.config = config
         head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.embed_dim, config.num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(config.embed_dim, config.num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(config.embed_dim, config.num_kv_heads * head_dim, bias=False)
+        self.sizes = [config.num_heads * head_dim, config.num_kv_heads * head_dim, config.num_kv_heads * head_dim]
+        self.qkv_proj = fused_linear(self, "qkv_proj", config.embed_dim, dict(zip(("q_proj", "k_proj", "v_proj"), self.sizes, strict=True)))
         self.output_proj = nn.Linear(config.num_heads * head_dim, config.embed_dim, bias=False)
         self.kv_cache: KVCache | None = None
 
@@ -141,9 +166,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         head_dim = self.config.head_dim
-        q = apply_rope(self.q_proj(x).view(batch, seq, self.config.num_heads, head_dim), rope)
-        k = apply_rope(self.k_proj(x).view(batch, seq, self.config.num_kv_heads, head_dim), rope)
-        v = self.v_proj(x).view(batch, seq, self.config.num_kv_heads, head_dim)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = apply_rope(q.view(batch, seq, self.config.num_heads, head_dim), rope)
+        k = apply_rope(k.view(batch, seq, self.config.num_kv_heads, head_dim), rope)
+        v = v.view(batch, seq, self.config.num_kv_heads, head_dim)
         keys, values = self.kv_cache.update(rows, positions, k, v, mask.shape[-1])
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
         return self.output_proj(out.transpose(1, 2).reshape(batch, seq, -1))
@@ -152,12 +178,12 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(config.embed_dim, config.intermediate_dim, bias=False)
+        self.w13 = fused_linear(self, "w13", config.embed_dim, {"w1": config.intermediate_dim, "w3": config.intermediate_dim})
         self.w2 = nn.Linear(config.intermediate_dim, config.embed_dim, bias=False)
-        self.w3 = nn.Linear(config.embed_dim, config.intermediate_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Layer(nn.Module):
@@ -245,6 +271,8 @@ class CSM(nn.Module):
         self.codebook0_head = nn.Linear(dim, config.audio_vocab_size, bias=False)
         self.audio_head = nn.Parameter(torch.empty(config.audio_num_codebooks - 1, config.decoder.embed_dim, config.audio_vocab_size))
         self.codebook_offsets: torch.Tensor | None = None
+        self.codebook_ids: torch.Tensor | None = None
+        self._compiled: _CompiledSteps | None = None  # set by compile_hot_path
 
     def setup_caches(self, slots: int) -> None:
         """Allocate the KV caches and position tables once, on the weights' device (idempotent): a
@@ -252,7 +280,8 @@ class CSM(nn.Module):
         positions (the decoder restarts every frame). Plain attributes, not buffers, so that loading
         onto the meta device and casting the weights never touch them."""
         dtype = self.audio_head.dtype  # a raw parameter: never swapped for a packed kernel
-        self.codebook_offsets = torch.arange(self.config.audio_num_codebooks, device=self.audio_head.device) * self.config.audio_vocab_size
+        self.codebook_ids = torch.arange(self.config.audio_num_codebooks, device=self.audio_head.device)
+        self.codebook_offsets = self.codebook_ids * self.config.audio_vocab_size
         self.backbone.setup_caches(slots, self.config.backbone.max_seq_len, dtype)
         self.decoder.setup_caches(slots, self.config.audio_num_codebooks, dtype)
 
@@ -271,27 +300,76 @@ class CSM(nn.Module):
         embeds = torch.cat([audio, text], dim=-2)
         return (embeds * mask.unsqueeze(-1).to(embeds.dtype)).sum(dim=-2)
 
-    def embed_codes(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:
-        """codes: [B] of one codebook -> [B, 1, D]."""
-        return self.audio_embeddings(codes + codebook * self.config.audio_vocab_size).unsqueeze(1)
-
     def backbone_forward(
         self, tokens: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | int, positions: torch.Tensor, length: int
     ) -> torch.Tensor:
-        """Run frames through the backbone; returns the hidden states [B, S, D]."""
+        """Run frames through the backbone; returns the hidden states [B, S, D]. After
+        `compile_hot_path`, the fixed-shape decode step (one position a row, attending over all
+        max_seq_len positions) runs compiled; other shapes (prefill, the engine's dynamic path)
+        stay eager rather than compile once per length."""
+        if self._compiled is not None and tokens.shape[1] == 1 and length == self.config.backbone.max_seq_len:
+            return self._compiled.backbone(tokens, mask, rows, positions, length)
+        return self._backbone_step(tokens, mask, rows, positions, length)
+
+    def _backbone_step(
+        self, tokens: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | int, positions: torch.Tensor, length: int
+    ) -> torch.Tensor:
         return self.backbone(self.embed_frames(tokens, mask), rows, positions, length)
 
     def sample_frame(self, hidden: torch.Tensor, sample) -> torch.Tensor:
         """hidden: [B, D] backbone output -> codes [B, 32]. `sample(logits, codebook)` draws one
-        codebook's codes [B] from its logits [B, vocab]."""
-        batch = hidden.shape[0]
-        codes = [sample(self.codebook0_head(hidden), 0)]
-        x = torch.cat([hidden.unsqueeze(1), self.embed_codes(codes[0], 0)], dim=1)  # [B, 2, D]
-        positions = torch.arange(2, device=hidden.device).expand(batch, 2)
-        for codebook in range(1, self.config.audio_num_codebooks):
-            # The codebook's input sits at position `codebook`; the decoder sees positions 0..codebook.
-            decoded = self.decoder(self.projection(x), batch, positions, codebook + 1)[:, -1]
-            codes.append(sample(decoded @ self.audio_head[codebook - 1], codebook))
-            x = self.embed_codes(codes[-1], codebook)
-            positions = positions[:, -1:] + 1
+        codebook's codes [B] from its logits [B, vocab]; `codebook` is an int or a 0-d tensor.
+        After `compile_hot_path`, a `Sampler` runs inside the compiled steps; any other callable
+        runs the same steps eagerly."""
+        steps = self._compiled if self._compiled is not None and isinstance(sample, Sampler) else self
+        codes = list(steps._first_decoder_step(hidden, sample))
+        for codebook in range(2, self.config.audio_num_codebooks):
+            codes.append(steps._decoder_step(codes[-1], self.codebook_ids[codebook], self.audio_head[codebook - 1], sample))
         return torch.stack(codes, dim=1)
+
+    def _first_decoder_step(self, hidden: torch.Tensor, sample) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codebooks 0 and 1 ([B] each): c0 from the backbone's head, then the decoder over
+        [h, embed(c0)] at positions 0 and 1."""
+        batch = hidden.shape[0]
+        c0 = sample(self.codebook0_head(hidden), 0)
+        x = torch.stack([hidden, self.audio_embeddings(c0)], dim=1)  # [B, 2, D]
+        positions = torch.arange(2, device=hidden.device).expand(batch, 2)
+        decoded = self.decoder(self.projection(x), batch, positions, self.config.audio_num_codebooks)[:, -1]
+        return c0, sample(decoded @ self.audio_head[0], 1)
+
+    def _decoder_step(self, previous: torch.Tensor, codebook: torch.Tensor, head: torch.Tensor, sample) -> torch.Tensor:
+        """Codebook i's codes [B] from codebook i-1's (`previous` [B]), for i = 2..31: `codebook`
+        is i as a 0-d device tensor and `head` is audio_head[i-1] (a view, never copied), so one
+        step, compiled once, serves all 30. Codebook i-1's input sits at decoder position i; the
+        decoder attends over its cache's fixed audio_num_codebooks positions, the later ones
+        (left from the last frame) masked out, which contribute exact zeros."""
+        batch = previous.shape[0]
+        x = self.audio_embeddings(previous + (codebook - 1) * self.config.audio_vocab_size)[:, None]  # [B, 1, D]
+        positions = codebook.expand(batch, 1)
+        decoded = self.decoder(self.projection(x), batch, positions, self.config.audio_num_codebooks)[:, -1]
+        return sample(decoded @ head, codebook)
+
+
+@dataclass
+class _CompiledSteps:
+    backbone: Callable
+    _first_decoder_step: Callable
+    _decoder_step: Callable
+
+
+def compile_hot_path(model: CSM) -> None:
+    """Make `model.backbone_forward` (its fixed-shape decode step) and `model.sample_frame` (with a
+    `Sampler`) run torch.compile'd pieces (idempotent): the backbone step, the first decoder step
+    and the repeated decoder step, each with its sampler calls inside. Each compiles on its first
+    call, once per batch size (and top-k bucket), with static shapes, whole graphs and no host
+    synchronisation, so a compiled frame can still be captured as one CUDA graph. In float32 the
+    compiled pieces sample the eager codes; in bfloat16 inductor keeps float32 between the ops it
+    fuses, rounding less often than eager, so sampled codes can differ from eager ones."""
+    if model._compiled is not None:
+        return
+    if any(isinstance(module, CpuLinear) for module in model.modules()):
+        raise ValueError("compile_hot_path: inductor cannot lower CpuLinear's packed oneDNN weights; compile one without use_cpu_linear")
+    # One graph per batch bucket x top-k bucket for each piece: more than dynamo's default of 8.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    steps = (model._backbone_step, model._first_decoder_step, model._decoder_step)
+    model._compiled = _CompiledSteps(*(torch.compile(step, fullgraph=True, dynamic=False) for step in steps))

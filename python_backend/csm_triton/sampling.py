@@ -7,6 +7,7 @@ synchronisation or per-row Python loop is needed (the step stays graph-capturabl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -14,6 +15,7 @@ import torch
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # below 2**27: a 32-bit value times it fits in int64 without overflow
 _TOKEN_SALT = 0x9E3779B9
+AUDIO_VOCAB_SIZE = 2051  # CSM's Mimi codes and the two special ones: the table a Sampler builds first
 
 
 @dataclass(frozen=True)
@@ -45,17 +47,36 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """seeds, counters: [B] int64 -> [B, vocab_size] float32 uniform in (0, 1)."""
-    key = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) ^ _mix32(counters & _MASK32)))
-    tokens = _mix32((torch.arange(vocab_size, device=seeds.device) + _TOKEN_SALT) & _MASK32)
+@functools.cache
+def token_hashes(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """The per-token half of the noise hash, [vocab_size] int64: a constant, built once per
+    vocabulary size and device (outside inference mode, so that any caller may use it)."""
+    with torch.inference_mode(False):
+        return _mix32((torch.arange(vocab_size, device=device) + _TOKEN_SALT) & _MASK32)
+
+
+def noise_keys(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """The per-row half of the noise hash, elementwise over broadcast int64 seeds and counters."""
+    return _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) ^ _mix32(counters & _MASK32)))
+
+
+def noise_from_keys(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """keys [B], tokens [vocab] (`token_hashes`) -> [B, vocab] float32 uniform in (0, 1)."""
     # 23 bits, so that bits + 0.5 is exact in float32 and the largest value stays below 1.
-    bits = _mix32(key[:, None] ^ tokens[None, :]) >> 9
+    bits = _mix32(keys[:, None] ^ tokens[None, :]) >> 9
     return (bits.float() + 0.5) * 2.0**-23
 
 
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """seeds, counters: [B] int64 -> [B, vocab_size] float32 uniform in (0, 1)."""
+    return noise_from_keys(noise_keys(seeds, counters), token_hashes(vocab_size, seeds.device))
+
+
 class Sampler:
-    """Samples one codebook for every row of a batch from its logits [B, vocab]."""
+    """Samples one codebook for every row of a batch from its logits [B, vocab]. The token hashes
+    are a constant table, looked up once here. Nothing else is computed ahead: a compiled step
+    fuses each call's per-row work (the noise keys, the threshold) into its kernels, where ops
+    computed here would each be a kernel of their own."""
 
     def __init__(
         self,
@@ -65,6 +86,7 @@ class Sampler:
         frames: torch.Tensor,
         num_codebooks: int,
         max_topk: int | None = None,
+        vocab_size: int = AUDIO_VOCAB_SIZE,
     ) -> None:
         self.temperature = temperature  # [B] float32
         self.topk = topk  # [B] int64
@@ -72,13 +94,19 @@ class Sampler:
         self.frames = frames  # [B] int64: index of the frame being sampled in each row's request
         self.num_codebooks = num_codebooks
         self.max_topk = max_topk  # the batch's largest k, known on the host: a partial sort suffices
+        self.tokens = token_hashes(vocab_size, seeds.device)
 
-    def __call__(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, codebook: int | torch.Tensor) -> torch.Tensor:
+        """logits [B, vocab] -> codes [B]; `codebook` an int or a 0-d tensor (a compiled step's)."""
+        vocab_size = logits.shape[-1]
+        # Ranked before the cast and the division, which are monotonic: the same k-th value, and
+        # one kernel less, since the division then fuses with the ops after the sort.
+        ranked = logits.topk(self.max_topk or vocab_size, dim=-1).values  # descending
+        threshold = ranked.gather(1, (self.topk - 1)[:, None]).float() / self.temperature[:, None]
         logits = logits.float() / self.temperature[:, None]
-        ranked = logits.topk(self.max_topk or logits.shape[-1], dim=-1).values  # descending
-        threshold = ranked.gather(1, (self.topk - 1)[:, None])
         logits = logits.masked_fill(logits < threshold, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        noise = uniform_noise(self.seeds, self.frames * self.num_codebooks + codebook, logits.shape[-1])
+        tokens = self.tokens if len(self.tokens) == vocab_size else token_hashes(vocab_size, logits.device)
+        noise = noise_from_keys(noise_keys(self.seeds, self.frames * self.num_codebooks + codebook), tokens)
         # Exponential race: argmax(p / Exp(1)) draws index i with probability p_i.
         return (probs / -torch.log(noise)).argmax(dim=-1)
