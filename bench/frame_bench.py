@@ -3,7 +3,8 @@ GPU hot path (issue 12) is judged by, at CSM-1B's layer counts (16 backbone laye
 layers, 32 codebooks, 2048 positions) with small widths, so that it runs anywhere in seconds.
 
 The step is `FrameGraphs._frame`, what the engine captures as a CUDA graph: one backbone position
-for every slot of a batch bucket, the 31-step depth decoder, sampling. For one frame it prints and
+for every slot of a batch bucket over its length bucket, the 31-step depth decoder, sampling, each
+slot's state advanced on the device. For one frame of --batch streams at --position it prints and
 writes (--json):
 - eager_ops_per_frame: aten ops the eager step dispatches, views excluded (they launch nothing),
   in all and by part (the backbone position, the codebook heads and depth decoder, the sampler's
@@ -22,8 +23,8 @@ writes (--json):
   there; inductor's on-disk caches make a rerun faster, TORCHINDUCTOR_FORCE_DISABLE_CACHES=1
   times a cold compile). --no-compile skips it.
 - host_device_copies_per_frame: in one engine step with every slot running on the frame step
-  (`Engine(frame_graphs=True)`): tensors built from host values (`torch.tensor`, each an upload on
-  a GPU) and tensors copied back (`Tensor.cpu`).
+  (`Engine(frame_graphs=True)`): copies to the device (`Tensor.to` it, `torch.tensor(device=)`)
+  and back (`Tensor.cpu`); also those of the step that started the streams.
 
 Usage: python bench/frame_bench.py [--batch 8] [--position 100] [--json OUT] [--no-explain] [--no-compile]
 """
@@ -48,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from csm_triton.config import CSM_1B, ModelConfig
 from csm_triton.engine import Engine
-from csm_triton.graphs import FrameGraphs
+from csm_triton.graphs import FrameGraphs, SlotStart, bucket
 from csm_triton.model import CSM, compile_hot_path
 from csm_triton.sampling import Sampler
 
@@ -97,10 +98,19 @@ def labelled(counter: OpCounter, part: str, function: Callable) -> Callable:
     return wrapper
 
 
-def count_frame_ops(graphs: FrameGraphs, batch: int) -> OpCounter:
+def running_step(graphs: FrameGraphs, batch: int, position: int):
+    """The frame step's bucket for `batch` streams at `position`, each slot started on it (top-k 50)."""
+    frame = torch.zeros(graphs.state.width, dtype=torch.long)
+    mask = torch.ones(graphs.state.width, dtype=torch.bool)
+    mask[-1] = False
+    graphs.state.write([SlotStart(row, frame, mask, position, 0.9, 50, row, 1000) for row in range(batch)])
+    return graphs._step(bucket(graphs.batch_buckets, batch), bucket(graphs.topk_buckets, 50), bucket(graphs.length_buckets, position + 1))
+
+
+def count_frame_ops(graphs: FrameGraphs, batch: int, position: int) -> OpCounter:
     """The ops of one eager frame step over `batch` rows, by part."""
     model = graphs.model
-    step = graphs._step(batch, graphs.topk_buckets[0])
+    step = running_step(graphs, batch, position)
     counter = OpCounter()
     model.backbone_forward = labelled(counter, "backbone position", model.backbone_forward)
     model.sample_frame = labelled(counter, "heads and depth decoder", model.sample_frame)
@@ -109,7 +119,7 @@ def count_frame_ops(graphs: FrameGraphs, batch: int) -> OpCounter:
     Sampler.__call__ = labelled(counter, "sampler", sampler_call)
     try:
         with torch.inference_mode(), counter:
-            graphs._frame(step.inputs, step.max_topk)
+            graphs._frame(step)
     finally:
         Sampler.__init__, Sampler.__call__ = sampler_init, sampler_call
         del model.backbone_forward, model.sample_frame
@@ -127,45 +137,49 @@ def kv_positions_read(graphs: FrameGraphs, batch: int, position: int) -> list[in
 
     F.scaled_dot_product_attention = recording
     try:
-        rows = list(range(batch))
-        frames = torch.zeros(batch, graphs.num_codebooks, dtype=torch.long)
-        graphs.run(rows, frames, [position] * batch, [0.9] * batch, [50] * batch, rows, [1] * batch)
+        running_step(graphs, batch, position)
+        graphs.run(batch, position + 1, 50)
     finally:
         F.scaled_dot_product_attention = attention
     return reads
 
 
 def host_device_copies(model: CSM, batch: int) -> dict[str, int]:
-    """Uploads (`torch.tensor` calls) and downloads (`Tensor.cpu` calls) of one engine step once
-    `batch` streams run on the frame step."""
+    """Host-to-device copies (`Tensor.to` the engine's device, `torch.tensor(..., device=)`) and
+    device-to-host copies (`Tensor.cpu`) of one engine step once `batch` streams run on the frame
+    step; on the CPU they are counted where a GPU would copy. Also those of the step that starts
+    them (their prompts' prefill and the slots' one state upload)."""
     engine = Engine(model, batch, frame_graphs=True)
-    for seed in range(batch):
-        engine.submit(prompt(model.config, 1000, seed))
-    engine.step()  # admits and prefills them all (whole prompts on the CPU) and samples their first frames eagerly
     calls: Counter[str] = Counter()
-    make, download = torch.tensor, torch.Tensor.cpu
+    make, move, download = torch.tensor, torch.Tensor.to, torch.Tensor.cpu
 
-    def upload(*args, **kwargs):
-        calls["uploads"] += 1
-        return make(*args, **kwargs)
+    def counted(kind: str, function: Callable, is_copy: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            calls[kind] += is_copy(*args, **kwargs)
+            return function(*args, **kwargs)
 
-    def to_host(self, *args, **kwargs):
-        calls["downloads"] += 1
-        return download(self, *args, **kwargs)
+        return wrapper
 
-    torch.tensor, torch.Tensor.cpu = upload, to_host
+    torch.tensor = counted("uploads", make, lambda *args, device=None, **kwargs: device is not None)
+    torch.Tensor.to = counted("uploads", move, lambda self, *args, **kwargs: torch.device(engine.device) in (*args, kwargs.get("device")))
+    torch.Tensor.cpu = counted("downloads", download, lambda self, *args, **kwargs: True)
     try:
+        for seed in range(batch):
+            engine.submit(prompt(model.config, 1000, seed))
+        engine.step()  # admits, prefills and starts them all, and runs their first frame
+        start = dict(calls)
+        calls.clear()
         engine.step()
     finally:
-        torch.tensor, torch.Tensor.cpu = make, download
-    return {"uploads": calls["uploads"], "downloads": calls["downloads"], "total": calls.total()}
+        torch.tensor, torch.Tensor.to, torch.Tensor.cpu = make, move, download
+    return {"uploads": calls["uploads"], "downloads": calls["downloads"], "total": calls.total(), "starting_step": start}
 
 
-def explain(graphs: FrameGraphs, batch: int) -> dict[str, float | int]:
-    step = graphs._step(batch, graphs.topk_buckets[0])
+def explain(graphs: FrameGraphs, batch: int, position: int) -> dict[str, float | int]:
+    step = running_step(graphs, batch, position)
     began = time.perf_counter()
     with torch.inference_mode():
-        result = torch._dynamo.explain(graphs._frame)(step.inputs, step.max_topk)
+        result = torch._dynamo.explain(graphs._frame)(step)
     return {"graphs": result.graph_count, "graph_breaks": result.graph_break_count, "explain_s": time.perf_counter() - began}
 
 
@@ -179,19 +193,19 @@ def is_view(name: str) -> bool:
     return getattr(packet, packet.overloads()[0]).is_view
 
 
-def compiled_kernels(graphs: FrameGraphs, batch: int) -> dict:
+def compiled_kernels(graphs: FrameGraphs, batch: int, position: int) -> dict:
     """Compile the model's hot path, run one frame of the fixed-shape step to compile it (timed),
     then count the kernels of one more frame: see the module's docstring."""
     import torch._inductor.config as inductor_config
 
-    step = graphs._step(batch, graphs.topk_buckets[0])
+    step = running_step(graphs, batch, position)
     with inductor_config.patch({"cpp.enable_kernel_profile": True}), torch.inference_mode():
         compile_hot_path(graphs.model)
         began = time.perf_counter()
-        graphs._frame(step.inputs, step.max_topk)
+        graphs._frame(step)
         compile_s = time.perf_counter() - began
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-            graphs._frame(step.inputs, step.max_topk)
+            graphs._frame(step)
     kinds: Counter[str] = Counter()
     graph_calls = 0
     for event in profile.events():
@@ -224,7 +238,7 @@ def main() -> None:
     model = CSM(config).eval()
     model.setup_caches(args.batch)
     graphs = FrameGraphs(model, args.batch, capture=False)
-    counter = count_frame_ops(graphs, args.batch)
+    counter = count_frame_ops(graphs, args.batch, args.position)
     reads = kv_positions_read(graphs, args.batch, args.position)
     results = {
         "command": " ".join(["python", *sys.argv]),
@@ -244,10 +258,10 @@ def main() -> None:
     }
     if not args.no_explain:
         logger.info("torch._dynamo.explain of the frame step (slow: it traces all 31 decoder steps)")
-        results.update(explain(graphs, args.batch))
+        results.update(explain(graphs, args.batch, args.position))
     if not args.no_compile:  # last: the eager counts above are of the uncompiled step
         logger.info("compiling the hot path (the first frame) and counting the compiled frame's kernels")
-        results.update(compiled_kernels(graphs, args.batch))
+        results.update(compiled_kernels(graphs, args.batch, args.position))
     shown = (
         "eager_ops_per_frame",
         "eager_ops_by_part",

@@ -8,16 +8,19 @@ One compiled model for the module (batch 1, top-k bucket 64), so each piece comp
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_conformance import FRAMES, assert_same_frames, prompts, random_pair  # noqa: F401 (fixtures)
+from test_engine import run_logged
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from csm_triton.checkpoint import read_state_dict
 from csm_triton.config import TINY, ModelConfig
+from csm_triton.engine import Engine, EngineRequest
 from csm_triton.model import CSM, CpuLinear, compile_hot_path, use_cpu_linear
 from csm_triton.sampling import Sampler, token_hashes
 from hf_reference import hf_generate
@@ -136,3 +139,27 @@ def test_the_noise_table_is_built_once():
         second(logits[:1], 0)
     assert token_hashes.cache_info().misses == 1  # one table for this vocabulary and device
     assert "aten.arange" not in ops.names  # the table's first op
+
+
+def test_the_compiled_frame_step_gives_the_eager_codes(prompts):  # noqa: F811
+    """Engine(frame_graphs=True, compile=True), as CUDA runs it but uncaptured: streams joining,
+    one cancelled (the busy slots compacted), batch and length buckets changing under symbolic
+    shapes, against the eager dynamic path on the same weights."""
+    torch.manual_seed(4321)
+    model = CSM(TINY).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if name.endswith(".scale") else 0.0, 0.1 if name.endswith(".scale") else 0.02)
+    eager = copy.deepcopy(model)
+    (text, text_mask), (audio, audio_mask) = prompts["text"], prompts["audio"]
+    batch = [
+        EngineRequest(tokens, mask, frames, 0.9, 50, seed)
+        for tokens, mask, frames, seed in ((text, text_mask, 9, 1), (audio, audio_mask, 7, 2), (text[:5], text_mask[:5], 12, 3))
+    ]
+    arrivals, cancels = {0: batch[:2], 2: batch[2:]}, {4: 1}
+    expected, _ = run_logged(Engine(eager, 4, frame_graphs=False), arrivals, cancels)
+    engine = Engine(model, 4, frame_graphs=True, compile=True)
+    got, buckets = run_logged(engine, arrivals, cancels)
+    assert model.compiled and {bucket[0] for bucket in buckets if bucket} == {1, 2, 4}
+    for want, have in zip(expected, got, strict=True):
+        assert len(want) > 0 and torch.equal(want, have)

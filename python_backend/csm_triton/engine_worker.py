@@ -29,7 +29,7 @@ from .config import ModelConfig
 from .engine_client import HEARTBEAT_S, Cancel, Channel, ChunkOut, Close, Heartbeat, Ready, Refused, StartFailed, Submit, WorkerSettings
 from .generator import Generator, load_csm_1b
 from .model import slots_within_budget
-from .serving import ServingConfig
+from .serving import COMPILE, ServingConfig
 from .streaming import Busy, Chunk, LoopFailed, Stream
 
 logger = logging.getLogger("csm_triton.engine_worker")
@@ -71,6 +71,7 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
         limits=limits,
         max_waiting=config.max_waiting_requests,
         stall_timeout_s=config.stall_timeout_s,
+        compile=COMPILE[config.compile],
     )
     ready = Ready(slots, device, str(weights), limits, os.getpid())
     return generator, ready

@@ -267,6 +267,7 @@ def load_csm_1b(
     limits: RequestLimits | None = None,
     max_waiting: int | None = None,
     stall_timeout_s: float = STALL_TIMEOUT_S,
+    compile: bool | None = None,
 ) -> Generator:
     """Load a staged model directory, `ckpt.pt` or `model.safetensors` (tokenizer and Mimi beside
     it). Weights are bf16 on CUDA and fp32 on the CPU unless `dtype` says otherwise. On the CPU,
@@ -274,7 +275,7 @@ def load_csm_1b(
     A step prefills at most `prefill_chunk` prompt positions (default: CUDA_PREFILL_CHUNK on CUDA,
     whole prompts on the CPU, where a step's cost hardly depends on them). Every request is checked
     against `limits` (default: RequestLimits' defaults for the loaded model). `max_waiting` and
-    `stall_timeout_s` are the serving loop's (ServingLoop)."""
+    `stall_timeout_s` are the serving loop's (ServingLoop); `compile` the engine's (Engine)."""
     device = resolve_device(device)
     if device.type == "cuda":  # before anything is allocated or captured: the instance's GPU, not cuda:0
         torch.cuda.set_device(device)
@@ -286,5 +287,5 @@ def load_csm_1b(
     prompts = PromptBuilder(TextTokenizer(paths.tokenizer), codec, model.config.audio_num_codebooks, model.config.text_vocab_size)
     if prefill_chunk is None and device.type == "cuda":
         prefill_chunk = CUDA_PREFILL_CHUNK
-    engine = Engine(model, slots, prefill_chunk=prefill_chunk)
+    engine = Engine(model, slots, prefill_chunk=prefill_chunk, compile=compile)
     return Generator(engine, prompts, codec, cpu_threads, limits, max_waiting, stall_timeout_s)

@@ -174,7 +174,8 @@ class FrameGraphs:
             torch.cuda.synchronize(self.device)
             reserved = torch.cuda.memory_reserved(self.device) - reserved
         logger.info(
-            "frame step %s for %d buckets (batch %s, top-k %s, length %s) in %.1f s, %.0f MiB",
+            "frame step %s%s for %d buckets (batch %s, top-k %s, length %s) in %.1f s, %.0f MiB",
+            "compiled and " if self.model.compiled else "",
             "captured" if self.capture else "ready",
             len(self._steps),
             self.batch_buckets,

@@ -300,14 +300,19 @@ class CSM(nn.Module):
         embeds = torch.cat([audio, text], dim=-2)
         return (embeds * mask.unsqueeze(-1).to(embeds.dtype)).sum(dim=-2)
 
+    @property
+    def compiled(self) -> bool:
+        """Whether compile_hot_path has been applied."""
+        return self._compiled is not None
+
     def backbone_forward(
         self, tokens: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | int, positions: torch.Tensor, length: int
     ) -> torch.Tensor:
         """Run frames through the backbone; returns the hidden states [B, S, D]. After
-        `compile_hot_path`, the fixed-shape decode step (one position a row, attending over all
-        max_seq_len positions) runs compiled; other shapes (prefill, the engine's dynamic path)
-        stay eager rather than compile once per length."""
-        if self._compiled is not None and tokens.shape[1] == 1 and length == self.config.backbone.max_seq_len:
+        `compile_hot_path`, the frame step's shape (one position for rows 0..B-1, `rows` a count)
+        runs compiled; prefill and the engine's dynamic path (rows by index) stay eager rather
+        than compile once per prompt length."""
+        if self._compiled is not None and isinstance(rows, int) and tokens.shape[1] == 1:
             return self._compiled.backbone(tokens, mask, rows, positions, length)
         return self._backbone_step(tokens, mask, rows, positions, length)
 
@@ -369,7 +374,10 @@ def compile_hot_path(model: CSM) -> None:
         return
     if any(isinstance(module, CpuLinear) for module in model.modules()):
         raise ValueError("compile_hot_path: inductor cannot lower CpuLinear's packed oneDNN weights; compile one without use_cpu_linear")
-    # One graph per batch bucket x top-k bucket for each piece: more than dynamo's default of 8.
+    # Batch and length symbolic, so that every bucket of the frame step shares a few graphs: one
+    # for batch 1 (which dynamo always specialises) and one for the others, per top-k bucket. Duck
+    # sizing would tie the batch to the slot count of the state the rows are views of.
+    torch.fx.experimental._config.use_duck_shape = False
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     steps = (model._backbone_step, model._first_decoder_step, model._decoder_step)
-    model._compiled = _CompiledSteps(*(torch.compile(step, fullgraph=True, dynamic=False) for step in steps))
+    model._compiled = _CompiledSteps(*(torch.compile(step, fullgraph=True, dynamic=True) for step in steps))

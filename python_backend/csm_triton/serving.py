@@ -76,6 +76,9 @@ TRITON_NAMES = {
 BACKEND_PARAMETERS = frozenset({"EXECUTION_ENV_PATH"})
 
 
+COMPILE = {"auto": None, "on": True, "off": False}  # the compile parameter, as Engine takes it
+
+
 @dataclass(frozen=True)
 class ServingConfig:
     """The model's `parameters` in config.pbtxt; the request limits' defaults are RequestLimits'."""
@@ -90,6 +93,7 @@ class ServingConfig:
     chunk_schedule: str = "adaptive"  # or "fixed": chunk_frames a chunk after the first (pacing.py)
     cpu_threads: int = 0  # 0: half the cores for each of the serving loop's two threads
     prefill_chunk: int = 0  # prompt positions prefilled per step at most; 0: load_csm_1b's default
+    compile: str = "auto"  # the frame step's pieces torch.compile'd before capture: "auto" (on CUDA), "on" or "off"
     kv_cache_memory_mb: int = 0  # MiB the KV caches of all slots may take; 0: no bound
     max_waiting_requests: int = 32  # requests waiting for a slot at most; more are refused as busy
     stall_timeout_s: float = 120.0  # a serving-loop round longer than this: the engine is hung
@@ -122,6 +126,8 @@ class ServingConfig:
             raise ValueError(f"kv_cache_memory_mb: must be >= 0 (0: no bound), got {config.kv_cache_memory_mb}")
         RequestLimits(**config.limit_parameters())  # refuses a limit out of range, naming it
         check_chunking(config.first_chunk_frames, config.chunk_frames, config.max_audio_length_ms)
+        if config.compile not in COMPILE:
+            raise ValueError(f'compile: must be "auto", "on" or "off", got {config.compile!r}')
         if config.chunk_schedule not in ("adaptive", "fixed"):
             raise ValueError(f'chunk_schedule: must be "adaptive" or "fixed", got {config.chunk_schedule!r}')
         return config
