@@ -33,6 +33,7 @@ from csm_triton.codec import MimiCodec, StreamingDecoder
 from csm_triton.config import CSM_1B, TINY, ModelConfig
 from csm_triton.engine import Engine, EngineRequest
 from csm_triton.generator import CUDA_PREFILL_CHUNK
+from csm_triton.graphs import bucket
 from csm_triton.model import CSM
 from csm_triton.pacing import ChunkPlan
 from csm_triton.request import FRAME_MS
@@ -79,7 +80,8 @@ def prompt(config: ModelConfig, frames: int, seed: int) -> EngineRequest:
 
 
 def floor_seconds(config: ModelConfig, dtype: torch.dtype, batch: int, position: int, bandwidth: float, flops: float) -> dict:
-    """The least time one frame of `batch` streams at `position` can take."""
+    """The least time one frame can take that reads what the code reads: the weights, and the KV
+    caches of `batch` rows up to `position` (the frame step's batch and length buckets)."""
     size = torch.finfo(dtype).bits // 8
     backbone, decoder = config.backbone, config.decoder
 
@@ -183,7 +185,10 @@ def main() -> None:
         with torch.inference_mode():
             step_s = frame_time(engine, config, batch, args.frames)
         position = PROMPT_POSITIONS + WARMUP_STEPS + args.frames // 2
-        floor = floor_seconds(config, dtype, batch, position, bandwidth, flops)
+        rows, length = batch, position
+        if engine.graphs is not None:  # the rows and key positions the frame step reads
+            rows, length = bucket(engine.graphs.batch_buckets, batch), bucket(engine.graphs.length_buckets, position + 1)
+        floor = floor_seconds(config, dtype, rows, length, bandwidth, flops)
         results["levels"].append({"batch": batch, "frame_ms": step_s * 1e3, "rtf": step_s * 1e3 / FRAME_MS, **floor})
     loop = ServingLoop(engine, StreamingDecoder(codec, 2 * slots), 2 * slots)
     try:

@@ -193,6 +193,42 @@ def test_cuda_graph_replay_gives_the_eager_greedy_codes(tiny_model_dir: Path) ->
         generator.close()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_compiled_graphs_serve_every_bucket_through_the_loop(tiny_model_dir: Path) -> None:
+    """The default on a GPU: bf16, the frame step compiled and captured for every bucket at load,
+    serving requests of several top-k buckets through the serving loop with Mimi; nothing is
+    captured while serving."""
+    generator = load_csm_1b(tiny_model_dir, device="cuda", slots=4)
+    try:
+        graphs = generator.engine.graphs
+        assert graphs is not None and graphs.capture and generator.engine.model.compiled
+        captured = len(graphs._steps)
+        assert captured == len(graphs.batch_buckets) * len(graphs.topk_buckets) * len(graphs.length_buckets)
+        topks = (1, 50, 100, 300)  # every top-k bucket
+        asks = [GenerationRequest(f"Bucket {i}.", i % 2, topk=topk, max_audio_length_ms=640, seed=i) for i, topk in enumerate(topks)]
+        codes = generator.generate_codes_batch(asks)
+        assert all(0 < len(c) <= 8 for c in codes)
+        audio = generator.generate("Heard through the loop.", 0, [], max_audio_length_ms=640, seed=9)
+        assert audio.dtype == torch.float32 and audio.numel() % 1920 == 0 and audio.numel() > 0
+        assert len(graphs._steps) == captured and {key[1] for key in graphs.runs} >= {64, 256, 2051}
+    finally:
+        generator.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_an_instance_on_the_second_gpu_captures_and_replays_there(tiny_model_dir: Path) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    first = load_csm_1b(tiny_model_dir, device="cuda:0", dtype=torch.float32, slots=2)
+    second = load_csm_1b(tiny_model_dir, device="cuda:1", dtype=torch.float32, slots=2)
+    try:
+        assert second.engine.graphs.device == torch.device("cuda:1")
+        ask = GenerationRequest("On another GPU.", 0, topk=1, max_audio_length_ms=640, seed=3)
+        assert torch.equal(first.generate_codes_batch([ask])[0], second.generate_codes_batch([ask])[0])
+    finally:
+        first.close()
+        second.close()
+
+
 @pytest.mark.parametrize("frame_graphs", [False, True], ids=["dynamic", "fixed-shape"])
 def test_chunked_prefill_gives_the_same_codes(generator: Generator, frame_graphs: bool) -> None:
     arrivals = bucket_schedule(requests(generator, topk=50))
