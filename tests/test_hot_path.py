@@ -158,8 +158,11 @@ def test_the_compiled_frame_step_gives_the_eager_codes(prompts):  # noqa: F811
     ]
     arrivals, cancels = {0: batch[:2], 2: batch[2:]}, {4: 1}
     expected, _ = run_logged(Engine(eager, 4, frame_graphs=False), arrivals, cancels)
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     engine = Engine(model, 4, frame_graphs=True, compile=True)
     got, buckets = run_logged(engine, arrivals, cancels)
     assert model.compiled and {bucket[0] for bucket in buckets if bucket} == {1, 2, 4}
+    assert {bucket[2] for bucket in buckets if bucket} == {64, 512}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 6  # batch 1 and the others, for 3 pieces
     for want, have in zip(expected, got, strict=True):
         assert len(want) > 0 and torch.equal(want, have)
