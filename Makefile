@@ -68,8 +68,8 @@ bench: setup
 	$(PYTHON) bench/load_bench.py --json docs/load_bench.json --plot docs/load_bench.png
 
 lint: setup
-	$(VENV)/bin/ruff check python_backend client export model_repository tests bench
-	$(VENV)/bin/ruff format --check python_backend client export model_repository tests bench
+	$(VENV)/bin/ruff check python_backend client export model_repository tests bench gateway
+	$(VENV)/bin/ruff format --check python_backend client export model_repository tests bench gateway
 
 clean:
 	rm -rf $(VENV) models
