@@ -36,11 +36,13 @@ $(TINY_DIR)/manifest.json: | setup
 export: setup
 	$(PYTHON) -m export fetch --out $(MODEL_DIR)
 
-# tritonserver on model_repository/ (HTTP_PORT, GRPC_PORT, METRICS_PORT or SERVE_ARGS="--http-port 9000 ...").
+# tritonserver on model_repository/ (HTTP_PORT, GRPC_PORT, METRICS_PORT or SERVE_ARGS="--http-port 9000 ...")
+# and the speech gateway beside it on GATEWAY_PORT (README, "The speech gateway"), whose URL it prints.
 # Serves models/csm-1b when staged (make export), else the tiny random-weight model. The admin APIs
 # take the key in CSM_ADMIN_KEY, else a new one written to build/admin-key (README, "Admin endpoints").
+GATEWAY_PORT ?= 8080
 serve: setup $(TINY_DIR)/manifest.json
-	$(PYTHON) -m csm_triton.server $(SERVE_ARGS)
+	GATEWAY_PORT=$(GATEWAY_PORT) $(PYTHON) -m gateway.serve $(SERVE_ARGS)
 
 # csm_stream's own Python environment for the python backend's EXECUTION_ENV_PATH (README: "Beside
 # other models"): a relocatable prefix of this Python with the project (not editable) and its

@@ -207,6 +207,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="CSM speech gateway", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.gateway = gateway
+    app.add_middleware(CountRequests, metrics=gateway.metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -320,6 +321,27 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     return app
+
+
+class CountRequests:
+    """Counts every answer by route and status (plain ASGI: it never reads or wraps the body, so a
+    streamed response still sees its client go away)."""
+
+    def __init__(self, app: Any, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                self.metrics.requests.labels(getattr(route, "path", "other"), str(message["status"])).inc()
+            await send(message)
+
+        return await self.app(scope, receive, counted)
 
 
 def model_card(name: str) -> dict:

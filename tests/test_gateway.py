@@ -207,6 +207,7 @@ def test_generate_models_voices_health_and_metrics(gateway: str, direct: CSMClie
     assert health.status_code == 200 and health.json()["status"] == "ready"
     metrics = httpx.get(f"{gateway}/metrics").text
     assert 'gateway_time_to_first_audio_seconds_count{route="speech"}' in metrics and "gateway_audio_seconds_total" in metrics
+    assert 'gateway_requests_total{route="/generate",status="200"} 1.0' in metrics
     page = httpx.get(f"{gateway}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
 
