@@ -30,9 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from csm_client import AsyncCSMClient, CSMError, Segment
 
 from . import audio
-from .config import GatewayConfig, Voice, load_voices
+from .config import GatewayConfig, load_voices
 from .errors import APIError, from_triton
 from .metrics import GatewayMetrics
+from .voices import StoredVoice, VoiceError, VoiceLibrary
 
 logger = logging.getLogger("gateway")
 STATIC = Path(__file__).parent / "static"
@@ -99,12 +100,7 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.voices = load_voices(config.voices_file)
-        self.voice_clips = {
-            name: audio.decode_audio(voice.audio.read_bytes(), config.max_context_audio_s)
-            for name, voice in self.voices.items()
-            if voice.audio is not None
-        }
+        self.voices = VoiceLibrary(load_voices(config.voices_file), config.max_voice_clip_s, config.voices_dir, config.max_custom_voices)
         self.metrics = GatewayMetrics()
         self.streams = 0
         self._client: AsyncCSMClient | None = None
@@ -123,13 +119,14 @@ class Gateway:
         if self._client is not None:
             await self._client.close()
 
-    def voice(self, value: str | VoiceRef) -> Voice:
+    def voice(self, value: str | VoiceRef) -> StoredVoice:
         name = value.id if isinstance(value, VoiceRef) else value
-        if name not in self.voices:
+        voice = self.voices.find(name)
+        if voice is None:
             raise APIError(404, f"voice {name!r} not found; GET /v1/audio/voices lists them", "voice", "voice_not_found")
-        return self.voices[name]
+        return voice
 
-    def job(self, text: str, text_param: str, speaker: int, request: Sampling, voice: Voice | None = None) -> Job:
+    def job(self, text: str, text_param: str, speaker: int, request: Sampling, voice: StoredVoice | None = None) -> Job:
         """Checks what the gateway bounds itself (the rest is csm_stream's to check) and decodes the context audio."""
         if not text.strip():
             raise APIError(400, f"{text_param}: must not be blank", text_param, "invalid_value")
@@ -139,10 +136,8 @@ class Gateway:
             )
         context: list[Segment] = []
         budget = self.config.max_context_audio_s
-        if voice is not None and voice.name in self.voice_clips:
-            samples, rate = self.voice_clips[voice.name]
-            context.append(Segment(speaker=voice.speaker, text=voice.transcript, audio=samples, sample_rate=rate))
-            budget -= len(samples) / rate
+        if voice is not None and voice.samples is not None:
+            context.append(Segment(speaker=voice.speaker, text=voice.transcript, audio=voice.samples, sample_rate=voice.rate))
         for index, turn in enumerate(request.context):
             clip, rate = None, audio.SAMPLE_RATE
             if turn.audio is not None:
@@ -201,7 +196,9 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        logger.info("gateway for %s at %s: voices %s", config.stream_model, config.triton_url, ", ".join(gateway.voices))
+        logger.info(
+            "gateway for %s at %s: voices %s", config.stream_model, config.triton_url, ", ".join(v.name for v in gateway.voices.all())
+        )
         yield
         await gateway.close()
 
@@ -302,9 +299,56 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
 
     @app.get("/v1/audio/voices", dependencies=[Depends(authorized)])
     async def voices() -> dict:
-        data = [{"id": v.name, "object": "audio.voice", "name": v.name, "speaker": v.speaker, "reference_clip": v.audio is not None}
-                for v in gateway.voices.values()]  # fmt: skip
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [voice.card() for voice in gateway.voices.all()]}
+
+    @app.post("/v1/audio/voices", dependencies=[Depends(authorized)])
+    async def create_voice(request: Request) -> dict:
+        """OpenAI's custom voice from an audio sample (multipart: name, audio_sample, consent), with
+        CSM's `transcript` of the clip and an optional `speaker` id (0)."""
+        length = request.headers.get("content-length", "")
+        limit = config.max_voice_upload_bytes + 64 * 1024  # the form's other fields besides the clip
+        if length.isdigit() and int(length) > limit:
+            raise APIError(
+                413,
+                f"upload of {length} bytes, more than max_voice_upload_bytes {config.max_voice_upload_bytes}",
+                "audio_sample",
+                "request_too_large",
+            )
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except Exception as error:  # starlette's MultiPartException, or a body that is no form at all
+            raise APIError(400, f"body: not a multipart form ({error})", code="invalid_form") from error
+        try:
+            fields = {key: value for key, value in form.items() if isinstance(value, str)}
+            sample = form.get("audio_sample")
+            if sample is None or isinstance(sample, str):
+                raise APIError(400, "audio_sample: a file is required", "audio_sample", "missing_field")
+            clip = await sample.read(config.max_voice_upload_bytes + 1)
+        finally:
+            await form.close()
+        if len(clip) > config.max_voice_upload_bytes:
+            raise APIError(
+                413, f"audio_sample: more than max_voice_upload_bytes {config.max_voice_upload_bytes}", "audio_sample", "request_too_large"
+            )
+        if fields.get("type", "audio_sample") != "audio_sample":
+            raise APIError(400, "type: only audio_sample voices can be made here (CSM has no voices from prompts)", "type", "invalid_value")
+        speaker = fields.get("speaker", "0")
+        if not speaker.lstrip("-").isdigit():
+            raise APIError(400, f"speaker: must be a whole number, got {speaker!r}", "speaker", "invalid_value")
+        try:
+            voice = await asyncio.to_thread(
+                gateway.voices.create, fields.get("name", ""), clip, fields.get("transcript", ""), fields.get("consent", ""), int(speaker)
+            )
+        except VoiceError as error:
+            raise APIError(400, str(error), error.param, "invalid_value") from error
+        logger.info("voice %s (%s) created: speaker %d, %.1f s clip", voice.id, voice.name, voice.speaker, len(voice.samples) / voice.rate)
+        return voice.card()
+
+    @app.delete("/v1/audio/voices/{voice_id}", dependencies=[Depends(authorized)])
+    async def delete_voice(voice_id: str) -> dict:
+        if gateway.voices.delete(voice_id) is None:
+            raise APIError(404, f"no custom voice with id {voice_id!r}", "voice_id", "voice_not_found")
+        return {"id": voice_id, "object": "audio.voice.deleted", "deleted": True}
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -13,8 +13,8 @@ from typing import Any
 
 ENV_PREFIX = "CSM_GATEWAY_"
 # OpenAI's built-in voice names. Each maps by default to a plain CSM speaker id, without a reference
-# clip, so that clients written for OpenAI work with no voice files staged; CSM-1B's base model
-# gives each speaker id a voice of its own only within a conversation, so these differ in seed, not timbre.
+# clip, so that clients written for OpenAI work with no voice files staged. CSM-1B's base model has no
+# fixed timbre per speaker id: without a reference clip a voice varies from one seed to the next.
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse", "marin", "cedar")
 DEFAULT_MODELS = ("csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 
@@ -68,6 +68,10 @@ class GatewayConfig:
     models: tuple[str, ...] = field(default=DEFAULT_MODELS, metadata={"help": "model names accepted (comma-separated)"})
     api_keys: tuple[str, ...] = field(default=(), metadata={"help": "Bearer keys accepted (comma-separated); none: no auth"})
     voices_file: Path | None = field(default=None, metadata={"help": "JSON file of voices on top of the OpenAI names"})
+    voices_dir: Path | None = field(default=None, metadata={"help": "where custom voices are kept (none: in memory only)"})
+    max_custom_voices: int = field(default=100, metadata={"help": "custom voices at most"})
+    max_voice_upload_bytes: int = field(default=10 * 1024 * 1024, metadata={"help": "largest audio_sample upload"})
+    max_voice_clip_s: float = field(default=30.0, metadata={"help": "longest reference clip of a voice"})
     max_streams: int = field(default=64, metadata={"help": "requests generating at once; more get 429"})
     max_body_bytes: int = field(default=32 * 1024 * 1024, metadata={"help": "largest request body (context audio included)"})
     max_input_chars: int = field(default=4096, metadata={"help": "longest `input` (OpenAI's limit)"})

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import av
 import httpx
@@ -341,3 +342,72 @@ def test_concurrent_requests_share_one_batch(client: openai.OpenAI, triton: Trit
     after = scrape(triton)
     occupancy = (after[slot_steps] - before[slot_steps]) / (after[steps] - before[steps])
     assert occupancy > 2.0, occupancy  # 80 frames in all, in steps that each generated for more than two requests
+
+
+@pytest.fixture(scope="module")
+def clip(direct: CSMClient) -> tuple[bytes, np.ndarray]:
+    """A reference clip (WAV) of 0.4 s, and its samples as the gateway decodes them."""
+    samples = straight_to_triton(direct, 2, "A clip of my voice.", seed=9, max_audio_length_ms=400)
+    return wav_bytes(samples), s16(pcm16(samples)).astype(np.float32) / 32768
+
+
+def test_a_custom_voice_is_usable_by_name_and_id_then_deleted(client: openai.OpenAI, direct: CSMClient, clip) -> None:
+    data, samples = clip
+    voice = client.audio.voices.create(
+        name="maya", audio_sample=("maya.wav", data, "audio/wav"), consent="cons_1234",
+        extra_body={"transcript": "A clip of my voice.", "speaker": "2"},
+    )  # fmt: skip
+    assert voice.object == "audio.voice" and voice.name == "maya" and voice.type == "audio_sample" and voice.id.startswith("voice_")
+    by_name = client.audio.speech.create(model="csm-1b", input=TEXT, voice="maya", response_format="pcm", extra_body=SHORT).content
+    by_id = client.audio.speech.create(model="csm-1b", input=TEXT, voice={"id": voice.id}, response_format="pcm", extra_body=SHORT)
+    expected = straight_to_triton(direct, 2, context=[Segment(speaker=2, text="A clip of my voice.", audio=samples)], **SHORT)
+    assert by_name == by_id.content and np.array_equal(s16(by_name), s16(pcm16(expected)))
+    listed = {entry["id"]: entry for entry in client.get("/audio/voices", cast_to=object)["data"]}
+    assert listed[voice.id]["name"] == "maya" and listed[voice.id]["reference_clip"]
+    deleted = client.audio.voices.delete(voice.id)
+    assert deleted.deleted and deleted.id == voice.id
+    with pytest.raises(openai.NotFoundError):
+        client.audio.speech.create(model="csm-1b", input=TEXT, voice="maya", extra_body=SHORT)
+    with pytest.raises(openai.NotFoundError):
+        client.audio.voices.delete(voice.id)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"name": "bad name!"}, "name"),
+        ({"consent": " "}, "consent"),
+        ({"transcript": ""}, "transcript"),
+        ({"speaker": "-1"}, "speaker"),
+        ({"speaker": "one"}, "speaker"),
+        ({"type": "prompt"}, "type"),
+        ({"clip": b"not audio at all"}, "audio_sample"),
+        ({"clip": None}, "audio_sample"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_a_voice_that_cannot_be_made_is_400_naming_its_field(gateway: str, clip, fields: dict, param: str) -> None:
+    form = {"name": "nova2", "consent": "cons_1", "transcript": "A clip of my voice.", **fields}
+    upload = form.pop("clip", clip[0])
+    files = {} if upload is None else {"audio_sample": ("clip.wav", upload, "audio/wav")}
+    error = error_of(httpx.post(f"{gateway}/v1/audio/voices", data=form, files=files), 400)
+    assert error["param"] == param, error
+
+
+def test_voice_names_are_unique_uploads_bounded_and_voices_kept_in_voices_dir(triton: TritonServer, clip, tmp_path: Path) -> None:
+    config = GatewayConfig(triton_url=triton.grpc_url, port=free_port(), voices_dir=tmp_path, max_voice_upload_bytes=len(clip[0]))
+    form = {"name": "kept", "consent": "cons_1", "transcript": "A clip of my voice."}
+    with running(config) as url:
+        made = httpx.post(f"{url}/v1/audio/voices", data=form, files={"audio_sample": ("clip.wav", clip[0])}).json()
+        again = httpx.post(f"{url}/v1/audio/voices", data=form, files={"audio_sample": ("clip.wav", clip[0])})
+        assert error_of(again, 400)["message"] == "name: a voice named 'kept' exists already"
+        big = httpx.post(
+            f"{url}/v1/audio/voices", data={**form, "name": "big"}, files={"audio_sample": ("clip.wav", clip[0] + b"\0" * 70_000)}
+        )
+        assert error_of(big, 413)["param"] == "audio_sample"
+        assert error_of(httpx.delete(f"{url}/v1/audio/voices/alloy"), 404)["param"] == "voice_id"  # configured voices stay
+    config.port = free_port()
+    with running(config) as url:  # a new gateway on the same directory has the voice
+        voices = {voice["id"]: voice for voice in httpx.get(f"{url}/v1/audio/voices").json()["data"]}
+        assert voices[made["id"]]["name"] == "kept" and voices[made["id"]]["created_at"] == made["created_at"]
+        assert len(speech(url, voice="kept", response_format="pcm", **SHORT).content) == 2 * 10 * SAMPLES_PER_FRAME
