@@ -411,3 +411,38 @@ def test_voice_names_are_unique_uploads_bounded_and_voices_kept_in_voices_dir(tr
         voices = {voice["id"]: voice for voice in httpx.get(f"{url}/v1/audio/voices").json()["data"]}
         assert voices[made["id"]]["name"] == "kept" and voices[made["id"]]["created_at"] == made["created_at"]
         assert len(speech(url, voice="kept", response_format="pcm", **SHORT).content) == 2 * 10 * SAMPLES_PER_FRAME
+
+
+def encodes(triton: TritonServer) -> int:
+    """Clips csm_stream has Mimi-encoded so far, as its log says (csm_triton/prompt.py)."""
+    return triton.log_file.read_text(errors="replace").count(": Mimi-encoded ")
+
+
+def settled_encodes(triton: TritonServer, expected: int) -> int:
+    deadline = time.monotonic() + 5
+    while encodes(triton) < expected and time.monotonic() < deadline:
+        time.sleep(0.1)  # the engine's log reaches the file through the stub's pipe
+    return encodes(triton)
+
+
+def test_a_conversation_re_encodes_no_earlier_turn_and_a_voice_clip_is_encoded_once(
+    client: openai.OpenAI, triton: TritonServer, direct: CSMClient
+) -> None:
+    start = encodes(triton)
+    turns: list[dict] = []
+    for index in range(5):
+        text = f"Turn {index} of the conversation."
+        body = {"seed": index, "max_audio_length_ms": 400, "context": turns}
+        data = client.audio.speech.create(model="csm-1b", input=text, voice="alloy", response_format="wav", extra_body=body).content
+        turns = [*turns, {"text": text, "speaker": index % 2, "audio": base64.b64encode(data).decode()}]
+    # Turn 4 came with 4 earlier turns, turn 3 with 3...: 10 clips sent, 4 of them distinct, each encoded once.
+    assert settled_encodes(triton, start + 4) == start + 4
+    fresh = wav_bytes(straight_to_triton(direct, 3, "A clip no test has sent.", seed=21, max_audio_length_ms=400))
+    start = encodes(triton)
+    voice = client.audio.voices.create(
+        name="once", audio_sample=("once.wav", fresh, "audio/wav"), consent="cons_1", extra_body={"transcript": "A clip no test has sent."}
+    )
+    for value in ("once", {"id": voice.id}, "once"):
+        client.audio.speech.create(model="csm-1b", input=TEXT, voice=value, response_format="pcm", extra_body=SHORT)
+    assert settled_encodes(triton, start + 1) == start + 1
+    client.audio.voices.delete(voice.id)
