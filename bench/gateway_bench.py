@@ -9,7 +9,7 @@ tritonserver with the tiny model (CPU) and the gateway in its own process (`pyth
                carry 3 s of audio each, with csm_stream's codes cache and on a server without it
                (CSM_CODES_CACHE_MB=0).
 
-Usage: python bench/gateway_bench.py [--requests 20] [--frames 25] [--streams 8] [--json OUT]
+Usage: python bench/gateway_bench.py [--requests 20] [--frames 25] [--streams 8] [--rounds 3] [--json OUT]
 """
 
 from __future__ import annotations
@@ -82,14 +82,14 @@ def gateway(grpc_url: str) -> Iterator[str]:
         process.wait(timeout=30)
 
 
-def via_gateway(url: str, seed: int, max_ms: int, context: list | None = None) -> tuple[float, float]:
-    """(seconds to the first audio byte, seconds of audio) of one streamed request through the gateway."""
+def via_gateway(http: httpx.Client, url: str, seed: int, max_ms: int) -> tuple[float, float]:
+    """(seconds to the first audio byte, seconds of audio) of one streamed request through the
+    gateway, on a kept-alive connection as an application's client (the openai package's) keeps one:
+    a new httpx.Client a request would add its own set-up (an SSL context, a TCP connection), ~30 ms here."""
     body = {"model": "csm-1b", "input": TEXT, "voice": "alloy", "response_format": "pcm", "seed": seed, "max_audio_length_ms": max_ms}
-    if context:
-        body["context"] = context
     start = time.perf_counter()
     first, size = None, 0
-    with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=600) as response:
+    with http.stream("POST", f"{url}/v1/audio/speech", json=body) as response:
         response.raise_for_status()
         for piece in response.iter_raw():
             first = first or time.perf_counter() - start
@@ -107,16 +107,29 @@ def direct(client: CSMClient, seed: int, max_ms: int, context: list | None = Non
     return first, samples / SAMPLE_RATE
 
 
-def p50_first_byte(call, requests: int) -> float:
-    call(10_000)  # warm-up
-    return statistics.median(call(seed)[0] for seed in range(requests))
+def p50_first_byte(calls: dict, requests: int) -> dict[str, float]:
+    """p50 of each way's first-byte time; the ways take turns, request by request, so that a load
+    from outside (a shared machine) weighs on both alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
+        call(10_000)  # warm-up
+    for seed in range(requests):
+        for name, call in calls.items():
+            times[name].append(call(seed)[0])
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
-def throughput(call, streams: int, each: int) -> float:
-    start = time.perf_counter()
-    with ThreadPoolExecutor(streams) as pool:
-        audio = sum(pool.map(lambda index: sum(call(index * each + n)[1] for n in range(each)), range(streams)))
-    return audio / (time.perf_counter() - start)
+def throughput(calls: dict, streams: int, each: int, rounds: int) -> dict[str, float]:
+    """Each way's median over `rounds` of the audio seconds per wall second of `streams` concurrent
+    clients, each sending `each` requests one after another; the ways take turns, round by round."""
+    results: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            with ThreadPoolExecutor(streams) as pool:
+                audio = sum(pool.map(lambda index, call=call: sum(call(index * each + n)[1] for n in range(each)), range(streams)))
+            results[name].append(audio / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in results.items()}
 
 
 def conversation(server: TritonServer, rounds: int) -> dict:
@@ -136,24 +149,32 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=25, help="frames (80 ms) a request")
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--each", type=int, default=3, help="requests each concurrent stream sends")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds of each way, taking turns")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     max_ms = args.frames * FRAME_MS
-    results: dict = {"frames": args.frames, "requests": args.requests, "streams": args.streams}
+    results: dict = {"frames": args.frames, "requests": args.requests, "streams": args.streams, "rounds": args.rounds}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_tiny(root / "tiny", seed=0)
         with triton(root / "cached", root / "tiny", slots=args.streams) as server, gateway(server.grpc_url) as url:
-            with CSMClient(server.grpc_url) as client:
-                results["first_byte_direct_p50_s"] = p50_first_byte(lambda seed: direct(client, seed, max_ms), args.requests)
-            results["first_byte_gateway_p50_s"] = p50_first_byte(lambda seed: via_gateway(url, seed, max_ms), args.requests)
+            with CSMClient(server.grpc_url) as client, httpx.Client(timeout=600) as http:
+                p50 = p50_first_byte(
+                    {"direct": lambda seed: direct(client, seed, max_ms), "gateway": lambda seed: via_gateway(http, url, seed, max_ms)},
+                    args.requests,
+                )
+            results["first_byte_direct_p50_s"], results["first_byte_gateway_p50_s"] = p50["direct"], p50["gateway"]
 
             def direct_stream(seed: int) -> tuple[float, float]:
                 with CSMClient(server.grpc_url) as own:  # one client per thread: tritonclient's are not thread-safe
                     return direct(own, seed, max_ms)
 
-            results["throughput_direct_audio_s_per_s"] = throughput(direct_stream, args.streams, args.each)
-            results["throughput_gateway_audio_s_per_s"] = throughput(lambda seed: via_gateway(url, seed, max_ms), args.streams, args.each)
+            def gateway_stream(seed: int) -> tuple[float, float]:
+                with httpx.Client(timeout=600) as http:
+                    return via_gateway(http, url, seed, max_ms)
+
+            rates = throughput({"direct": direct_stream, "gateway": gateway_stream}, args.streams, args.each, args.rounds)
+            results["throughput_direct_audio_s_per_s"], results["throughput_gateway_audio_s_per_s"] = rates["direct"], rates["gateway"]
             results["conversation_cached"] = conversation(server, rounds=5)
         with triton(root / "uncached", root / "tiny", slots=args.streams, env={"CSM_CODES_CACHE_MB": "0"}) as server:
             results["conversation_no_cache"] = conversation(server, rounds=5)
