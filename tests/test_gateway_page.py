@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile
 from test_gateway import SAMPLES_PER_FRAME, free_port, running, settle
@@ -22,6 +23,7 @@ from test_metrics import scrape, series
 
 from csm_triton.server import TritonServer
 from gateway import GatewayConfig
+from gateway.audio import wav_bytes
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "gateway_page.png"
@@ -74,6 +76,34 @@ def test_the_page_speaks_a_line_in_chunks_and_downloads_it(page: tuple[Page, lis
     samples, rate = soundfile.read(io.BytesIO(Path(download.value.path()).read_bytes()))
     assert rate == 24_000 and len(samples) == 30 * SAMPLES_PER_FRAME
     assert errors == []
+
+
+def test_a_voice_uploaded_on_the_page_speaks(page: tuple[Page, list[str]], tmp_path: Path) -> None:
+    tab, errors = page
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes((0.2 * np.sin(np.arange(9600) / 7)).astype(np.float32)))
+    tab.click("#upload summary")
+    tab.fill("#voice-name", "page-voice")
+    tab.set_input_files("#voice-clip", str(clip))
+    tab.fill("#voice-consent", "cons_page")
+    tab.fill("#voice-transcript", "A hum.")
+    tab.click("#voice-add")
+    tab.wait_for_function("document.getElementById('voice-status').textContent === 'added page-voice'", timeout=30_000)
+    assert tab.eval_on_selector("#voice", "select => select.selectedOptions[0].textContent").startswith(
+        "page-voice (speaker 0, reference clip)"
+    )
+    tab.fill("#text", "Spoken in the new voice.")
+    tab.fill("#max-ms", "800")
+    tab.click("#speak")
+    tab.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=60_000)
+    assert tab.inner_text("#seconds") == "0.80 s" and errors == []
+    tab.fill("#voice-name", "page-voice")  # the same name again: the gateway's 400 is shown
+    tab.click("#voice-add")
+    tab.wait_for_function("document.getElementById('voice-status').textContent.startsWith('400')", timeout=30_000)
+    assert "exists already" in tab.inner_text("#voice-status")
+    # chromium logs every 4xx response as a console error: that one, and no other, is expected here
+    assert len(errors) == 1 and "status of 400" in errors[0]
+    errors.clear()
 
 
 def test_stop_cancels_a_long_line(page: tuple[Page, list[str]], triton_server: TritonServer) -> None:
