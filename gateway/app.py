@@ -162,18 +162,17 @@ class Gateway:
         }
         return Job(text, speaker, context, {key: value for key, value in options.items() if value is not None})
 
-    @contextlib.asynccontextmanager
-    async def slot(self, route: str) -> AsyncIterator[None]:
-        """One of max_streams: a request past them is refused with 429 before it reaches Triton."""
+    def acquire(self) -> None:
+        """Takes one of max_streams (each `release`d once): a request past them is refused with 429
+        before it reaches Triton. Only the event loop's thread calls these."""
         if self.streams >= self.config.max_streams:
             raise APIError(429, f"{self.streams} requests in flight (max_streams); retry later", code="server_busy")
         self.streams += 1
         self.metrics.streams.set(self.streams)
-        try:
-            yield
-        finally:
-            self.streams -= 1
-            self.metrics.streams.set(self.streams)
+
+    def release(self) -> None:
+        self.streams -= 1
+        self.metrics.streams.set(self.streams)
 
     async def open(self, job: Job) -> tuple[np.ndarray | None, AsyncIterator[np.ndarray]]:
         """Starts the Triton stream and waits for its first chunk, so that an invalid request gets
@@ -258,31 +257,37 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         if body.model not in config.models:
             raise APIError(404, f"model {body.model!r} not found; GET /v1/models lists them", "model", "model_not_found")
         voice = gateway.voice(body.voice)
-        job = gateway.job(body.input, "input", voice.speaker, body, voice)
-        slot = gateway.slot("speech")
-        await slot.__aenter__()
+        job = await asyncio.to_thread(gateway.job, body.input, "input", voice.speaker, body, voice)  # decodes context audio
+        gateway.acquire()
         try:
             first, chunks = await gateway.open(job)
-        except BaseException as error:
-            await slot.__aexit__(type(error), error, error.__traceback__)
+        except BaseException:
+            gateway.release()
             raise
         gateway.metrics.first_audio.labels("speech").observe(time.monotonic() - started)
         media_type = "text/event-stream" if body.stream_format == "sse" else audio.FORMATS[body.response_format].media_type
-        stream = speech_body(gateway, body, first, chunks, slot)
-        return StreamingResponse(stream, media_type=media_type, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        stream = speech_body(gateway, body, first, chunks)  # releases the stream's slot when it ends
+        # Started here, so that its `finally` (the slot, the Triton stream) runs however the response
+        # ends, even if the client is gone before the body is sent (then at its garbage collection).
+        head = await anext(stream, b"")
+        return StreamingResponse(
+            joined(head, stream), media_type=media_type, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     @app.post("/generate", dependencies=[Depends(authorized)])
     async def generate(request: Request) -> JSONResponse:
         body: GenerateRequest = await read_json(request, GenerateRequest)
-        job = gateway.job(body.text, "text", body.speaker, body)
-        async with gateway.slot("generate"):
+        job = await asyncio.to_thread(gateway.job, body.text, "text", body.speaker, body)
+        gateway.acquire()
+        try:
             first, chunks = await gateway.open(job)
             parts = [] if first is None else [first]
-            try:
-                async with contextlib.aclosing(chunks):
-                    parts.extend([chunk async for chunk in chunks])
-            except CSMError as error:
-                raise from_triton(error) from error
+            async with contextlib.aclosing(chunks):
+                parts.extend([chunk async for chunk in chunks])
+        except CSMError as error:
+            raise from_triton(error) from error
+        finally:
+            gateway.release()
         samples = np.concatenate(parts) if parts else np.zeros(0, np.float32)
         gateway.metrics.audio_seconds.inc(len(samples) / audio.SAMPLE_RATE)
         return JSONResponse({"audio": base64.b64encode(audio.wav_bytes(samples)).decode("ascii"), "sample_rate": audio.SAMPLE_RATE})
@@ -393,7 +398,7 @@ def model_card(name: str) -> dict:
 
 
 async def speech_body(
-    gateway: Gateway, request: SpeechRequest, first: np.ndarray | None, chunks: AsyncIterator[np.ndarray], slot: Any
+    gateway: Gateway, request: SpeechRequest, first: np.ndarray | None, chunks: AsyncIterator[np.ndarray]
 ) -> AsyncIterator[bytes]:
     """The response body: each chunk through the speed change and the encoder as it comes; for sse,
     each piece as a `speech.audio.delta` event, then `speech.audio.done`. Closing it (the client
@@ -402,7 +407,6 @@ async def speech_body(
     encoder = audio.Encoder(request.response_format)
     tempo = audio.SpeedChange(request.speed) if request.speed != 1.0 else None
     frames = 0
-    error: BaseException | None = None
 
     def piece(data: bytes) -> bytes:
         if not sse:
@@ -427,20 +431,25 @@ async def speech_body(
         if sse:
             yield event({"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": frames, "total_tokens": frames}})
     except CSMError as failure:  # after the first chunk: the status line has gone already
-        error = failure
         logger.warning("speech stream failed after %d frames: %s", frames, failure.message)
         if sse:
             yield event({"type": "error", "error": from_triton(failure).body()["error"]})
         else:
             raise  # the connection is cut before the body's end, so the client sees an incomplete response
-    except (asyncio.CancelledError, GeneratorExit) as gone:
-        error = gone
+    except (asyncio.CancelledError, GeneratorExit):
         gateway.metrics.cancelled.inc()
         logger.info("client went away after %d frames: its Triton stream was cancelled", frames)
         raise
     finally:
         encoder.close()
-        await slot.__aexit__(None if error is None else type(error), error, None)
+        gateway.release()
+
+
+async def joined(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if head:
+        yield head
+    async for piece in rest:
+        yield piece
 
 
 def event(data: dict) -> bytes:
