@@ -44,6 +44,14 @@ def main(argv: list[str] | None = None) -> None:
         triton.wait()
         gateway.should_exit = True
 
+    def stop_triton(_signum: int, _frame: object) -> None:
+        if triton.poll() is None:
+            triton.send_signal(signal.SIGINT)  # csm_triton.server passes it on; tritonserver drains and unloads
+
+    # uvicorn handles SIGTERM and SIGINT while it runs, then raises the signal again to the handlers
+    # it found: these, so that this process waits for tritonserver and exits with its status.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_triton)
     threading.Thread(target=watch, daemon=True).start()
     print(
         f"gateway: http://localhost:{config.port}/  (the page; OpenAI base_url http://localhost:{config.port}/v1; "
@@ -53,8 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         gateway.run()  # returns on Ctrl-C / SIGTERM, or once tritonserver has exited
     finally:
-        if triton.poll() is None:
-            triton.send_signal(signal.SIGINT)  # csm_triton.server passes it on; tritonserver drains and unloads
+        stop_triton(signal.SIGINT, None)
         code = triton.wait()
     sys.exit(code if code >= 0 else 128 - code)
 

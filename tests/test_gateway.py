@@ -9,7 +9,10 @@ import concurrent.futures
 import contextlib
 import io
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,12 +22,13 @@ import av
 import httpx
 import numpy as np
 import openai
+import psutil
 import pytest
 import uvicorn
 from test_metrics import scrape, series
 
 from csm_client import CSMClient, CSMError, Segment
-from csm_triton.server import TritonServer
+from csm_triton.server import ServerOptions, TritonServer, model_repository_with
 from gateway import GatewayConfig, create_app
 from gateway.audio import FORMATS, SAMPLE_RATE, pcm16, wav_bytes
 from gateway.config import OPENAI_VOICES
@@ -446,3 +450,30 @@ def test_a_conversation_re_encodes_no_earlier_turn_and_a_voice_clip_is_encoded_o
         client.audio.speech.create(model="csm-1b", input=TEXT, voice=value, response_format="pcm", extra_body=SHORT)
     assert settled_encodes(triton, start + 1) == start + 1
     client.audio.voices.delete(voice.id)
+
+
+def test_make_serve_runs_the_gateway_beside_tritonserver_and_stops_both(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`python -m gateway.serve` as `make serve` runs it; only `csm` is loaded (it holds no weights, so it
+    loads in seconds): the gateway answers, and its /health says csm_stream is not ready."""
+    from test_admin_api import serve_command, wait_for_line, without_admin_key
+
+    repository = model_repository_with(tmp_path / "repo", {"model_dir": str(tmp_path / "none"), "tiny_model_dir": str(tiny_model_dir)})
+    options, port, log_file = ServerOptions.on_free_ports(repository), free_port(), tmp_path / "serve.log"
+    server_argv = serve_command(options, tmp_path / "admin-key", "--model-control-mode=explicit", "--load-model=csm")[3:]
+    argv = [sys.executable, "-m", "gateway.serve", "--gateway-port", str(port), *server_argv]
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(argv, env=without_admin_key(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_line(log_file, "tritonserver ready", process)
+        assert f"gateway: http://localhost:{port}/" in log_file.read_text()
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200
+        health = httpx.get(f"http://127.0.0.1:{port}/health")
+        assert health.status_code == 503 and health.json()["triton"] == f"localhost:{options.grpc_port}"
+        [launcher] = psutil.Process(process.pid).children()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+    assert not launcher.is_running() and "successfully unloaded 'csm'" in log_file.read_text()
