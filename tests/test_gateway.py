@@ -25,7 +25,7 @@ import openai
 import psutil
 import pytest
 import uvicorn
-from test_metrics import scrape, series
+from test_metrics import scrape, series, settled
 
 from csm_client import CSMClient, CSMError, Segment
 from csm_triton.server import ServerOptions, TritonServer, model_repository_with
@@ -317,7 +317,7 @@ def settle(triton: TritonServer, key: str, predicate, timeout_s: float = 10.0) -
 
 def test_a_client_that_disconnects_frees_its_slot(gateway: str, triton: TritonServer) -> None:
     cancelled = series("csm_rejected_requests_total", reason="cancelled", field="")
-    before = scrape(triton).get(cancelled, 0.0)
+    before = settled(triton).get(cancelled, 0.0)  # once the cancels of earlier tests have been reported
     body = {"model": "csm-1b", "input": TEXT, "voice": "alloy", "response_format": "pcm", "max_audio_length_ms": 20000}
     with httpx.stream("POST", f"{gateway}/v1/audio/speech", json=body, timeout=60) as response:
         pieces = response.iter_raw()  # kept: an iterator dropped here would close the response

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile
 from test_gateway import SAMPLES_PER_FRAME, free_port, running, settle
-from test_metrics import scrape, series
+from test_metrics import series, settled
 
 from csm_triton.server import TritonServer
 from gateway import GatewayConfig
@@ -109,7 +109,7 @@ def test_a_voice_uploaded_on_the_page_speaks(page: tuple[Page, list[str]], tmp_p
 def test_stop_cancels_a_long_line(page: tuple[Page, list[str]], triton_server: TritonServer) -> None:
     tab, errors = page
     cancelled = series("csm_rejected_requests_total", reason="cancelled", field="")
-    before = scrape(triton_server).get(cancelled, 0.0)
+    before = settled(triton_server).get(cancelled, 0.0)  # once earlier cancels have been reported
     tab.fill("#text", "A long line that would take twenty seconds of audio to say, were it not stopped.")
     tab.fill("#seed", "")
     tab.fill("#max-ms", "20000")
