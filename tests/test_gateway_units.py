@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +76,9 @@ def test_uploads_decode_to_mono_within_their_bound() -> None:
     with pytest.raises(AudioInputError, match="base64"):
         decode_base64_audio("@@@", max_seconds=5)
     assert len(resample(tone(1.0, 16_000), 16_000, 24_000)) == pytest.approx(24_000, abs=64)
+
+
+def test_the_gateway_needs_no_torch() -> None:
+    """It holds no model: importing all of it with torch made unimportable works."""
+    code = "import sys; sys.modules['torch'] = sys.modules['torchaudio'] = None; import gateway.app, gateway.serve, gateway.voices"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
