@@ -469,6 +469,8 @@ def test_make_serve_runs_the_gateway_beside_tritonserver_and_stops_both(tmp_path
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200
         health = httpx.get(f"http://127.0.0.1:{port}/health")
         assert health.status_code == 503 and health.json()["triton"] == f"localhost:{options.grpc_port}"
+        unloaded = error_of(speech(f"http://127.0.0.1:{port}", **SHORT), 503)  # Triton up, csm_stream not loaded
+        assert unloaded["code"] == "model_unavailable" and "csm_stream" in unloaded["message"]
         [launcher] = psutil.Process(process.pid).children()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0
