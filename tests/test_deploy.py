@@ -240,6 +240,9 @@ def test_compose_runs_a_gpu_server_on_staged_weights() -> None:
     size, unit = re.fullmatch(r"(\d+)([kmg])b?", str(triton["shm_size"]).lower()).groups()
     assert int(size) * {"k": 2**10, "m": 2**20, "g": 2**30}[unit] >= 2**30
     assert sorted(triton["ports"]) == ["8000:8000", "8001:8001", "8002:8002"]
+    gateway = compose["services"]["gateway"]
+    assert gateway["image"] == triton["image"] and gateway["ports"] == ["8080:8080"] and "triton:8001" in gateway["command"]
+    assert "/health" in " ".join(gateway["healthcheck"]["test"])
     health = triton["healthcheck"]
     assert health["test"][0] == "CMD" and f"http://localhost:8000{CSM_STREAM_READY}" in " ".join(health["test"])
     assert 45 <= int(health["interval"].removesuffix("s")) * health["retries"] <= 120
@@ -300,8 +303,13 @@ def test_base_runs_a_gpu_server_with_probes_shared_memory_and_read_only_weights(
     assert config["data"]["WEIGHTS_DIR"] == f"{PROJECT}/{csm_stream_parameter('model_dir')}"
 
     service = only(resources, "Service")
-    assert {port["name"]: port["port"] for port in service["spec"]["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    assert {port["targetPort"] for port in service["spec"]["ports"]} == {port["name"] for port in server["ports"]}
+    ports = {port["name"]: port["port"] for port in service["spec"]["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002, "gateway": 8080}
+    gateway = container(pod, "gateway")
+    assert {port["targetPort"] for port in service["spec"]["ports"]} == {port["name"] for port in server["ports"] + gateway["ports"]}
+    # The speech gateway beside tritonserver: its gRPC on localhost, ready while csm_stream is.
+    assert gateway["command"] == ["python3", "-m", "gateway"] and "localhost:8001" in gateway["args"]
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/health" and gpus(gateway) == 0
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
 

@@ -7,8 +7,14 @@ audio segment is its Mimi codes followed by one all-zero end-of-audio frame.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
@@ -16,8 +22,58 @@ from tokenizers.processors import TemplateProcessing
 from .codec import MimiCodec, resample
 from .request import Segment, audio_positions
 
+logger = logging.getLogger(__name__)
+
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
+# Mimi codes of context audio kept by content: a conversation sends its earlier turns (and a voice
+# its reference clip) again with every request, and encoding them costs about as much as generating.
+# int16 codes (< 2048) of 64 MiB hold ~23 minutes of audio. CSM_CODES_CACHE_MB in the server's
+# environment sets the bound (0: no cache).
+DEFAULT_CODES_CACHE_BYTES = int(os.environ.get("CSM_CODES_CACHE_MB", "64")) * 2**20
+
+
+def audio_key(samples: np.ndarray, sample_rate: int) -> str:
+    """The cache key of a clip: sha256 of its float32 samples and rate, as csm_stream receives them."""
+    digest = hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32).tobytes())
+    digest.update(int(sample_rate).to_bytes(4, "little"))
+    return digest.hexdigest()
+
+
+class CodesCache:
+    """Mimi codes by audio_key, least recently used out past `max_bytes` (0: no cache). Thread-safe."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CODES_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        with self._lock:
+            codes = self._entries.get(key)
+            if codes is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return codes
+
+    def put(self, key: str, codes: torch.Tensor) -> None:
+        size = codes.numel() * codes.element_size()
+        with self._lock:
+            if size > self.max_bytes or key in self._entries:
+                return
+            self._entries[key] = codes
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self.bytes -= dropped.numel() * dropped.element_size()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class TextTokenizer:
@@ -37,11 +93,14 @@ class TextTokenizer:
 class PromptBuilder:
     """Turns context segments and the utterance to speak into prompt frames [T, 33]."""
 
-    def __init__(self, tokenizer: TextTokenizer, codec: MimiCodec, num_codebooks: int, text_vocab_size: int) -> None:
+    def __init__(
+        self, tokenizer: TextTokenizer, codec: MimiCodec, num_codebooks: int, text_vocab_size: int, codes_cache: CodesCache | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.codec = codec
         self.num_codebooks = num_codebooks
         self.text_vocab_size = text_vocab_size
+        self.codes_cache = CodesCache() if codes_cache is None else codes_cache
 
     def _text_ids(self, text: str, speaker: int) -> torch.Tensor:
         ids = torch.tensor(self.tokenizer.encode(text, speaker))
@@ -60,9 +119,23 @@ class PromptBuilder:
         mask[:, -1] = True
         return tokens, mask
 
+    def _codes(self, segment: Segment) -> torch.Tensor:
+        """The clip's Mimi codes [frames, 32], encoded once per content while the cache holds them."""
+        key = audio_key(segment.audio, segment.sample_rate)
+        codes = self.codes_cache.get(key)
+        if codes is None:
+            audio = resample(torch.from_numpy(segment.audio), segment.sample_rate)
+            codes = self.codec.encode(audio).cpu().to(torch.int16)  # [frames, 32]; codes < 2048
+            self.codes_cache.put(key, codes)
+            cache = self.codes_cache
+            logger.info(
+                "context audio %s: Mimi-encoded %d frames (codes cache: %d clips, %d bytes, %d hits, %d misses)",
+                key[:16], len(codes), len(cache), cache.bytes, cache.hits, cache.misses,
+            )  # fmt: skip
+        return codes
+
     def _audio_frames(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
-        audio = resample(torch.from_numpy(segment.audio), segment.sample_rate)
-        codes = self.codec.encode(audio).cpu()  # [frames, 32]
+        codes = self._codes(segment)  # [frames, 32]
         tokens = torch.zeros(len(codes) + 1, self.num_codebooks + 1, dtype=torch.long)  # + end-of-audio frame
         mask = torch.zeros_like(tokens, dtype=torch.bool)
         tokens[:-1, :-1] = codes

@@ -1,0 +1,62 @@
+"""OpenAI's error body, `{"error": {"message", "type", "param", "code"}}`, for every failure, and
+the mapping of Triton's errors onto it: an INVALID_ARG message starts with the tensor at fault
+("TOPK: must be in [1, 2051], got 0"), which names the request parameter."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+from csm_client import CSMError
+
+# Triton input -> the request parameter it comes from.
+TENSOR_PARAMS = {
+    "TEXT": "input",
+    "SPEAKER": "voice",
+    "TEMPERATURE": "temperature",
+    "TOPK": "topk",
+    "MAX_AUDIO_LENGTH_MS": "max_audio_length_ms",
+    "SEED": "seed",
+    "FIRST_CHUNK_FRAMES": "first_chunk_frames",
+    "CHUNK_FRAMES": "chunk_frames",
+    "CONTEXT_TEXT": "context",
+    "CONTEXT_SPEAKER": "context",
+    "CONTEXT_AUDIO": "context",
+    "CONTEXT_AUDIO_LENGTHS": "context",
+    "CONTEXT_SAMPLE_RATE": "context",
+    "prompt": "input",  # a prompt (context + text) too long for the model
+}
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+         429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}  # fmt: skip
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": TYPES.get(self.status, "server_error"), "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def from_triton(error: CSMError) -> APIError:
+    """The API error for a failed Triton stream: 400 for an invalid request (its parameter named),
+    429 for a full server, 503 for one that cannot serve now, 500 for anything else."""
+    status = (error.status or "").upper()
+    message = error.message
+    if "INVALID_ARG" in status:
+        tensor = message.split(":", 1)[0].strip()
+        return APIError(400, message, TENSOR_PARAMS.get(tensor), "invalid_value")
+    if error.busy:
+        return APIError(429, message, code="server_busy")
+    if "UNAVAILABLE" in status or error.status is None:  # None: the server could not be reached
+        return APIError(503, message, code="model_unavailable")
+    if "CANCELLED" in status:
+        return APIError(503, message, code="cancelled")
+    return APIError(500, message, code="internal_error")

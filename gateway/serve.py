@@ -1,0 +1,70 @@
+"""`make serve`: tritonserver (through `python -m csm_triton.server`, every argument passed on) and
+the gateway beside it in this process, on GATEWAY_PORT (8080) and the server's gRPC port.
+
+The gateway answers at once; its /health says 503 until csm_stream is ready. Ctrl-C or SIGTERM
+stops both: tritonserver drains and unloads its models, and when it exits by itself, the gateway
+stops too, with tritonserver's exit status.
+
+  python -m gateway.serve [--gateway-port N] [csm_triton.server arguments ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import uvicorn
+
+from csm_triton.server import parse_command_line
+
+from .app import create_app
+from .config import GatewayConfig
+
+logger = logging.getLogger("gateway")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gateway-port", type=int, default=None, help="the gateway's HTTP port (or GATEWAY_PORT, default 8080)")
+    args, server_args = parser.parse_known_args(argv)
+    options, _ = parse_command_line(server_args)  # the same flags tritonserver will get, for its gRPC port
+    config = GatewayConfig.from_env(
+        port=args.gateway_port, triton_url=os.environ.get("CSM_GATEWAY_TRITON_URL", f"localhost:{options.grpc_port}")
+    )
+    triton = subprocess.Popen([sys.executable, "-m", "csm_triton.server", *server_args])
+    gateway = uvicorn.Server(uvicorn.Config(create_app(config), host=config.host, port=config.port, log_level=config.log_level.lower()))
+
+    def watch() -> None:
+        triton.wait()
+        gateway.should_exit = True
+
+    def stop_triton(_signum: int, _frame: object) -> None:
+        if triton.poll() is None:
+            triton.send_signal(signal.SIGINT)  # csm_triton.server passes it on; tritonserver drains and unloads
+
+    # uvicorn handles SIGTERM and SIGINT while it runs, then raises the signal again to the handlers
+    # it found: these, so that this process waits for tritonserver and exits with its status.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_triton)
+    threading.Thread(target=watch, daemon=True).start()
+    print(
+        f"gateway: http://localhost:{config.port}/  (the page; OpenAI base_url http://localhost:{config.port}/v1; "
+        f"csm_stream over gRPC at {config.triton_url})",
+        flush=True,
+    )
+    try:
+        gateway.run()  # returns on Ctrl-C / SIGTERM, or once tritonserver has exited
+    finally:
+        stop_triton(signal.SIGINT, None)
+        code = triton.wait()
+    sys.exit(code if code >= 0 else 128 - code)
+
+
+if __name__ == "__main__":
+    main()

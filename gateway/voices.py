@@ -1,0 +1,120 @@
+"""The gateway's voices: the configured ones (OpenAI's names and a voices file, gateway/config.py)
+and custom voices created through `POST /v1/audio/voices` from a reference clip, its transcript
+and a consent id, kept in memory and, with `voices_dir`, on disk across restarts.
+
+A voice is a CSM speaker id and, optionally, a clip with its transcript, which goes before the
+request's own context as its first turn. Requests name a voice by its name or its id."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import audio
+from .config import Voice
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class VoiceError(ValueError):
+    """A voice that cannot be created: the message, and the form field at fault."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class StoredVoice:
+    id: str
+    name: str
+    speaker: int
+    type: str  # "builtin" (configured) or "audio_sample" (created through the API)
+    transcript: str = ""
+    samples: np.ndarray | None = None  # the reference clip, mono float32 at `rate`
+    rate: int = audio.SAMPLE_RATE
+    created_at: int = 0
+    consent: str = ""
+
+    def card(self) -> dict:
+        return {
+            "id": self.id, "object": "audio.voice", "name": self.name, "type": self.type, "created_at": self.created_at,
+            "speaker": self.speaker, "reference_clip": self.samples is not None,
+        }  # fmt: skip
+
+
+class VoiceLibrary:
+    def __init__(self, configured: dict[str, Voice], max_clip_s: float, directory: Path | None = None, max_custom: int = 100) -> None:
+        self.max_clip_s = max_clip_s
+        self.directory = directory
+        self.max_custom = max_custom
+        self._lock = threading.Lock()
+        self._voices: dict[str, StoredVoice] = {}
+        for voice in configured.values():
+            samples, rate = (None, audio.SAMPLE_RATE)
+            if voice.audio is not None:
+                samples, rate = audio.decode_audio(voice.audio.read_bytes(), max_clip_s)
+            self._voices[voice.name] = StoredVoice(voice.name, voice.name, voice.speaker, "builtin", voice.transcript, samples, rate)
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            for entry in sorted(directory.glob("*.json")):
+                meta = json.loads(entry.read_text())
+                samples, rate = audio.decode_audio(entry.with_suffix(".audio").read_bytes(), max_clip_s)
+                self._voices[meta["id"]] = StoredVoice(**meta, type="audio_sample", samples=samples, rate=rate)
+
+    def all(self) -> list[StoredVoice]:
+        with self._lock:
+            return list(self._voices.values())
+
+    def find(self, key: str) -> StoredVoice | None:
+        """By id, then by name."""
+        with self._lock:
+            return self._voices.get(key) or next((voice for voice in self._voices.values() if voice.name == key), None)
+
+    def create(self, name: str, clip: bytes, transcript: str, consent: str, speaker: int) -> StoredVoice:
+        if not NAME.fullmatch(name):
+            raise VoiceError(f"name: {name!r} must be 1 to 64 of A-Z a-z 0-9 _ . - starting with a letter or digit", "name")
+        if not consent.strip():
+            raise VoiceError("consent: the id of the speaker's consent recording is required", "consent")
+        if not transcript.strip():
+            raise VoiceError("transcript: CSM needs the words spoken in audio_sample", "transcript")
+        if speaker < 0:
+            raise VoiceError(f"speaker: must be >= 0, got {speaker}", "speaker")
+        try:
+            samples, rate = audio.decode_audio(clip, self.max_clip_s)
+        except audio.AudioInputError as error:
+            raise VoiceError(f"audio_sample: {error}", "audio_sample") from error
+        voice = StoredVoice(
+            f"voice_{secrets.token_hex(12)}", name, speaker, "audio_sample", transcript, samples, rate, int(time.time()), consent
+        )
+        with self._lock:
+            if any(existing.name == name for existing in self._voices.values()):
+                raise VoiceError(f"name: a voice named {name!r} exists already", "name")
+            if sum(existing.type == "audio_sample" for existing in self._voices.values()) >= self.max_custom:
+                raise VoiceError(f"name: {self.max_custom} custom voices exist already (max_custom_voices); delete one first", "name")
+            self._voices[voice.id] = voice
+        if self.directory is not None:
+            meta = {key: getattr(voice, key) for key in ("id", "name", "speaker", "transcript", "created_at", "consent")}
+            voice_file = self.directory / f"{voice.id}.json"
+            voice_file.with_suffix(".audio").write_bytes(clip)
+            voice_file.write_text(json.dumps(meta))  # last: a voice is loaded at start only once its clip is there
+        return voice
+
+    def delete(self, voice_id: str) -> StoredVoice | None:
+        """Removes a custom voice; None when there is none of that id (configured voices cannot be deleted)."""
+        with self._lock:
+            voice = self._voices.get(voice_id)
+            if voice is None or voice.type != "audio_sample":
+                return None
+            del self._voices[voice_id]
+        if self.directory is not None:
+            (self.directory / f"{voice_id}.json").unlink(missing_ok=True)
+            (self.directory / f"{voice_id}.audio").unlink(missing_ok=True)
+        return voice

@@ -1,0 +1,64 @@
+"""csm_stream's cache of context audio's Mimi codes (csm_triton/prompt.py): keyed by content,
+bounded in bytes with the least recently used clip out, and used by the prompt builder so that a
+clip sent again is not encoded again. A counting stand-in codec: no model is loaded."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from csm_triton.prompt import CodesCache, PromptBuilder, audio_key
+from csm_triton.request import Segment
+
+
+class CountingCodec:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:  # [samples] -> [frames, 32]
+        self.calls += 1
+        frames = max(1, len(audio) // 1920)
+        return (torch.arange(frames * 32).view(frames, 32) + len(audio)) % 2048
+
+
+def clip(seed: int, samples: int = 3840) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-0.5, 0.5, samples).astype(np.float32)
+
+
+def test_the_key_is_the_content_and_rate() -> None:
+    a = clip(0)
+    assert audio_key(a, 24_000) == audio_key(a.copy(), 24_000)
+    assert audio_key(a, 24_000) != audio_key(a, 16_000) and audio_key(a, 24_000) != audio_key(clip(1), 24_000)
+
+
+def test_a_clip_is_encoded_once_and_its_codes_are_what_encoding_gives() -> None:
+    codec = CountingCodec()
+    builder = PromptBuilder(None, codec, num_codebooks=32, text_vocab_size=128_256)
+    first = [builder._audio_frames(Segment(speaker=0, text="a", audio=clip(seed))) for seed in range(3)]
+    again = [builder._audio_frames(Segment(speaker=0, text="a", audio=clip(seed))) for seed in range(3)]
+    assert codec.calls == 3 and builder.codes_cache.hits == 3 and builder.codes_cache.misses == 3
+    for (tokens, mask), (tokens_again, mask_again) in zip(first, again, strict=True):
+        assert torch.equal(tokens, tokens_again) and torch.equal(mask, mask_again)
+    expected = CountingCodec().encode(torch.from_numpy(clip(0)))
+    assert torch.equal(first[0][0][:-1, :-1], expected) and not first[0][0][-1].any()  # then the end-of-audio frame
+
+
+def test_the_cache_is_bounded_in_bytes_least_recently_used_out() -> None:
+    entry = torch.zeros(10, 32, dtype=torch.int16)  # 640 bytes
+    cache = CodesCache(max_bytes=3 * 640)
+    for key in "abc":
+        cache.put(key, entry)
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", entry)
+    assert cache.get("b") is None and all(cache.get(key) is not None for key in "acd")
+    assert len(cache) == 3 and cache.bytes == 3 * 640
+    cache.put("huge", torch.zeros(100, 32, dtype=torch.int16))  # larger than the whole bound: not kept
+    assert cache.get("huge") is None and len(cache) == 3
+
+
+def test_a_cache_of_no_bytes_encodes_every_time() -> None:
+    codec = CountingCodec()
+    builder = PromptBuilder(None, codec, 32, 128_256, codes_cache=CodesCache(max_bytes=0))
+    for _ in range(2):
+        builder._audio_frames(Segment(speaker=0, text="a", audio=clip(0)))
+    assert codec.calls == 2
