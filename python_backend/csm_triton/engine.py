@@ -40,6 +40,7 @@ class StepResult:
     request_id: int
     codes: torch.Tensor | None  # [32] int64 on the CPU
     finish: str | None  # None while running; "eos", "length" or "cancelled"
+    device_codes: torch.Tensor | None = None  # the same on the engine's device, for Mimi there
 
 
 @dataclass
@@ -168,7 +169,7 @@ class Engine:
             self._prefill(prefilling)
             self._start_in_graph([i for i in prefilling if self._slots[i].position == self._prompt_end(self._slots[i])])
             indices = [i for i, slot in enumerate(self._slots) if slot is not None and slot.in_graph]
-            codes = codes_host = self._graph_frames(indices)
+            codes, codes_host = self._graph_frames(indices)
         if not indices:
             return results
         self.stats.steps += 1
@@ -176,9 +177,9 @@ class Engine:
         self.stats.peak_batch = max(self.stats.peak_batch, len(indices))
         for row, index in enumerate(indices):
             if self.graphs is None:
-                results.append(self._advance(index, codes_host[row], pending=codes[row]))
+                results.append(self._advance(index, codes_host[row], codes[row], pending=codes[row]))
             else:
-                results.append(self._advance(index, codes_host[index]))
+                results.append(self._advance(index, codes_host[index], codes[index]))
         return results
 
     def _drop_cancelled(self) -> list[StepResult]:
@@ -292,11 +293,11 @@ class Engine:
             slot.in_graph = True
         self.graphs.state.write(starts)
 
-    def _graph_frames(self, indices: list[int]) -> torch.Tensor | None:
+    def _graph_frames(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         """`_decode_running` and `_sample` in one fixed-shape step (see graphs.py): the codes
-        [rows, 32] on the host, by slot index."""
+        [rows, 32] on the device and on the host, by slot index."""
         if not indices:
-            return None
+            return None, None
         slots = [self._slots[i] for i in indices]
         codes = self.graphs.run(max(indices) + 1, max(s.position for s in slots) + 1, max(s.request.topk for s in slots))
         for s in slots:
@@ -321,9 +322,10 @@ class Engine:
             s.position += 1
         return dict(zip(indices, hidden, strict=True))
 
-    def _advance(self, index: int, codes_host: torch.Tensor, pending: torch.Tensor | None = None) -> StepResult:
-        """The slot's new frame; `pending` is it on the device, fed back next step (the frame
-        step feeds its own back, and stops its rows that end, by the same rules)."""
+    def _advance(self, index: int, codes_host: torch.Tensor, codes: torch.Tensor, pending: torch.Tensor | None = None) -> StepResult:
+        """The slot's new frame, on the host and the device; `pending` is the frame to feed back
+        next step (the frame step feeds its own back, and stops its rows that end, by the same
+        rules)."""
         slot = self._slots[index]
         if not codes_host.any():  # an all-zero frame is the end of the utterance; it is not audio
             self._slots[index] = None
@@ -332,6 +334,6 @@ class Engine:
         self.stats.frames += 1
         if slot.frames == slot.request.max_frames:
             self._slots[index] = None
-            return StepResult(slot.request_id, codes_host, "length")
+            return StepResult(slot.request_id, codes_host, "length", codes)
         slot.pending = pending
-        return StepResult(slot.request_id, codes_host, None)
+        return StepResult(slot.request_id, codes_host, None, codes)

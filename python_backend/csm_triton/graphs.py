@@ -186,17 +186,20 @@ class FrameGraphs:
         )
 
     @torch.inference_mode()
-    def run(self, rows: int, longest: int, max_topk: int) -> torch.Tensor:
+    def run(self, rows: int, longest: int, max_topk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One frame for every running slot below `rows`, whose positions are below `longest`
-        and top-k at most `max_topk`: the codes [B >= rows, 32] on the host, by slot."""
+        and top-k at most `max_topk`: the codes [B >= rows, 32] on the device (a copy the next
+        replay leaves alone, which Mimi decodes there) and on the host, by slot."""
         key = (bucket(self.batch_buckets, rows), bucket(self.topk_buckets, max_topk), bucket(self.length_buckets, longest))
         step = self._step(*key)
         self.runs[key] += 1
         if step.graph is None:
-            return self._frame(step).cpu()
+            codes = self._frame(step)
+            return codes, codes.cpu()
         try:
             step.graph.replay()
-            return step.codes.cpu()  # the frame's one device-to-host copy, which waits for the replay
+            codes = step.codes.clone()
+            return codes, codes.cpu()  # the frame's one device-to-host copy, which waits for the replay
         except RuntimeError as error:  # a CUDA error is sticky: nothing on this device works after it
             raise DeviceFailed(f"the frame step failed on {self.device}: {error}") from error
 

@@ -161,7 +161,8 @@ class _DecodeJob:
     the pieces)."""
 
     stream: Stream
-    codes: torch.Tensor  # [frames, 32]
+    codes: torch.Tensor  # [frames, 32] on the host
+    device_codes: torch.Tensor | None = None  # the same on the engine's device, which the decoder shares
     row: int = -1  # the stream's decoder row; -1 for a stream that never had a slot
     finish: str | None = None
     error: Exception | None = None
@@ -192,6 +193,7 @@ class _Progress:
     request_id: int = -1  # the engine's, once it has been given to the engine
     row: int = -1  # its StreamingDecoder row while it has one
     frames: list[torch.Tensor] = field(default_factory=list)  # generated, not yet sent to the decoder
+    device_frames: list[torch.Tensor] = field(default_factory=list)  # the same on the engine's device
     chunks: int = 0  # chunks completed (all their frames sent to the decoder)
     chunk_sent: int = 0  # frames of the current chunk already sent to the decoder
     decoder_started: bool = False  # its first frames have been sent to the decoder
@@ -540,6 +542,8 @@ class ServingLoop:
             progress = self._progress[stream]
             if result.codes is not None:
                 progress.frames.append(result.codes)
+                if stream.decode_audio:
+                    progress.device_frames.append(result.device_codes)
                 progress.generated += 1
             chunk_frames = progress.chunk_sent + len(progress.frames)
             if result.finish is not None:
@@ -552,11 +556,12 @@ class ServingLoop:
     def _send(self, stream: Stream, ends_chunk: bool, finish: str | None = None, error: Exception | None = None) -> None:
         progress = self._progress[stream]
         codes = torch.stack(progress.frames) if progress.frames else _no_codes(self.engine)
+        device_codes = torch.stack(progress.device_frames) if progress.device_frames else None
         first, now = not progress.decoder_started, self.clock()
-        self._jobs.put(_DecodeJob(stream, codes, progress.row, finish, error, first, ends_chunk, now))
+        self._jobs.put(_DecodeJob(stream, codes, device_codes, progress.row, finish, error, first, ends_chunk, now))
         progress.decoder_started = True
         progress.decoding += len(codes)
-        progress.frames = []
+        progress.frames, progress.device_frames = [], []
         if ends_chunk:
             progress.playback.add(progress.chunk_sent + len(codes), now + self._latency.value)
             progress.chunks += 1
@@ -616,7 +621,9 @@ class ServingLoop:
 
     @torch.inference_mode()
     def _run_pass(self, frames: int, jobs: list[_DecodeJob]) -> None:
-        codes = torch.stack([job.codes[job.decoded : job.decoded + frames] for job in jobs])
+        # The codes where the engine made them: on a GPU they never leave it on their way to Mimi.
+        sources = [job.codes if job.device_codes is None else job.device_codes for job in jobs]
+        codes = torch.stack([source[job.decoded : job.decoded + frames] for job, source in zip(jobs, sources, strict=True)])
         try:
             audio = self.decoder.decode([job.row for job in jobs], codes)
         except Exception as error:
