@@ -377,7 +377,9 @@ def compile_hot_path(model: CSM) -> None:
     # Batch and length symbolic, so that every bucket of the frame step shares a few graphs: one
     # for batch 1 (which dynamo always specialises) and one for the others, per top-k bucket. Duck
     # sizing would tie the batch to the slot count of the state the rows are views of.
-    torch.fx.experimental._config.use_duck_shape = False
+    from torch.fx.experimental import _config as symbolic_shapes_config
+
+    symbolic_shapes_config.use_duck_shape = False
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     steps = (model._backbone_step, model._first_decoder_step, model._decoder_step)
     model._compiled = _CompiledSteps(*(torch.compile(step, fullgraph=True, dynamic=True) for step in steps))
