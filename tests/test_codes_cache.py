@@ -62,3 +62,24 @@ def test_a_cache_of_no_bytes_encodes_every_time() -> None:
     for _ in range(2):
         builder._audio_frames(Segment(speaker=0, text="a", audio=clip(0)))
     assert codec.calls == 2
+
+
+class FixedTokenizer:
+    def encode(self, text: str, speaker: int) -> list[int]:
+        return [1, 2 + speaker, 3]
+
+
+def test_a_segment_with_codes_is_used_as_it_is_never_encoded() -> None:
+    codec = CountingCodec()
+    builder = PromptBuilder(FixedTokenizer(), codec, 32, 128_256)
+    codes = np.random.default_rng(0).integers(0, 2051, (4, 32)).astype(np.int32)  # ids >= 2048 too, as sampled
+    tokens, mask = builder.build("Now.", 1, [Segment(speaker=0, text="Then.", codes=codes)])
+    assert codec.calls == 0 and builder.codes_cache.misses == 0 and len(builder.codes_cache) == 0
+    assert len(tokens) == builder.positions("Now.", 1, [Segment(speaker=0, text="Then.", codes=codes)]) == 3 + 4 + 1 + 3
+    assert torch.equal(tokens[3:7, :32], torch.from_numpy(codes).long()) and tokens.dtype == torch.long
+    assert mask[3:8, :32].all() and not mask[3:8, 32].any() and not tokens[7].any()  # then the end-of-audio frame
+    # the same frames as the audio those codes came from would make, had it been encoded to them
+    key = audio_key(clip(5, 4 * 1920), 24_000)
+    builder.codes_cache.put(key, torch.from_numpy(codes).to(torch.int16))
+    from_audio, audio_mask = builder.build("Now.", 1, [Segment(speaker=0, text="Then.", audio=clip(5, 4 * 1920))])
+    assert torch.equal(from_audio, tokens) and torch.equal(audio_mask, mask) and codec.calls == 0

@@ -34,15 +34,17 @@ CONFIG = ServingConfig()
 
 
 def every_input() -> dict[str, np.ndarray]:
-    """A valid request that gives every input: a text-only and an audio context segment."""
+    """A valid request that gives every input: a text-only, an audio and a codes context segment."""
     return request(
         "Every input.",
         1,
-        CONTEXT_TEXT=vector([b"Before.", b"With audio."], object),
-        CONTEXT_SPEAKER=vector([0, 1], np.int32),
+        CONTEXT_TEXT=vector([b"Before.", b"With audio.", b"With codes."], object),
+        CONTEXT_SPEAKER=vector([0, 1, 0], np.int32),
         CONTEXT_AUDIO=vector(np.zeros(1600, dtype=np.float32), np.float32),
-        CONTEXT_AUDIO_LENGTHS=vector([0, 1600], np.int32),
+        CONTEXT_AUDIO_LENGTHS=vector([0, 1600, 0], np.int32),
         CONTEXT_SAMPLE_RATE=scalar(16_000, np.int32),
+        CONTEXT_CODES=vector(np.arange(64) * 32, np.int32),
+        CONTEXT_CODES_LENGTHS=vector([0, 0, 2], np.int32),
         TEMPERATURE=scalar(0.7, np.float32),
         TOPK=scalar(20, np.int32),
         FIRST_CHUNK_FRAMES=scalar(1, np.int32),
@@ -64,7 +66,10 @@ def with_audio(samples: int, sample_rate: int, **extra: np.ndarray) -> dict[str,
 
 def summary(generation: GenerationRequest) -> tuple:
     """A request's fields, its segments' audio as lists (numpy arrays do not compare as one value)."""
-    context = [(s.speaker, s.text, s.sample_rate, None if s.audio is None else s.audio.tolist()) for s in generation.context]
+    context = [
+        (s.speaker, s.text, s.sample_rate, None if s.audio is None else s.audio.tolist(), None if s.codes is None else s.codes.tolist())
+        for s in generation.context
+    ]
     return (
         generation.text,
         generation.speaker,
@@ -85,8 +90,13 @@ def test_every_input_is_read() -> None:
     generation = read_request(every_input(), LIMITS)
     assert (generation.text, generation.speaker, generation.temperature, generation.topk) == ("Every input.", 1, pytest.approx(0.7), 20)
     assert (generation.max_audio_length_ms, generation.seed) == (400, 3)
-    assert [(s.speaker, s.text, s.audio is None) for s in generation.context] == [(0, "Before.", True), (1, "With audio.", False)]
+    assert [(s.speaker, s.text, s.audio is None, s.codes is None) for s in generation.context] == [
+        (0, "Before.", True, True),
+        (1, "With audio.", False, True),
+        (0, "With codes.", True, False),
+    ]
     assert generation.context[1].sample_rate == 16_000 and generation.context[1].audio.shape == (1600,)  # not resampled
+    assert generation.context[2].codes.tolist() == (np.arange(64) * 32).reshape(2, 32).tolist()  # frame by frame, as sent
     assert read_chunking(every_input(), CONFIG) == ChunkPlan(1, 4, adaptive=False)
 
 
@@ -341,6 +351,99 @@ def test_chunk_frames() -> None:
 )
 def test_the_context_arrays_must_agree(extra: dict, message: str) -> None:
     refused(request(**extra), message)
+
+
+def with_codes(frames: list[int], codes: np.ndarray | None = None, **extra: np.ndarray) -> dict[str, np.ndarray]:
+    """A request with one context segment a count of `frames`, each given that many frames of codes."""
+    values = np.zeros(sum(frames) * 32, dtype=np.int32) if codes is None else codes
+    context = {
+        "CONTEXT_TEXT": vector([b"a"] * len(frames), object),
+        "CONTEXT_SPEAKER": vector([0] * len(frames), np.int32),
+        "CONTEXT_CODES": vector(values, np.int32),
+        "CONTEXT_CODES_LENGTHS": vector(frames, np.int32),
+    }
+    return request(**context | extra)
+
+
+def test_context_codes_become_segments_with_codes_and_no_audio() -> None:
+    values = np.arange(5 * 32, dtype=np.int32) % 2051
+    generation = read_request(with_codes([2, 0, 3], values), LIMITS)
+    codes = [None if s.codes is None else s.codes.tolist() for s in generation.context]
+    assert codes == [values[:64].reshape(2, 32).tolist(), None, values[64:].reshape(3, 32).tolist()]
+    assert all(s.audio is None and s.is_audio == (s.codes is not None) for s in generation.context)
+    arrays = with_codes([1])
+    context = read_request(arrays, LIMITS).context[0].codes
+    arrays["CONTEXT_CODES"][0, 0] = 7  # a copy: the input tensor may be gone when the prompt is built
+    assert context[0, 0] == 0
+
+
+def test_context_codes_values_are_below_the_audio_vocabulary() -> None:
+    highest = np.full(32, 2050, dtype=np.int32)
+    assert read_request(with_codes([1], highest), LIMITS).context[0].codes.max() == 2050  # sampled ids >= 2048 are codes too
+    refused(with_codes([1], highest + 1), r"CONTEXT_CODES: segment 0 codes must be in \[0, 2050\], got 2051")
+    negative = np.zeros(64, dtype=np.int32)
+    negative[40] = -1
+    arrays = with_codes([1, 0, 2], np.concatenate([np.zeros(32, np.int32), negative]))
+    refused(arrays, r"CONTEXT_CODES: segment 2 codes must be in \[0, 2050\], got -1")
+
+
+def test_context_codes_must_fit_the_prompt_before_any_is_read() -> None:
+    # 2045 frames and the end-of-audio frame: the 2046 positions of the tiny model's prompt
+    assert len(read_request(with_codes([2045]), LIMITS).context[0].codes) == 2045
+    refused(with_codes([2046]), "CONTEXT_CODES_LENGTHS: 2046 frames of context codes take 2047 prompt positions, more than the 2046")
+    # counted from the lengths alone, before CONTEXT_CODES is read: a huge count with no codes
+    refused(with_codes([2**31 - 1, 2**31 - 1], np.zeros(0, np.int32)), "CONTEXT_CODES_LENGTHS: .* prompt positions, more than the 2046")
+    # codes and audio together: each segment's positions count
+    arrays = with_audio(1920 * 1000, 24_000) | {
+        "CONTEXT_TEXT": vector([b"a", b"b"], object),
+        "CONTEXT_SPEAKER": vector([0, 0], np.int32),
+        "CONTEXT_AUDIO_LENGTHS": vector([1920 * 1000, 0], np.int32),
+        "CONTEXT_CODES": vector(np.zeros(1045 * 32), np.int32),
+        "CONTEXT_CODES_LENGTHS": vector([0, 1045], np.int32),
+    }
+    refused(arrays, "CONTEXT_CODES: segment 1 holds 1045 frames, which bring the context audio to 2047 prompt positions")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"CONTEXT_CODES_LENGTHS": vector([1, 1], np.int32)}, r"CONTEXT_CODES_LENGTHS: one entry per context segment \(1\), got 2"),
+        ({"CONTEXT_CODES_LENGTHS": vector([-1], np.int32)}, r"CONTEXT_CODES_LENGTHS: frame counts must be >= 0, got \[-1\]"),
+        (
+            {"CONTEXT_CODES": vector(np.zeros(33), np.int32)},
+            r"CONTEXT_CODES_LENGTHS: sums to 1 frames \(32 codes of 32 codebooks\) but CONTEXT_CODES holds 33",
+        ),
+        ({"CONTEXT_CODES": vector(np.zeros(32), np.int32), "CONTEXT_CODES_LENGTHS": None}, "CONTEXT_CODES_LENGTHS: sums to 0 frames"),
+        (
+            {"CONTEXT_AUDIO": vector(np.zeros(10), np.float32), "CONTEXT_AUDIO_LENGTHS": vector([10], np.int32)},
+            r"CONTEXT_CODES_LENGTHS: segment 0 has both codes and audio \(CONTEXT_AUDIO_LENGTHS\)",
+        ),
+    ],
+    ids=["lengths differ", "negative length", "lengths do not sum", "codes without lengths", "codes and audio"],
+)
+def test_the_context_codes_arrays_must_agree(extra: dict, message: str) -> None:
+    refused({name: array for name, array in (with_codes([1]) | extra).items() if array is not None}, message)
+
+
+def test_in_process_segments_with_codes() -> None:
+    codes = np.ones((3, 32), dtype=np.int64)
+    segment = Segment(0, "", codes=codes)
+    assert segment.is_audio and segment.audio is None and segment.codes is codes  # empty text: the turn has audio
+    LIMITS.check(GenerationRequest("Hi.", 0, [segment]))
+    with pytest.raises(ValueError, match="^segment: both audio and codes were given"):
+        Segment(0, "a", audio=np.zeros(10, np.float32), codes=codes)
+    with pytest.raises(ValueError, match="^segment codes: must be Mimi codes of shape \\[frames, codebooks\\], got shape \\[96\\]"):
+        Segment(0, "a", codes=codes.reshape(-1))
+    with pytest.raises(ValueError, match="^segment codes: must hold integer codes, got float32"):
+        Segment(0, "a", codes=codes.astype(np.float32))
+    with pytest.raises(ValueError, match="^segment codes: must hold at least one frame"):
+        Segment(0, "a", codes=codes[:0])
+    with pytest.raises(ValueError, match="^segment: codes given with is_audio=False"):
+        Segment(0, "a", codes=codes, is_audio=False)
+    with pytest.raises(ValueError, match=r"^context\[0\].codes: must be Mimi codes of shape \[frames, 32\], got shape \[3, 31\]"):
+        LIMITS.check(GenerationRequest("Hi.", 0, [Segment(0, "a", codes=codes[:, :31])]))
+    with pytest.raises(ValueError, match=r"^context\[0\].codes: codes must be in \[0, 2050\], got 4096"):
+        LIMITS.check(GenerationRequest("Hi.", 0, [Segment(0, "a", codes=codes * 4096)]))
 
 
 def test_in_process_names_for_the_same_checks() -> None:

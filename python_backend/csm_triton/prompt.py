@@ -135,7 +135,8 @@ class PromptBuilder:
         return codes
 
     def _audio_frames(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self._codes(segment)  # [frames, 32]
+        # [frames, 32]: codes the request sent are used as they are (checked to be < audio_vocab_size)
+        codes = torch.from_numpy(segment.codes.astype(np.int64)) if segment.codes is not None else self._codes(segment)
         tokens = torch.zeros(len(codes) + 1, self.num_codebooks + 1, dtype=torch.long)  # + end-of-audio frame
         mask = torch.zeros_like(tokens, dtype=torch.bool)
         tokens[:-1, :-1] = codes
@@ -151,14 +152,17 @@ class PromptBuilder:
             total += len(self._text_ids(segment.text, segment.speaker))
             if segment.audio is not None:
                 total += audio_positions(len(segment.audio), segment.sample_rate)
+            elif segment.codes is not None:
+                total += len(segment.codes) + 1
         return total
 
     def build(self, text: str, speaker: int, context: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (tokens [T, 33] int64, mask [T, 33] bool); resamples and encodes the context audio."""
+        """Returns (tokens [T, 33] int64, mask [T, 33] bool); resamples and encodes the context audio
+        (context codes are used as they are)."""
         parts = []
         for segment in context:
             parts.append(self._text_frames(segment.text, segment.speaker))
-            if segment.audio is not None:
+            if segment.audio is not None or segment.codes is not None:
                 parts.append(self._audio_frames(segment))
         parts.append(self._text_frames(text, speaker))
         tokens, masks = zip(*parts, strict=True)

@@ -45,6 +45,8 @@ INPUTS: dict[str, Input] = {
     "CONTEXT_AUDIO": Input("FP32", _FP32, True),
     "CONTEXT_AUDIO_LENGTHS": Input("INT32", _INT32, True),
     "CONTEXT_SAMPLE_RATE": Input("INT32", _INT32, False),
+    "CONTEXT_CODES": Input("INT32", _INT32, True),
+    "CONTEXT_CODES_LENGTHS": Input("INT32", _INT32, True),
     "TEMPERATURE": Input("FP32", _FP32, False),
     "TOPK": Input("INT32", _INT32, False),
     "MAX_AUDIO_LENGTH_MS": Input("INT32", _INT32, False),
@@ -64,6 +66,7 @@ TRITON_NAMES = {
     "context.speaker": "CONTEXT_SPEAKER: segment {index}",
     "context.audio": "CONTEXT_AUDIO: segment {index}",
     "context.sample_rate": "CONTEXT_SAMPLE_RATE:",
+    "context.codes": "CONTEXT_CODES: segment {index}",
     "temperature": "TEMPERATURE:",
     "topk": "TOPK:",
     "max_audio_length_ms": "MAX_AUDIO_LENGTH_MS:",
@@ -230,15 +233,51 @@ def _context(arrays: dict[str, np.ndarray], limits: RequestLimits) -> list[Segme
         # when the request's input tensors may be gone.
         audio = np.array(mono_samples(audio, "CONTEXT_AUDIO:"))
         limits.check_sample_rate(sample_rate, TRITON_NAMES["context.sample_rate"])
+    codes = _context_codes(arrays, lengths, limits)
     segments, offset = [], 0
     for index, (text, speaker, length) in enumerate(zip(texts, speakers, lengths, strict=True)):
         text = _text(text, TRITON_NAMES["context.text"].format(index=index))
         if length:
             segments.append(Segment(int(speaker), text, audio[offset : offset + length], sample_rate=sample_rate))
         else:
-            segments.append(Segment(int(speaker), text))
+            segments.append(Segment(int(speaker), text, codes=codes[index]))
         offset += length
     return segments
+
+
+def _context_codes(arrays: dict[str, np.ndarray], audio_lengths: np.ndarray, limits: RequestLimits) -> list[np.ndarray | None]:
+    """Each context segment's codes [frames, 32] from CONTEXT_CODES (all segments' frames x 32
+    values, in order) and CONTEXT_CODES_LENGTHS (frames a segment, 0 for one without), or None.
+    Counted before any is read: they must fit the prompt (their values are RequestLimits.check's)."""
+    frames = _list(arrays, "CONTEXT_CODES_LENGTHS", np.zeros(len(audio_lengths), dtype=np.int32)).astype(np.int64)
+    values = _list(arrays, "CONTEXT_CODES", np.zeros(0, dtype=np.int32))
+    if len(frames) != len(audio_lengths):
+        raise ValueError(f"CONTEXT_CODES_LENGTHS: one entry per context segment ({len(audio_lengths)}), got {len(frames)}")
+    if (frames < 0).any():
+        raise ValueError(f"CONTEXT_CODES_LENGTHS: frame counts must be >= 0, got {frames.tolist()}")
+    both = np.flatnonzero((frames > 0) & (audio_lengths > 0))
+    if len(both):
+        raise ValueError(
+            f"CONTEXT_CODES_LENGTHS: segment {int(both[0])} has both codes and audio (CONTEXT_AUDIO_LENGTHS); a segment holds one of them"
+        )
+    # Each segment's codes take a prompt position a frame and one more: more than fit are refused
+    # before the values are sliced or copied.
+    positions = int((frames + (frames > 0)).sum())
+    if positions > limits.max_prompt_positions:
+        raise ValueError(
+            f"CONTEXT_CODES_LENGTHS: {int(frames.sum())} frames of context codes take {positions} prompt positions, more than "
+            f"the {limits.max_prompt_positions} that fit the model's {limits.max_positions}"
+        )
+    width = limits.audio_num_codebooks
+    if int(frames.sum()) * width != len(values):
+        raise ValueError(
+            f"CONTEXT_CODES_LENGTHS: sums to {int(frames.sum())} frames ({int(frames.sum()) * width} codes of {width} codebooks) "
+            f"but CONTEXT_CODES holds {len(values)}"
+        )
+    # A copy, as for the audio: the prompt may be built after execute() has returned.
+    values = np.array(values).reshape(-1, width)
+    ends = np.cumsum(frames)
+    return [values[end - count : end] if count else None for count, end in zip(frames.tolist(), ends.tolist(), strict=True)]
 
 
 def read_request(arrays: dict[str, np.ndarray], limits: RequestLimits) -> GenerationRequest:
