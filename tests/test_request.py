@@ -485,6 +485,9 @@ def test_limit_parameters_are_read_from_config_pbtxt() -> None:
     assert (limits.max_text_bytes, limits.max_context_sample_rate, limits.max_request_bytes) == (10, 16_000, 32 << 20)
     with pytest.raises(ValueError, match="^max_request_bytes: must be a positive integer, got 0"):
         ServingConfig.from_parameters({"max_request_bytes": {"string_value": "0"}})
+    assert ServingConfig.from_parameters({"codes_cache_mb": {"string_value": "0"}}).codes_cache_mb == 0  # no cache
+    with pytest.raises(ValueError, match="^codes_cache_mb: must be >= 0"):
+        ServingConfig.from_parameters({"codes_cache_mb": {"string_value": "-1"}})
     with pytest.raises(ValueError, match=r"^chunk_frames: must be in \[1, 10\] frames of 80 ms, got 12"):
         ServingConfig.from_parameters({"max_audio_length_ms": {"string_value": "800"}})
 

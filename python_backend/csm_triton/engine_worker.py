@@ -29,6 +29,7 @@ from .config import ModelConfig
 from .engine_client import HEARTBEAT_S, Cancel, Channel, ChunkOut, Close, Heartbeat, Ready, Refused, StartFailed, Submit, WorkerSettings
 from .generator import Generator, load_csm_1b
 from .model import slots_within_budget
+from .prompt import codes_cache_bytes
 from .serving import COMPILE, ServingConfig
 from .streaming import Busy, Chunk, LoopFailed, Stream
 
@@ -72,6 +73,7 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
         max_waiting=config.max_waiting_requests,
         stall_timeout_s=config.stall_timeout_s,
         compile=COMPILE[config.compile],
+        codes_cache_bytes=codes_cache_bytes(config.codes_cache_mb),
     )
     ready = Ready(slots, device, str(weights), limits, os.getpid())
     return generator, ready
@@ -158,7 +160,8 @@ class _Server:
             time.sleep(HEARTBEAT_S)
             loop, engine = self.generator.stats(), self.generator.engine.stats
             try:
-                self.send(Heartbeat(dataclasses.asdict(loop), dataclasses.asdict(engine), self.generator.health()))
+                codes_cache = self.generator.prompts.codes_cache.stats()
+                self.send(Heartbeat(dataclasses.asdict(loop), dataclasses.asdict(engine), self.generator.health(), codes_cache))
             except OSError:
                 return
             idle = loop.streams == 0 and self._served_since_trim

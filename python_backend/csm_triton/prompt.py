@@ -28,9 +28,18 @@ BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
 # Mimi codes of context audio kept by content: a conversation sends its earlier turns (and a voice
 # its reference clip) again with every request, and encoding them costs about as much as generating.
-# int16 codes (< 2048) of 64 MiB hold ~23 minutes of audio. CSM_CODES_CACHE_MB in the server's
-# environment sets the bound (0: no cache).
-DEFAULT_CODES_CACHE_BYTES = int(os.environ.get("CSM_CODES_CACHE_MB", "64")) * 2**20
+# int16 codes (< 2048) of 64 MiB hold ~23 minutes of audio. csm_stream's codes_cache_mb parameter
+# sets the bound (0: no cache); CSM_CODES_CACHE_MB in the server's environment overrides it.
+DEFAULT_CODES_CACHE_MB = 64
+
+
+def codes_cache_bytes(megabytes: int = DEFAULT_CODES_CACHE_MB) -> int:
+    """The codes cache's bound in bytes: `megabytes`, unless CSM_CODES_CACHE_MB is set."""
+    override = os.environ.get("CSM_CODES_CACHE_MB")
+    megabytes = int(override) if override else megabytes
+    if megabytes < 0:
+        raise ValueError(f"codes_cache_mb: must be >= 0 (0: no cache), got {megabytes}")
+    return megabytes * 2**20
 
 
 def audio_key(samples: np.ndarray, sample_rate: int) -> str:
@@ -43,8 +52,8 @@ def audio_key(samples: np.ndarray, sample_rate: int) -> str:
 class CodesCache:
     """Mimi codes by audio_key, least recently used out past `max_bytes` (0: no cache). Thread-safe."""
 
-    def __init__(self, max_bytes: int = DEFAULT_CODES_CACHE_BYTES) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = codes_cache_bytes() if max_bytes is None else max_bytes
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -74,6 +83,11 @@ class CodesCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def stats(self) -> dict[str, int]:
+        """The running totals (a miss is a clip Mimi-encoded) and what the cache holds now."""
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes, "clips": len(self._entries), "max_bytes": self.max_bytes}
 
 
 class TextTokenizer:

@@ -98,6 +98,7 @@ class ServingConfig:
     prefill_chunk: int = 0  # prompt positions prefilled per step at most; 0: load_csm_1b's default
     compile: str = "auto"  # the frame step's pieces torch.compile'd before capture: "auto" (on CUDA), "on" or "off"
     kv_cache_memory_mb: int = 0  # MiB the KV caches of all slots may take; 0: no bound
+    codes_cache_mb: int = 64  # MiB of context audio's Mimi codes kept (prompt.CodesCache); 0: none; CSM_CODES_CACHE_MB overrides
     max_waiting_requests: int = 32  # requests waiting for a slot at most; more are refused as busy
     stall_timeout_s: float = 120.0  # a serving-loop round longer than this: the engine is hung
     max_engine_restarts: int = 3  # engine processes that may end within engine_restart_window_s
@@ -127,6 +128,8 @@ class ServingConfig:
             raise ValueError("config.pbtxt parameters: max_waiting_requests and the timeouts must be > 0, max_engine_restarts >= 0")
         if config.kv_cache_memory_mb < 0:
             raise ValueError(f"kv_cache_memory_mb: must be >= 0 (0: no bound), got {config.kv_cache_memory_mb}")
+        if config.codes_cache_mb < 0:
+            raise ValueError(f"codes_cache_mb: must be >= 0 (0: no cache), got {config.codes_cache_mb}")
         RequestLimits(**config.limit_parameters())  # refuses a limit out of range, naming it
         check_chunking(config.first_chunk_frames, config.chunk_frames, config.max_audio_length_ms)
         if config.compile not in COMPILE:
