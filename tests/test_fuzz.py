@@ -91,6 +91,7 @@ BAD_VALUES = {
     "SEED": INT64.map(lambda v: [[v]]),
     "FIRST_CHUNK_FRAMES": INT32.map(lambda v: [[v]]),
     "CHUNK_FRAMES": INT32.map(lambda v: [[v]]),
+    "VOICE": st.one_of(st.binary(max_size=20), st.sampled_from([b"../csm_stream/config.pbtxt", b"/etc/passwd", b""])).map(lambda v: [[v]]),
 }
 DTYPES = [object, np.int32, np.int64, np.float32, np.float64, np.float16, np.uint8, np.bool_]
 
@@ -147,7 +148,7 @@ def cases(draw: st.DrawFn) -> Case:
     elif kind == "missing" and name != "MAX_AUDIO_LENGTH_MS":  # its default, 10 s, would take long
         del arrays[name]
     elif kind == "unknown":
-        arrays["VOICE"] = scalar(1, np.int32)
+        arrays["STYLE"] = scalar(1, np.int32)
     elif kind == "non-finite audio":
         audio = arrays["CONTEXT_AUDIO"].copy()
         audio[0, pick.randrange(audio.shape[1])] = pick.choice([np.nan, np.inf, -np.inf])

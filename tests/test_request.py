@@ -31,6 +31,8 @@ from triton_tensors import request, scalar, vector
 
 LIMITS = RequestLimits.for_model(TINY)
 CONFIG = ServingConfig()
+# A voice library as the engine hands it to the stub: name -> its clip's segment, codes encoded at load.
+VOICES = {"narrator": Segment(2, "The narrator's clip.", codes=np.full((3, 32), 7, dtype=np.int32))}
 
 
 def every_input() -> dict[str, np.ndarray]:
@@ -49,6 +51,7 @@ def every_input() -> dict[str, np.ndarray]:
         TOPK=scalar(20, np.int32),
         FIRST_CHUNK_FRAMES=scalar(1, np.int32),
         CHUNK_FRAMES=scalar(4, np.int32),
+        VOICE=np.array([[b"narrator"]], dtype=object),
     )
 
 
@@ -83,20 +86,22 @@ def summary(generation: GenerationRequest) -> tuple:
 
 def refused(arrays: dict[str, np.ndarray], message: str, limits: RequestLimits = LIMITS) -> None:
     with pytest.raises(ValueError, match=f"^{message}"):
-        read_request(arrays, limits)
+        read_request(arrays, limits, VOICES)
 
 
 def test_every_input_is_read() -> None:
-    generation = read_request(every_input(), LIMITS)
+    generation = read_request(every_input(), LIMITS, VOICES)
     assert (generation.text, generation.speaker, generation.temperature, generation.topk) == ("Every input.", 1, pytest.approx(0.7), 20)
     assert (generation.max_audio_length_ms, generation.seed) == (400, 3)
     assert [(s.speaker, s.text, s.audio is None, s.codes is None) for s in generation.context] == [
+        (2, "The narrator's clip.", True, False),  # the voice's clip first
         (0, "Before.", True, True),
         (1, "With audio.", False, True),
         (0, "With codes.", True, False),
     ]
-    assert generation.context[1].sample_rate == 16_000 and generation.context[1].audio.shape == (1600,)  # not resampled
-    assert generation.context[2].codes.tolist() == (np.arange(64) * 32).reshape(2, 32).tolist()  # frame by frame, as sent
+    assert generation.context[0] is VOICES["narrator"]
+    assert generation.context[2].sample_rate == 16_000 and generation.context[2].audio.shape == (1600,)  # not resampled
+    assert generation.context[3].codes.tolist() == (np.arange(64) * 32).reshape(2, 32).tolist()  # frame by frame, as sent
     assert read_chunking(every_input(), CONFIG) == ChunkPlan(1, 4, adaptive=False)
 
 
@@ -120,7 +125,7 @@ def test_optional_inputs_take_their_defaults() -> None:
 
 def test_inputs_without_the_batch_dimension_are_read() -> None:
     arrays = {name: array.reshape(-1) for name, array in every_input().items()}
-    assert summary(read_request(arrays, LIMITS)) == summary(read_request(every_input(), LIMITS))
+    assert summary(read_request(arrays, LIMITS, VOICES)) == summary(read_request(every_input(), LIMITS, VOICES))
 
 
 WRONG_DTYPES = {"BYTES": np.int32, "INT32": np.int64, "FP32": np.float64, "INT64": np.int32}
@@ -153,7 +158,7 @@ def test_bytes_elements_must_be_bytes() -> None:
 
 
 def test_an_unknown_input_is_refused() -> None:
-    refused(request(VOICE=scalar(1, np.int32)), "VOICE: not an input of this model")
+    refused(request(STYLE=scalar(1, np.int32)), "STYLE: not an input of this model")
 
 
 @pytest.mark.parametrize("name", ["TEXT", "SPEAKER"])
@@ -423,6 +428,29 @@ def test_context_codes_must_fit_the_prompt_before_any_is_read() -> None:
 )
 def test_the_context_codes_arrays_must_agree(extra: dict, message: str) -> None:
     refused({name: array for name, array in (with_codes([1]) | extra).items() if array is not None}, message)
+
+
+def voice(name: bytes) -> np.ndarray:
+    return np.array([[name]], dtype=object)
+
+
+def test_a_voice_is_a_name_of_the_library_never_a_path() -> None:
+    context = read_request(request(VOICE=voice(b"narrator")), LIMITS, VOICES).context
+    assert context == [VOICES["narrator"]]
+    for name in (b"nobody", b"../narrator", b"/etc/passwd", b"narrator ", b""):
+        refused(request(VOICE=voice(name)), f"VOICE: no voice {re.escape(repr(name.decode()))} in the voice library; its voices: narrator")
+    with pytest.raises(ValueError, match="^VOICE: no voice 'narrator' in the voice library; its voices: none: this server's voices_dir"):
+        read_request(request(VOICE=voice(b"narrator")), LIMITS)
+    refused(request(VOICE=voice(b"\xff")), "VOICE: is not valid UTF-8")
+    refused(request(VOICE=scalar(1, np.int32)), "VOICE: expected BYTES")
+
+
+def test_a_voice_takes_a_context_segment_and_leaves_the_segments_numbered_as_sent() -> None:
+    texts = {"CONTEXT_TEXT": vector([b"a", b"c" * 5000], object), "CONTEXT_SPEAKER": vector([0, 1], np.int32)}
+    refused(request(VOICE=voice(b"narrator"), **texts), "CONTEXT_TEXT: segment 1 holds 5000 bytes")
+    full = {"CONTEXT_TEXT": vector([b"turn"] * 32, object), "CONTEXT_SPEAKER": vector([0] * 32, np.int32)}
+    assert len(read_request(request(**full), LIMITS, VOICES).context) == 32
+    refused(request(VOICE=voice(b"narrator"), **full), "VOICE: its clip and 32 context segments exceed max_context_segments 32")
 
 
 def test_in_process_segments_with_codes() -> None:

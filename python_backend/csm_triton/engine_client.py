@@ -109,6 +109,7 @@ class Ready:
     weights: str
     limits: Any  # the RequestLimits that every request is checked against, in the stub and the engine
     pid: int = 0
+    voices: dict = field(default_factory=dict)  # the voice library: VOICE name -> its Segment, codes encoded at load
 
 
 @dataclass(frozen=True)

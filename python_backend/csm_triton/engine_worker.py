@@ -30,8 +30,10 @@ from .engine_client import HEARTBEAT_S, Cancel, Channel, ChunkOut, Close, Heartb
 from .generator import Generator, load_csm_1b
 from .model import slots_within_budget
 from .prompt import codes_cache_bytes
+from .request import Segment
 from .serving import COMPILE, ServingConfig
 from .streaming import Busy, Chunk, LoopFailed, Stream
+from .voices import VoiceClip, read_voices
 
 logger = logging.getLogger("csm_triton.engine_worker")
 
@@ -62,6 +64,7 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
     model_config = ModelConfig.from_json(checkpoint.resolve(weights).config)
     slots = slots_within_budget(config.slots, config.kv_cache_memory_mb, model_config, dtype)
     limits = config.request_limits(model_config)
+    clips = read_voices(root / config.voices_dir, limits) if config.voices_dir else []  # before the long load: fail fast
     generator = load_csm_1b(
         weights,
         device=device,
@@ -75,8 +78,16 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
         compile=COMPILE[config.compile],
         codes_cache_bytes=codes_cache_bytes(config.codes_cache_mb),
     )
-    ready = Ready(slots, device, str(weights), limits, os.getpid())
+    with torch.inference_mode():  # each voice's clip encoded once, here; requests get its codes
+        voices = {
+            clip.name: Segment(clip.speaker, clip.transcript, codes=_clip_codes(generator, clip).numpy().astype(np.int32)) for clip in clips
+        }
+    ready = Ready(slots, device, str(weights), limits, os.getpid(), voices)
     return generator, ready
+
+
+def _clip_codes(generator: Generator, clip: VoiceClip) -> torch.Tensor:
+    return generator.prompts.audio_codes(Segment(clip.speaker, clip.transcript, clip.samples, sample_rate=clip.sample_rate))
 
 
 def _device(config: ServingConfig, settings: WorkerSettings) -> str:

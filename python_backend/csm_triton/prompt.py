@@ -133,7 +133,7 @@ class PromptBuilder:
         mask[:, -1] = True
         return tokens, mask
 
-    def _codes(self, segment: Segment) -> torch.Tensor:
+    def audio_codes(self, segment: Segment) -> torch.Tensor:
         """The clip's Mimi codes [frames, 32], encoded once per content while the cache holds them."""
         key = audio_key(segment.audio, segment.sample_rate)
         codes = self.codes_cache.get(key)
@@ -150,7 +150,7 @@ class PromptBuilder:
 
     def _audio_frames(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
         # [frames, 32]: codes the request sent are used as they are (checked to be < audio_vocab_size)
-        codes = torch.from_numpy(segment.codes.astype(np.int64)) if segment.codes is not None else self._codes(segment)
+        codes = torch.from_numpy(segment.codes.astype(np.int64)) if segment.codes is not None else self.audio_codes(segment)
         tokens = torch.zeros(len(codes) + 1, self.num_codebooks + 1, dtype=torch.long)  # + end-of-audio frame
         mask = torch.zeros_like(tokens, dtype=torch.bool)
         tokens[:-1, :-1] = codes

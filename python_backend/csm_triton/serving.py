@@ -9,6 +9,7 @@ name, which the model returns as INVALID_ARG for that request alone.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -53,6 +54,7 @@ INPUTS: dict[str, Input] = {
     "SEED": Input("INT64", _INT64, False),
     "FIRST_CHUNK_FRAMES": Input("INT32", _INT32, False),
     "CHUNK_FRAMES": Input("INT32", _INT32, False),
+    "VOICE": Input("BYTES", _BYTES, False),
 }
 
 # The request's fields as Triton inputs name them (see request.API_NAMES): the words a message
@@ -73,6 +75,7 @@ TRITON_NAMES = {
     "seed": "SEED:",
     "first_chunk_frames": "FIRST_CHUNK_FRAMES:",
     "chunk_frames": "CHUNK_FRAMES:",
+    "voice": "VOICE:",
 }
 
 # Parameters the python backend itself reads (a packed environment for the stub); not the model's.
@@ -98,6 +101,7 @@ class ServingConfig:
     prefill_chunk: int = 0  # prompt positions prefilled per step at most; 0: load_csm_1b's default
     compile: str = "auto"  # the frame step's pieces torch.compile'd before capture: "auto" (on CUDA), "on" or "off"
     kv_cache_memory_mb: int = 0  # MiB the KV caches of all slots may take; 0: no bound
+    voices_dir: str = ""  # the voice library (csm_triton/voices.py); "": none
     codes_cache_mb: int = 64  # MiB of context audio's Mimi codes kept (prompt.CodesCache); 0: none; CSM_CODES_CACHE_MB overrides
     max_waiting_requests: int = 32  # requests waiting for a slot at most; more are refused as busy
     stall_timeout_s: float = 120.0  # a serving-loop round longer than this: the engine is hung
@@ -283,9 +287,11 @@ def _context_codes(arrays: dict[str, np.ndarray], audio_lengths: np.ndarray, lim
     return [values[end - count : end] if count else None for count, end in zip(frames.tolist(), ends.tolist(), strict=True)]
 
 
-def read_request(arrays: dict[str, np.ndarray], limits: RequestLimits) -> GenerationRequest:
+def read_request(arrays: dict[str, np.ndarray], limits: RequestLimits, voices: Mapping[str, Segment] | None = None) -> GenerationRequest:
     """One Triton request's input arrays (`as_numpy()` of each input given) -> a GenerationRequest
-    within `limits`. Nothing costly is done on a request before it is known to be within them."""
+    within `limits`. Nothing costly is done on a request before it is known to be within them.
+    VOICE names one of `voices` (the voice library: name -> its clip's Segment, with codes), which
+    becomes the first context segment."""
     _check_types_and_shapes(arrays)
     _check_size(arrays, limits)
     default_ms = min(GenerationRequest.max_audio_length_ms, limits.max_audio_length_ms)
@@ -299,7 +305,18 @@ def read_request(arrays: dict[str, np.ndarray], limits: RequestLimits) -> Genera
         seed=int(_scalar(arrays, "SEED")) if "SEED" in arrays else None,
     )
     limits.check(request, TRITON_NAMES)
+    if "VOICE" in arrays:  # after the checks, so that their messages number the segments as sent
+        request.context.insert(0, _voice(_text(_scalar(arrays, "VOICE"), "VOICE:"), voices or {}, limits, len(request.context)))
     return request
+
+
+def _voice(name: str, voices: Mapping[str, Segment], limits: RequestLimits, segments: int) -> Segment:
+    if name not in voices:
+        known = ", ".join(sorted(voices)[:20]) if voices else "none: this server's voices_dir parameter names no voice library"
+        raise ValueError(f"VOICE: no voice {name[:80]!r} in the voice library; its voices: {known}")
+    if segments + 1 > limits.max_context_segments:
+        raise ValueError(f"VOICE: its clip and {segments} context segments exceed max_context_segments {limits.max_context_segments}")
+    return voices[name]
 
 
 def read_chunking(arrays: dict[str, np.ndarray], config: ServingConfig) -> ChunkPlan:
