@@ -171,6 +171,7 @@ class Gateway:
             "topk": request.topk,
             "max_audio_length_ms": request.max_audio_length_ms,
             "first_chunk_frames": self.config.first_chunk_frames,
+            "voice": voice.server_voice if voice is not None and voice.server_voice else None,
         }
         return Job(text, speaker, context, {key: value for key, value in options.items() if value is not None})
 

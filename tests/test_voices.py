@@ -8,16 +8,21 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import soundfile
 import tritonclient.grpc as grpcclient
+from test_gateway import free_port, running, s16
 from tritonclient.utils import InferenceServerException
 
+from csm_client import CSMClient
 from csm_triton import Generator, Segment
 from csm_triton.request import RequestLimits
 from csm_triton.server import ServerOptions, TritonServer, model_repository_with
 from csm_triton.voices import read_voices
+from gateway.audio import pcm16
+from gateway.config import GatewayConfig
 from triton_tensors import request, tensors, vector
 
 RATE = 16_000
@@ -121,3 +126,31 @@ def test_an_unknown_voice_or_a_path_is_invalid_arg_naming_voice(server: TritonSe
         InferenceServerException, match=r"^\[StatusCode.INVALID_ARGUMENT\] VOICE: no voice .* its voices: guide.2, narrator"
     ):
         codes(server, request(VOICE=voice(name)))
+
+
+def test_the_client_names_a_voice(server: TritonServer) -> None:
+    with CSMClient(server.grpc_url) as client:
+        assert np.array_equal(client.generate_codes("Hi.", 3, voice="narrator", seed=3, max_audio_length_ms=400),
+                              codes(server, request("Hi.", 3, VOICE=voice("narrator"))))  # fmt: skip
+
+
+def test_the_gateway_maps_a_voice_name_onto_a_voice_of_the_library(server: TritonServer, tmp_path: Path) -> None:
+    voices_file = tmp_path / "voices.json"
+    voices_file.write_text(
+        json.dumps({"echo": {"speaker": 3, "server_voice": "narrator"}, "ash": {"speaker": 1, "server_voice": "nobody"}})
+    )
+    options = {"seed": 3, "max_audio_length_ms": 400}
+    config = GatewayConfig(triton_url=server.grpc_url, port=free_port(), voices_file=voices_file)
+    with running(config) as url, CSMClient(server.grpc_url, stream_model_name="csm_stream") as direct:
+
+        def speech(name: str) -> httpx.Response:
+            body = {"model": "csm-1b", "input": "Hello there.", "voice": name, "response_format": "pcm", **options}
+            return httpx.post(f"{url}/v1/audio/speech", json=body, timeout=60)
+
+        expected = np.concatenate(list(direct.stream("Hello there.", 3, [], voice="narrator", **options)))
+        assert np.array_equal(s16(speech("echo").content), s16(pcm16(expected)))
+        plain = np.concatenate(list(direct.stream("Hello there.", 0, [], **options)))  # alloy: still speaker 0 alone
+        assert np.array_equal(s16(speech("alloy").content), s16(pcm16(plain)))
+        refused = speech("ash")
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "voice"
+        assert refused.json()["error"]["message"].startswith("VOICE: no voice 'nobody' in the voice library")
