@@ -1,7 +1,7 @@
 """Generated values for every input of `csm` (unary gRPC and HTTP) and `csm_stream` (gRPC
 streaming) in a real tritonserver: wrong datatypes and ranks, empty and huge tensors, NaN and
 infinity, extreme integers, invalid UTF-8, any sample rate, context codes out of range or not
-matching their lengths. Only INVALID_ARG errors that name an
+matching their lengths, VOICE names and paths that are no voice. Only INVALID_ARG errors that name an
 input come back, each within seconds; valid requests succeed; the model's memory stays bounded and
 a seeded request gives the same codes after the fuzzing as before."""
 
