@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -45,14 +45,21 @@ class VoiceRef(BaseModel):
     id: str
 
 
+# One Mimi frame of a turn's codes: csm_stream checks the values (below its audio vocabulary);
+# here they need only fit its INT32 tensor.
+CodeFrame = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=32, max_length=32)]
+
+
 class Turn(BaseModel):
     """An earlier turn of the conversation: its text and speaker, and its audio as base64 (WAV,
-    or anything ffmpeg decodes)."""
+    or anything ffmpeg decodes) or the Mimi codes the server returned for it ([frames][32]
+    integers: AUDIO_CODES), which csm_stream uses as they are, never encoding them."""
 
     model_config = ConfigDict(extra="forbid")
     text: str
     speaker: int = Field(ge=0)
     audio: str | None = None
+    codes: list[CodeFrame] | None = Field(default=None, min_length=1)
 
 
 class Sampling(BaseModel):
@@ -140,6 +147,11 @@ class Gateway:
             context.append(Segment(speaker=voice.speaker, text=voice.transcript, audio=voice.samples, sample_rate=voice.rate))
         for index, turn in enumerate(request.context):
             clip, rate = None, audio.SAMPLE_RATE
+            if turn.codes is not None:
+                if turn.audio is not None:
+                    raise APIError(400, f"context[{index}]: holds both audio and codes; send one of them", "context", "invalid_value")
+                context.append(Segment(speaker=turn.speaker, text=turn.text, codes=np.array(turn.codes, dtype=np.int32)))
+                continue
             if turn.audio is not None:
                 try:
                     clip, rate = audio.decode_base64_audio(turn.audio, budget)
@@ -159,6 +171,7 @@ class Gateway:
             "topk": request.topk,
             "max_audio_length_ms": request.max_audio_length_ms,
             "first_chunk_frames": self.config.first_chunk_frames,
+            "voice": voice.server_voice if voice is not None and voice.server_voice else None,
         }
         return Job(text, speaker, context, {key: value for key, value in options.items() if value is not None})
 

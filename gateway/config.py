@@ -22,12 +22,14 @@ DEFAULT_MODELS = ("csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 @dataclass(frozen=True)
 class Voice:
     """A named voice: a CSM speaker id and, optionally, a reference clip with its transcript,
-    sent before the request's own context as the first turn."""
+    sent before the request's own context as the first turn, or a voice of csm_stream's own voice
+    library (its voices_dir), sent by name as VOICE: the server holds its clip's codes."""
 
     name: str
     speaker: int
     audio: Path | None = None
     transcript: str = ""
+    server_voice: str = ""
 
 
 def default_voices() -> dict[str, Voice]:
@@ -36,8 +38,9 @@ def default_voices() -> dict[str, Voice]:
 
 def load_voices(path: Path | None) -> dict[str, Voice]:
     """The default voices, with those of a JSON file on top:
-    {"alloy": {"speaker": 0}, "maya": {"speaker": 1, "audio": "maya.wav", "transcript": "..."}}
-    (clip paths relative to the file)."""
+    {"alloy": {"speaker": 0}, "maya": {"speaker": 1, "audio": "maya.wav", "transcript": "..."},
+    "echo": {"speaker": 3, "server_voice": "narrator"}} (clip paths relative to the file;
+    server_voice: a voice of csm_stream's voice library)."""
     voices = default_voices()
     if path is None:
         return voices
@@ -51,7 +54,10 @@ def load_voices(path: Path | None) -> dict[str, Voice]:
         clip = (path.parent / audio) if audio else None
         if clip is not None and not clip.is_file():
             raise ValueError(f"{path}: voice {name!r}: no file {clip}")
-        voices[name] = Voice(name, entry["speaker"], clip, str(entry.get("transcript", "")))
+        server_voice = entry.get("server_voice", "")
+        if not isinstance(server_voice, str) or (server_voice and clip is not None):
+            raise ValueError(f"{path}: voice {name!r}: server_voice must be the name of a csm_stream voice, without audio of its own")
+        voices[name] = Voice(name, entry["speaker"], clip, str(entry.get("transcript", "")), server_voice)
     return voices
 
 

@@ -23,6 +23,9 @@ TENSOR_PARAMS = {
     "CONTEXT_AUDIO": "context",
     "CONTEXT_AUDIO_LENGTHS": "context",
     "CONTEXT_SAMPLE_RATE": "context",
+    "CONTEXT_CODES": "context",
+    "CONTEXT_CODES_LENGTHS": "context",
+    "VOICE": "voice",
     "prompt": "input",  # a prompt (context + text) too long for the model
 }
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",

@@ -42,6 +42,7 @@ class StoredVoice:
     rate: int = audio.SAMPLE_RATE
     created_at: int = 0
     consent: str = ""
+    server_voice: str = ""  # a voice of csm_stream's voice library, sent as VOICE
 
     def card(self) -> dict:
         return {
@@ -61,7 +62,9 @@ class VoiceLibrary:
             samples, rate = (None, audio.SAMPLE_RATE)
             if voice.audio is not None:
                 samples, rate = audio.decode_audio(voice.audio.read_bytes(), max_clip_s)
-            self._voices[voice.name] = StoredVoice(voice.name, voice.name, voice.speaker, "builtin", voice.transcript, samples, rate)
+            self._voices[voice.name] = StoredVoice(
+                voice.name, voice.name, voice.speaker, "builtin", voice.transcript, samples, rate, server_voice=voice.server_voice
+            )
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
             for entry in sorted(directory.glob("*.json")):

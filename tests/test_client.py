@@ -87,6 +87,16 @@ def test_context_audio_at_different_rates_is_resampled_in_the_client(client: CSM
     np.testing.assert_array_equal(client.generate_codes("Third.", 0, context, **PARAMS), expected)
 
 
+def test_context_codes_an_earlier_answer_returned_are_sent_as_they_are(client: CSMClient, generator: csm_triton.Generator) -> None:
+    earlier = client.generate_codes("An earlier turn.", 0, **PARAMS)  # [frames, 32] int32
+    context = [Segment(0, "An earlier turn.", codes=earlier), Segment(1, "And a reply.", sine(0.3, 24_000)), Segment(0, "Text.")]
+    in_process = [csm_triton.Segment(0, "An earlier turn.", codes=torch.from_numpy(earlier)), *context[1:]]
+    expected = generator.generate_codes("The answer.", 1, in_process, **PARAMS).numpy()
+    np.testing.assert_array_equal(client.generate_codes("The answer.", 1, context, **PARAMS), expected)
+    with pytest.raises(CSMError, match=r"^CONTEXT_CODES: segment 0 codes must be in \[0, 2050\], got 4096"):
+        client.generate_codes("The answer.", 1, [Segment(0, "a", codes=np.full_like(earlier, 4096))], **PARAMS)
+
+
 def test_server_errors_are_csm_errors_with_tritons_message(client: CSMClient) -> None:
     with pytest.raises(CSMError, match="^TOPK") as caught:
         client.generate("Hello.", 0, topk=0, max_audio_length_ms=240)
@@ -157,6 +167,23 @@ def test_csm_say_writes_a_wav_with_context(triton_server, tmp_path: Path) -> Non
     assert str(out) in result.stdout
     audio, sample_rate = soundfile.read(out, dtype="float32", always_2d=True)
     assert sample_rate == 24_000 and audio.shape[1] == 1 and len(audio) > 0 and np.isfinite(audio).all()
+
+
+def test_csm_say_sends_context_codes_from_a_npy_file(triton_server, generator: csm_triton.Generator, tmp_path: Path) -> None:
+    codes = generator.generate_codes("Hello there.", 0, [], max_audio_length_ms=400, seed=5).numpy()
+    numpy_file, out = tmp_path / "earlier.npy", tmp_path / "out.wav"
+    np.save(numpy_file, codes)
+    result = csm_say(
+        "Nice to meet you.", "--speaker", "1", "--context-codes", str(numpy_file), "Hello there.", "0",
+        "--max-ms", "400", "--seed", "5", "--url", triton_server.grpc_url, "-o", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    audio, _ = soundfile.read(out, dtype="float32")
+    context = [csm_triton.Segment(0, "Hello there.", codes=codes)]
+    expected = generator.codec.decode(generator.generate_codes("Nice to meet you.", 1, context, max_audio_length_ms=400, seed=5))
+    np.testing.assert_allclose(audio, expected.numpy(), atol=1e-4)  # a 16-bit WAV's rounding
+    result = csm_say("Hi.", "--context-codes", str(tmp_path / "missing.npy"), "a", "0", "--url", triton_server.grpc_url, "-o", str(out))
+    assert result.returncode == 1 and "--context-codes" in result.stderr
 
 
 def test_csm_say_reports_errors_with_exit_code_1(triton_server, tmp_path: Path) -> None:

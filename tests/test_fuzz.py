@@ -1,6 +1,7 @@
 """Generated values for every input of `csm` (unary gRPC and HTTP) and `csm_stream` (gRPC
 streaming) in a real tritonserver: wrong datatypes and ranks, empty and huge tensors, NaN and
-infinity, extreme integers, invalid UTF-8, any sample rate. Only INVALID_ARG errors that name an
+infinity, extreme integers, invalid UTF-8, any sample rate, context codes out of range or not
+matching their lengths, VOICE names and paths that are no voice. Only INVALID_ARG errors that name an
 input come back, each within seconds; valid requests succeed; the model's memory stays bounded and
 a seeded request gives the same codes after the fuzzing as before."""
 
@@ -53,6 +54,15 @@ def valid_requests(draw: st.DrawFn) -> dict[str, np.ndarray]:
             arrays["CONTEXT_AUDIO"] = vector(noise, np.float32)
             arrays["CONTEXT_AUDIO_LENGTHS"] = vector(lengths, np.int32)
             arrays["CONTEXT_SAMPLE_RATE"] = scalar(draw(st.sampled_from(STANDARD_SAMPLE_RATES)), np.int32)
+        # A segment without audio may carry codes instead: the AUDIO_CODES of an earlier answer.
+        frames = [
+            0 if length else count
+            for length, count in zip(lengths, draw(st.lists(st.integers(0, 3), min_size=segments, max_size=segments)), strict=True)
+        ]
+        if any(frames):
+            codes = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).integers(0, 2051, sum(frames) * 32)
+            arrays["CONTEXT_CODES"] = vector(codes, np.int32)
+            arrays["CONTEXT_CODES_LENGTHS"] = vector(frames, np.int32)
     for name, values, dtype in (
         ("TEMPERATURE", st.floats(0.125, 2.0, width=32), np.float32),
         ("TOPK", st.integers(1, 2051), np.int32),
@@ -73,12 +83,15 @@ BAD_VALUES = {
     "CONTEXT_AUDIO": st.lists(st.floats(width=32), max_size=40).map(lambda v: [v]),
     "CONTEXT_AUDIO_LENGTHS": st.lists(INT32, max_size=4).map(lambda v: [v]),
     "CONTEXT_SAMPLE_RATE": st.one_of(st.integers(1, 2**31 - 1), INT32).map(lambda v: [[v]]),
+    "CONTEXT_CODES": st.one_of(st.lists(INT32, max_size=70), st.lists(st.integers(0, 2051), min_size=32, max_size=96)).map(lambda v: [v]),
+    "CONTEXT_CODES_LENGTHS": st.lists(st.one_of(INT32, st.integers(0, 3)), max_size=4).map(lambda v: [v]),
     "TEMPERATURE": st.floats(width=32).map(lambda v: [[v]]),
     "TOPK": INT32.map(lambda v: [[v]]),
     "MAX_AUDIO_LENGTH_MS": st.one_of(st.integers(-(2**31), 79), st.integers(30_001, 2**31 - 1)).map(lambda v: [[v]]),
     "SEED": INT64.map(lambda v: [[v]]),
     "FIRST_CHUNK_FRAMES": INT32.map(lambda v: [[v]]),
     "CHUNK_FRAMES": INT32.map(lambda v: [[v]]),
+    "VOICE": st.one_of(st.binary(max_size=20), st.sampled_from([b"../csm_stream/config.pbtxt", b"/etc/passwd", b""])).map(lambda v: [[v]]),
 }
 DTYPES = [object, np.int32, np.int64, np.float32, np.float64, np.float16, np.uint8, np.bool_]
 
@@ -135,7 +148,7 @@ def cases(draw: st.DrawFn) -> Case:
     elif kind == "missing" and name != "MAX_AUDIO_LENGTH_MS":  # its default, 10 s, would take long
         del arrays[name]
     elif kind == "unknown":
-        arrays["VOICE"] = scalar(1, np.int32)
+        arrays["STYLE"] = scalar(1, np.int32)
     elif kind == "non-finite audio":
         audio = arrays["CONTEXT_AUDIO"].copy()
         audio[0, pick.randrange(audio.shape[1])] = pick.choice([np.nan, np.inf, -np.inf])

@@ -159,6 +159,28 @@ def test_the_same_seed_voice_and_input_give_triton_s_audio(client: openai.OpenAI
     assert by_id == data
 
 
+def test_context_codes_go_to_csm_stream_as_they_are_and_a_conversation_of_codes_encodes_nothing(
+    client: openai.OpenAI, direct: CSMClient, triton: TritonServer
+) -> None:
+    """Turns sent as the codes csm_stream returned for them (AUDIO_CODES) give what the same
+    request sent straight to Triton with those codes gives, and no turn is ever encoded."""
+    start = encodes(triton)
+    turns: list[dict] = []
+    segments: list[Segment] = []
+    for index in range(5):
+        text, speaker = f"Codes turn {index}.", index % 2
+        body = {"seed": index, "max_audio_length_ms": 400, "context": turns}
+        voice = OPENAI_VOICES[speaker]  # alloy, ash, ...: speakers 0 and 1 by default
+        data = client.audio.speech.create(model="csm-1b", input=text, voice=voice, response_format="pcm", extra_body=body).content
+        expected = straight_to_triton(direct, speaker, text, segments, seed=index, max_audio_length_ms=400)
+        assert np.array_equal(s16(data), s16(pcm16(expected)))
+        codes = direct.generate_codes(text, speaker, segments, seed=index, max_audio_length_ms=400)  # the turn's AUDIO_CODES
+        turns = [*turns, {"text": text, "speaker": speaker, "codes": codes.tolist()}]
+        segments = [*segments, Segment(speaker=speaker, text=text, codes=codes)]
+    time.sleep(1)  # an encode would have reached the log by now (settled_encodes waits up to 5 s for one)
+    assert encodes(triton) == start
+
+
 def test_bytes_arrive_before_generation_ends(client: openai.OpenAI) -> None:
     arrivals = []
     started = time.monotonic()
@@ -244,7 +266,19 @@ def speech(url: str, **body) -> httpx.Response:
             "context",
             "context[0].audio: cannot",
         ),
-        ({"context": [{"text": "a", "speaker": 0, "codes": [[0] * 32]}]}, "context", "context.0.codes:"),
+        ({"context": [{"text": "a", "speaker": 0, "codes": [[0] * 31]}]}, "context", "context.0.codes.0:"),
+        ({"context": [{"text": "a", "speaker": 0, "codes": [[-1] * 32]}]}, "context", "context.0.codes.0.0:"),
+        ({"context": [{"text": "a", "speaker": 0, "codes": []}]}, "context", "context.0.codes:"),
+        (
+            {"context": [{"text": "a", "speaker": 0, "codes": [[2051] * 32]}]},
+            "context",
+            r"CONTEXT_CODES: segment 0 codes must be in [0, 2050]",
+        ),
+        (
+            {"context": [{"text": "a", "speaker": 0, "codes": [[0] * 32], "audio": base64.b64encode(b"RIFF").decode()}]},
+            "context",
+            "context[0]: holds both audio and codes",
+        ),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )

@@ -21,7 +21,7 @@ from conftest import SERVER_SLOTS
 from csm_triton import GenerationRequest, Generator
 from csm_triton.request import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from csm_triton.server import TritonServer
-from triton_tensors import long_prompt, request, scalar
+from triton_tensors import long_prompt, request, scalar, vector
 
 FRAME_S = FRAME_MS / 1000
 REPORT_INTERVAL_S = 0.5  # METRICS_INTERVAL_S of csm_stream's model.py
@@ -113,6 +113,38 @@ def test_metrics_move_by_what_the_requests_did(triton_server: TritonServer, gene
     assert after[series("csm_slots")] == after[series("csm_free_slots")] == SERVER_SLOTS
     assert after[series("csm_active_slots")] == after[series("csm_waiting_requests")] == after[series("csm_streams")] == 0
     assert all('model="csm_stream"' in key for key in after if key.startswith("csm_"))
+
+
+def test_the_codes_cache_counts_its_hits_misses_and_bytes(triton_server: TritonServer) -> None:
+    """A clip sent twice is encoded once (a miss, then a hit); a turn sent as codes touches the cache not at all."""
+    clip = np.random.default_rng(5).uniform(-0.5, 0.5, 3 * SAMPLES_PER_FRAME).astype(np.float32)  # 3 frames
+    with_clip = request(
+        CONTEXT_TEXT=vector([b"a"], object),
+        CONTEXT_SPEAKER=vector([0], np.int32),
+        CONTEXT_AUDIO=vector(clip, np.float32),
+        CONTEXT_AUDIO_LENGTHS=vector([len(clip)], np.int32),
+    )
+    with_codes = request(
+        CONTEXT_TEXT=vector([b"a"], object),
+        CONTEXT_SPEAKER=vector([0], np.int32),
+        CONTEXT_CODES=vector(np.zeros(3 * 32), np.int32),
+        CONTEXT_CODES_LENGTHS=vector([3], np.int32),
+    )
+    before = settled(triton_server)
+    streams = Streams(triton_server)
+    try:
+        for name, arrays in (("first", with_clip), ("again", with_clip), ("codes", with_codes)):
+            streams.send(name, arrays)
+            streams.run_until_done([name])
+    finally:
+        streams.close()
+    after = settled(triton_server)
+    assert all(streams.received[name].error is None for name in ("first", "again", "codes"))
+    assert moved(before, after, series("csm_codes_cache_misses_total")) == 1
+    assert moved(before, after, series("csm_codes_cache_hits_total")) == 1
+    assert moved(before, after, series("csm_codes_cache_clips")) == 1
+    assert moved(before, after, series("csm_codes_cache_bytes")) == 3 * 32 * 2  # int16 codes
+    assert after[series("csm_codes_cache_max_bytes")] == 64 << 20  # config.pbtxt's codes_cache_mb
 
 
 def test_a_cancelled_stream_counts_as_cancelled_with_the_audio_it_was_sent(triton_server: TritonServer) -> None:

@@ -31,22 +31,27 @@ from triton_tensors import request, scalar, vector
 
 LIMITS = RequestLimits.for_model(TINY)
 CONFIG = ServingConfig()
+# A voice library as the engine hands it to the stub: name -> its clip's segment, codes encoded at load.
+VOICES = {"narrator": Segment(2, "The narrator's clip.", codes=np.full((3, 32), 7, dtype=np.int32))}
 
 
 def every_input() -> dict[str, np.ndarray]:
-    """A valid request that gives every input: a text-only and an audio context segment."""
+    """A valid request that gives every input: a text-only, an audio and a codes context segment."""
     return request(
         "Every input.",
         1,
-        CONTEXT_TEXT=vector([b"Before.", b"With audio."], object),
-        CONTEXT_SPEAKER=vector([0, 1], np.int32),
+        CONTEXT_TEXT=vector([b"Before.", b"With audio.", b"With codes."], object),
+        CONTEXT_SPEAKER=vector([0, 1, 0], np.int32),
         CONTEXT_AUDIO=vector(np.zeros(1600, dtype=np.float32), np.float32),
-        CONTEXT_AUDIO_LENGTHS=vector([0, 1600], np.int32),
+        CONTEXT_AUDIO_LENGTHS=vector([0, 1600, 0], np.int32),
         CONTEXT_SAMPLE_RATE=scalar(16_000, np.int32),
+        CONTEXT_CODES=vector(np.arange(64) * 32, np.int32),
+        CONTEXT_CODES_LENGTHS=vector([0, 0, 2], np.int32),
         TEMPERATURE=scalar(0.7, np.float32),
         TOPK=scalar(20, np.int32),
         FIRST_CHUNK_FRAMES=scalar(1, np.int32),
         CHUNK_FRAMES=scalar(4, np.int32),
+        VOICE=np.array([[b"narrator"]], dtype=object),
     )
 
 
@@ -64,7 +69,10 @@ def with_audio(samples: int, sample_rate: int, **extra: np.ndarray) -> dict[str,
 
 def summary(generation: GenerationRequest) -> tuple:
     """A request's fields, its segments' audio as lists (numpy arrays do not compare as one value)."""
-    context = [(s.speaker, s.text, s.sample_rate, None if s.audio is None else s.audio.tolist()) for s in generation.context]
+    context = [
+        (s.speaker, s.text, s.sample_rate, None if s.audio is None else s.audio.tolist(), None if s.codes is None else s.codes.tolist())
+        for s in generation.context
+    ]
     return (
         generation.text,
         generation.speaker,
@@ -78,15 +86,22 @@ def summary(generation: GenerationRequest) -> tuple:
 
 def refused(arrays: dict[str, np.ndarray], message: str, limits: RequestLimits = LIMITS) -> None:
     with pytest.raises(ValueError, match=f"^{message}"):
-        read_request(arrays, limits)
+        read_request(arrays, limits, VOICES)
 
 
 def test_every_input_is_read() -> None:
-    generation = read_request(every_input(), LIMITS)
+    generation = read_request(every_input(), LIMITS, VOICES)
     assert (generation.text, generation.speaker, generation.temperature, generation.topk) == ("Every input.", 1, pytest.approx(0.7), 20)
     assert (generation.max_audio_length_ms, generation.seed) == (400, 3)
-    assert [(s.speaker, s.text, s.audio is None) for s in generation.context] == [(0, "Before.", True), (1, "With audio.", False)]
-    assert generation.context[1].sample_rate == 16_000 and generation.context[1].audio.shape == (1600,)  # not resampled
+    assert [(s.speaker, s.text, s.audio is None, s.codes is None) for s in generation.context] == [
+        (2, "The narrator's clip.", True, False),  # the voice's clip first
+        (0, "Before.", True, True),
+        (1, "With audio.", False, True),
+        (0, "With codes.", True, False),
+    ]
+    assert generation.context[0] is VOICES["narrator"]
+    assert generation.context[2].sample_rate == 16_000 and generation.context[2].audio.shape == (1600,)  # not resampled
+    assert generation.context[3].codes.tolist() == (np.arange(64) * 32).reshape(2, 32).tolist()  # frame by frame, as sent
     assert read_chunking(every_input(), CONFIG) == ChunkPlan(1, 4, adaptive=False)
 
 
@@ -110,7 +125,7 @@ def test_optional_inputs_take_their_defaults() -> None:
 
 def test_inputs_without_the_batch_dimension_are_read() -> None:
     arrays = {name: array.reshape(-1) for name, array in every_input().items()}
-    assert summary(read_request(arrays, LIMITS)) == summary(read_request(every_input(), LIMITS))
+    assert summary(read_request(arrays, LIMITS, VOICES)) == summary(read_request(every_input(), LIMITS, VOICES))
 
 
 WRONG_DTYPES = {"BYTES": np.int32, "INT32": np.int64, "FP32": np.float64, "INT64": np.int32}
@@ -143,7 +158,7 @@ def test_bytes_elements_must_be_bytes() -> None:
 
 
 def test_an_unknown_input_is_refused() -> None:
-    refused(request(VOICE=scalar(1, np.int32)), "VOICE: not an input of this model")
+    refused(request(STYLE=scalar(1, np.int32)), "STYLE: not an input of this model")
 
 
 @pytest.mark.parametrize("name", ["TEXT", "SPEAKER"])
@@ -343,6 +358,122 @@ def test_the_context_arrays_must_agree(extra: dict, message: str) -> None:
     refused(request(**extra), message)
 
 
+def with_codes(frames: list[int], codes: np.ndarray | None = None, **extra: np.ndarray) -> dict[str, np.ndarray]:
+    """A request with one context segment a count of `frames`, each given that many frames of codes."""
+    values = np.zeros(sum(frames) * 32, dtype=np.int32) if codes is None else codes
+    context = {
+        "CONTEXT_TEXT": vector([b"a"] * len(frames), object),
+        "CONTEXT_SPEAKER": vector([0] * len(frames), np.int32),
+        "CONTEXT_CODES": vector(values, np.int32),
+        "CONTEXT_CODES_LENGTHS": vector(frames, np.int32),
+    }
+    return request(**context | extra)
+
+
+def test_context_codes_become_segments_with_codes_and_no_audio() -> None:
+    values = np.arange(5 * 32, dtype=np.int32) % 2051
+    generation = read_request(with_codes([2, 0, 3], values), LIMITS)
+    codes = [None if s.codes is None else s.codes.tolist() for s in generation.context]
+    assert codes == [values[:64].reshape(2, 32).tolist(), None, values[64:].reshape(3, 32).tolist()]
+    assert all(s.audio is None and s.is_audio == (s.codes is not None) for s in generation.context)
+    arrays = with_codes([1])
+    context = read_request(arrays, LIMITS).context[0].codes
+    arrays["CONTEXT_CODES"][0, 0] = 7  # a copy: the input tensor may be gone when the prompt is built
+    assert context[0, 0] == 0
+
+
+def test_context_codes_values_are_below_the_audio_vocabulary() -> None:
+    highest = np.full(32, 2050, dtype=np.int32)
+    assert read_request(with_codes([1], highest), LIMITS).context[0].codes.max() == 2050  # sampled ids >= 2048 are codes too
+    refused(with_codes([1], highest + 1), r"CONTEXT_CODES: segment 0 codes must be in \[0, 2050\], got 2051")
+    negative = np.zeros(64, dtype=np.int32)
+    negative[40] = -1
+    arrays = with_codes([1, 0, 2], np.concatenate([np.zeros(32, np.int32), negative]))
+    refused(arrays, r"CONTEXT_CODES: segment 2 codes must be in \[0, 2050\], got -1")
+
+
+def test_context_codes_must_fit_the_prompt_before_any_is_read() -> None:
+    # 2045 frames and the end-of-audio frame: the 2046 positions of the tiny model's prompt
+    assert len(read_request(with_codes([2045]), LIMITS).context[0].codes) == 2045
+    refused(with_codes([2046]), "CONTEXT_CODES_LENGTHS: 2046 frames of context codes take 2047 prompt positions, more than the 2046")
+    # counted from the lengths alone, before CONTEXT_CODES is read: a huge count with no codes
+    refused(with_codes([2**31 - 1, 2**31 - 1], np.zeros(0, np.int32)), "CONTEXT_CODES_LENGTHS: .* prompt positions, more than the 2046")
+    # codes and audio together: each segment's positions count
+    arrays = with_audio(1920 * 1000, 24_000) | {
+        "CONTEXT_TEXT": vector([b"a", b"b"], object),
+        "CONTEXT_SPEAKER": vector([0, 0], np.int32),
+        "CONTEXT_AUDIO_LENGTHS": vector([1920 * 1000, 0], np.int32),
+        "CONTEXT_CODES": vector(np.zeros(1045 * 32), np.int32),
+        "CONTEXT_CODES_LENGTHS": vector([0, 1045], np.int32),
+    }
+    refused(arrays, "CONTEXT_CODES: segment 1 holds 1045 frames, which bring the context audio to 2047 prompt positions")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"CONTEXT_CODES_LENGTHS": vector([1, 1], np.int32)}, r"CONTEXT_CODES_LENGTHS: one entry per context segment \(1\), got 2"),
+        ({"CONTEXT_CODES_LENGTHS": vector([-1], np.int32)}, r"CONTEXT_CODES_LENGTHS: frame counts must be >= 0, got \[-1\]"),
+        (
+            {"CONTEXT_CODES": vector(np.zeros(33), np.int32)},
+            r"CONTEXT_CODES_LENGTHS: sums to 1 frames \(32 codes of 32 codebooks\) but CONTEXT_CODES holds 33",
+        ),
+        ({"CONTEXT_CODES": vector(np.zeros(32), np.int32), "CONTEXT_CODES_LENGTHS": None}, "CONTEXT_CODES_LENGTHS: sums to 0 frames"),
+        (
+            {"CONTEXT_AUDIO": vector(np.zeros(10), np.float32), "CONTEXT_AUDIO_LENGTHS": vector([10], np.int32)},
+            r"CONTEXT_CODES_LENGTHS: segment 0 has both codes and audio \(CONTEXT_AUDIO_LENGTHS\)",
+        ),
+    ],
+    ids=["lengths differ", "negative length", "lengths do not sum", "codes without lengths", "codes and audio"],
+)
+def test_the_context_codes_arrays_must_agree(extra: dict, message: str) -> None:
+    refused({name: array for name, array in (with_codes([1]) | extra).items() if array is not None}, message)
+
+
+def voice(name: bytes) -> np.ndarray:
+    return np.array([[name]], dtype=object)
+
+
+def test_a_voice_is_a_name_of_the_library_never_a_path() -> None:
+    context = read_request(request(VOICE=voice(b"narrator")), LIMITS, VOICES).context
+    assert context == [VOICES["narrator"]]
+    for name in (b"nobody", b"../narrator", b"/etc/passwd", b"narrator ", b""):
+        refused(request(VOICE=voice(name)), f"VOICE: no voice {re.escape(repr(name.decode()))} in the voice library; its voices: narrator")
+    with pytest.raises(ValueError, match="^VOICE: no voice 'narrator' in the voice library; its voices: none: this server's voices_dir"):
+        read_request(request(VOICE=voice(b"narrator")), LIMITS)
+    refused(request(VOICE=voice(b"\xff")), "VOICE: is not valid UTF-8")
+    refused(request(VOICE=scalar(1, np.int32)), "VOICE: expected BYTES")
+
+
+def test_a_voice_takes_a_context_segment_and_leaves_the_segments_numbered_as_sent() -> None:
+    texts = {"CONTEXT_TEXT": vector([b"a", b"c" * 5000], object), "CONTEXT_SPEAKER": vector([0, 1], np.int32)}
+    refused(request(VOICE=voice(b"narrator"), **texts), "CONTEXT_TEXT: segment 1 holds 5000 bytes")
+    full = {"CONTEXT_TEXT": vector([b"turn"] * 32, object), "CONTEXT_SPEAKER": vector([0] * 32, np.int32)}
+    assert len(read_request(request(**full), LIMITS, VOICES).context) == 32
+    refused(request(VOICE=voice(b"narrator"), **full), "VOICE: its clip and 32 context segments exceed max_context_segments 32")
+
+
+def test_in_process_segments_with_codes() -> None:
+    codes = np.ones((3, 32), dtype=np.int64)
+    segment = Segment(0, "", codes=codes)
+    assert segment.is_audio and segment.audio is None and segment.codes is codes  # empty text: the turn has audio
+    LIMITS.check(GenerationRequest("Hi.", 0, [segment]))
+    with pytest.raises(ValueError, match="^segment: both audio and codes were given"):
+        Segment(0, "a", audio=np.zeros(10, np.float32), codes=codes)
+    with pytest.raises(ValueError, match="^segment codes: must be Mimi codes of shape \\[frames, codebooks\\], got shape \\[96\\]"):
+        Segment(0, "a", codes=codes.reshape(-1))
+    with pytest.raises(ValueError, match="^segment codes: must hold integer codes, got float32"):
+        Segment(0, "a", codes=codes.astype(np.float32))
+    with pytest.raises(ValueError, match="^segment codes: must hold at least one frame"):
+        Segment(0, "a", codes=codes[:0])
+    with pytest.raises(ValueError, match="^segment: codes given with is_audio=False"):
+        Segment(0, "a", codes=codes, is_audio=False)
+    with pytest.raises(ValueError, match=r"^context\[0\].codes: must be Mimi codes of shape \[frames, 32\], got shape \[3, 31\]"):
+        LIMITS.check(GenerationRequest("Hi.", 0, [Segment(0, "a", codes=codes[:, :31])]))
+    with pytest.raises(ValueError, match=r"^context\[0\].codes: codes must be in \[0, 2050\], got 4096"):
+        LIMITS.check(GenerationRequest("Hi.", 0, [Segment(0, "a", codes=codes * 4096)]))
+
+
 def test_in_process_names_for_the_same_checks() -> None:
     context = [Segment(0, "a"), Segment(1, "b"), Segment(0, "c" * 5000)]
     with pytest.raises(ValueError, match="^context\\[2\\].text: holds 5000 bytes of UTF-8, more than max_context_text_bytes 4096"):
@@ -382,6 +513,9 @@ def test_limit_parameters_are_read_from_config_pbtxt() -> None:
     assert (limits.max_text_bytes, limits.max_context_sample_rate, limits.max_request_bytes) == (10, 16_000, 32 << 20)
     with pytest.raises(ValueError, match="^max_request_bytes: must be a positive integer, got 0"):
         ServingConfig.from_parameters({"max_request_bytes": {"string_value": "0"}})
+    assert ServingConfig.from_parameters({"codes_cache_mb": {"string_value": "0"}}).codes_cache_mb == 0  # no cache
+    with pytest.raises(ValueError, match="^codes_cache_mb: must be >= 0"):
+        ServingConfig.from_parameters({"codes_cache_mb": {"string_value": "-1"}})
     with pytest.raises(ValueError, match=r"^chunk_frames: must be in \[1, 10\] frames of 80 ms, got 12"):
         ServingConfig.from_parameters({"max_audio_length_ms": {"string_value": "800"}})
 

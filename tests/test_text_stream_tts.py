@@ -20,7 +20,7 @@ from test_triton_stream import wait_for_idle_server
 
 from csm_triton.server import ServerOptions, TritonServer, model_repository_with
 from sentences import split_sentences
-from triton_tensors import scalar, tensors
+from triton_tensors import scalar, tensors, vector
 
 MODEL = "text_stream_tts"
 FAKE_LLM = Path(__file__).parent / "model_repository" / "fake_llm"
@@ -170,6 +170,27 @@ def test_each_sentence_is_what_csm_stream_makes_of_it_alone_with_seed_plus_its_i
     sentence, outputs, _ = sentences[1]
     same_seed = stream(server, "csm_stream", speech_inputs(TEXT=prompt(sentence)))
     assert not np.array_equal(outputs["AUDIO_CODES"], joined(same_seed, "AUDIO_CODES"))
+
+
+def codes_context(codes: np.ndarray) -> dict[str, np.ndarray]:
+    """One earlier turn carrying its Mimi codes [frames, 32] (CONTEXT_CODES)."""
+    return {
+        "CONTEXT_TEXT": vector([b"An earlier turn."], object),
+        "CONTEXT_SPEAKER": vector([0], np.int32),
+        "CONTEXT_CODES": vector(codes.reshape(-1), np.int32),
+        "CONTEXT_CODES_LENGTHS": vector([len(codes)], np.int32),
+    }
+
+
+def test_context_codes_are_passed_on_with_every_sentence(server: TritonServer) -> None:
+    earlier = joined(stream(server, "csm_stream", speech_inputs(TEXT=prompt("An earlier turn."))), "AUDIO_CODES")
+    spoken = stream(server, MODEL, speech_inputs(PROMPT=prompt("Hello there. How are you?"), **codes_context(earlier)))
+    assert spoken.error is None
+    for index, (sentence, outputs, _) in enumerate(spoken.sentences()):
+        arrays = speech_inputs(TEXT=prompt(sentence), SEED=scalar(SEED + index, np.int64), **codes_context(earlier))
+        assert np.array_equal(outputs["AUDIO_CODES"], joined(stream(server, "csm_stream", arrays), "AUDIO_CODES")), sentence
+    bad = stream(server, MODEL, speech_inputs(PROMPT=prompt("Hello there."), **codes_context(np.full((1, 32), 2051))))
+    assert bad.responses == [] and bad.error.message() == "CONTEXT_CODES: segment 0 codes must be in [0, 2050], got 2051"
 
 
 def test_only_the_asked_outputs_are_sent(server: TritonServer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import numpy as np
 import pytest
@@ -63,6 +64,54 @@ def test_context_with_audio_and_text_segments(triton_server: TritonServer, gener
     context = [Segment(0, "How are you?"), Segment(1, "Fine, thanks.", clip, sample_rate=16_000)]
     expected = generator.generate_codes("And you?", 1, context, max_audio_length_ms=400, seed=3)
     assert np.array_equal(codes, expected.numpy())
+
+
+def with_context_codes(turns: list[tuple[int, str, np.ndarray]], text: str = "And you?", speaker: int = 1) -> dict[str, np.ndarray]:
+    """A request whose context turns (speaker, text, codes [frames, 32]) carry their codes."""
+    return request(
+        text,
+        speaker,
+        CONTEXT_TEXT=vector([turn_text.encode() for _, turn_text, _ in turns], object),
+        CONTEXT_SPEAKER=vector([turn_speaker for turn_speaker, _, _ in turns], np.int32),
+        CONTEXT_CODES=vector(np.concatenate([codes.reshape(-1) for _, _, codes in turns]), np.int32),
+        CONTEXT_CODES_LENGTHS=vector([len(codes) for _, _, codes in turns], np.int32),
+    )
+
+
+def encodes(server: TritonServer) -> int:
+    """Clips csm_stream has Mimi-encoded so far, as its log says (csm_triton/prompt.py)."""
+    return server.log_file.read_text(errors="replace").count(": Mimi-encoded ")
+
+
+def test_context_codes_are_used_as_they_are(triton_server: TritonServer, generator: Generator) -> None:
+    """The codes an earlier request returned, sent back as its turn's context, give what the
+    in-process API gives for a segment holding those codes: the prompt is built from them as they
+    are (audio re-encoded by Mimi would give other codes)."""
+    first = infer(triton_server, request(), outputs=("AUDIO_CODES",))["AUDIO_CODES"][0]  # [frames, 32] int32
+    codes = infer(triton_server, with_context_codes([(0, "Hello from Sesame.", first)]), outputs=("AUDIO_CODES",))["AUDIO_CODES"][0]
+    expected = generator.generate_codes("And you?", 1, [Segment(0, "Hello from Sesame.", codes=first)], max_audio_length_ms=400, seed=3)
+    assert np.array_equal(codes, expected.numpy())
+    tokens, mask = generator.prompt("And you?", 1, [Segment(0, "Hello from Sesame.", codes=first)])
+    frames = tokens[mask[:, 0]][:, :32]  # the prompt's audio positions: the codes, then the end-of-audio frame
+    assert np.array_equal(frames[:-1].numpy(), first) and not frames[-1].any()
+
+
+def test_a_conversation_sent_as_codes_encodes_nothing(triton_server: TritonServer, generator: Generator) -> None:
+    before = encodes(triton_server)
+    turns: list[tuple[int, str, np.ndarray]] = []
+    for index in range(5):
+        text, speaker = f"Turn {index} of the talk.", index % 2
+        arrays = with_context_codes(turns, text, speaker) if turns else request(text, speaker)
+        codes = infer(triton_server, arrays, outputs=("AUDIO_CODES",))["AUDIO_CODES"][0]
+        context = [Segment(turn_speaker, turn_text, codes=turn_codes) for turn_speaker, turn_text, turn_codes in turns]
+        assert np.array_equal(codes, generator.generate_codes(text, speaker, context, max_audio_length_ms=400, seed=3).numpy())
+        turns.append((speaker, text, codes))
+    # Then one turn as audio: its encode reaches the log, after anything the codes requests logged.
+    infer(triton_server, with_context_audio(np.full(1920, 0.1, dtype=np.float32)), outputs=("AUDIO_CODES",))
+    deadline = time.monotonic() + 10
+    while encodes(triton_server) == before and time.monotonic() < deadline:
+        time.sleep(0.1)  # the engine's log reaches the file through the stub's pipe
+    assert encodes(triton_server) == before + 1
 
 
 async def infer_all(server: TritonServer, requests: list[dict[str, np.ndarray]]) -> list:
@@ -156,6 +205,18 @@ BAD_REQUESTS = {
         "CONTEXT_AUDIO: segment 0 holds 1308808 samples at 8000 Hz, which bring the context audio to 2047 prompt positions",
     ),
     "prompt over 2048 positions": (long_prompt(), "prompt: .* exceed the model's 2048-position limit"),
+    "context codes out of range": (
+        with_context_codes([(0, "a", np.full((2, 32), 2051))]),
+        r"CONTEXT_CODES: segment 0 codes must be in \[0, 2050\], got 2051",
+    ),
+    "context codes and audio in one segment": (
+        with_context_audio([0.1] * 4, CONTEXT_CODES=vector(np.zeros(32), np.int32), CONTEXT_CODES_LENGTHS=vector([1], np.int32)),
+        "CONTEXT_CODES_LENGTHS: segment 0 has both codes and audio",
+    ),
+    "context codes not whole frames": (
+        with_context_codes([(0, "a", np.zeros((1, 32)))]) | {"CONTEXT_CODES": vector(np.zeros(40), np.int32)},
+        r"CONTEXT_CODES_LENGTHS: sums to 1 frames \(32 codes of 32 codebooks\) but CONTEXT_CODES holds 40",
+    ),
 }
 
 

@@ -3,7 +3,9 @@
   csm-say "Nice to meet you." --speaker 1 \\
       --context-text "Hello, how are you?" 0 --context earlier.wav "I'm fine, thanks." 1 -o reply.wav
 
-Context segments are given in conversation order, both flags interleaved as on the command line.
+Context segments are given in conversation order, the flags interleaved as on the command line.
+--context-codes gives a turn as the Mimi codes the server returned for it (a .npy file of
+[frames, 32] integers, e.g. np.save of CSMClient.generate_codes), which the server uses as they are.
 With --stream (gRPC) the WAV is written chunk by chunk as the audio arrives, and the time to the
 first audio and the real-time factor (wall time / audio duration) are reported.
 """
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy
 import soundfile
 
 from .client import DEFAULT_STREAM_MODEL, CSMClient, CSMError
@@ -27,7 +30,7 @@ from .segment import SAMPLE_RATE, Segment
 
 class AppendSegment(argparse.Action):
     """Appends (kind, values) to one shared list, so --context and --context-text keep their
-    command-line order. `const` is the kind: "audio" or "text"."""
+    command-line order. `const` is the kind: "audio", "codes" or "text"."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values, option_string=None) -> None:
         speaker = values[-1]
@@ -49,6 +52,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--context-text", dest="segments", nargs=2, metavar=("TEXT", "SPEAKER"), action=AppendSegment, const="text",
         help="an earlier turn as text only; repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--context-codes", dest="segments", nargs=3, metavar=("NPY", "TEXT", "SPEAKER"), action=AppendSegment, const="codes",
+        help="an earlier turn with the Mimi codes the server returned for it ([frames, 32] in a .npy file); repeatable",
     )  # fmt: skip
     parser.add_argument("--temperature", type=float, help="sampling temperature (server default 0.9)")
     parser.add_argument("--topk", type=int, help="top-k sampling (server default 50)")
@@ -74,6 +81,12 @@ def read_segment(kind: str, values: list) -> Segment:
         text, speaker = values
         return Segment(speaker=speaker, text=text)
     path, text, speaker = values
+    if kind == "codes":
+        try:
+            codes = numpy.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--context-codes {path}: cannot read it as a .npy array ({error})") from error
+        return Segment(speaker=speaker, text=text, codes=codes)
     try:
         audio, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)  # [samples, channels]
     except (OSError, soundfile.LibsndfileError) as error:

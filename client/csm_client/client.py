@@ -72,10 +72,12 @@ def request_arrays(
     seed: int | None = None,
     first_chunk_frames: int | None = None,
     chunk_frames: int | None = None,
+    voice: str | None = None,
 ) -> dict[str, np.ndarray]:
     """One request's input arrays, each with its batch dimension of 1. Optional inputs left as
     None are not sent, so the server's defaults apply. The chunk sizes (frames of 80 ms) are
-    inputs of the streaming model only."""
+    inputs of the streaming model only. `voice` names a voice of csm_stream's voice library (its
+    clip becomes the first context segment)."""
     if not isinstance(text, str):
         raise ValueError(f"text: must be a string, got {type(text).__name__}")
     arrays = {"TEXT": np.array([[text.encode("utf-8")]], dtype=np.object_), "SPEAKER": np.array([[speaker]], dtype=np.int32)}
@@ -91,6 +93,8 @@ def request_arrays(
     for name, (value, dtype) in optional.items():
         if value is not None:
             arrays[name] = np.array([[value]], dtype=dtype)
+    if voice is not None:
+        arrays["VOICE"] = np.array([[voice.encode("utf-8")]], dtype=np.object_)
     return arrays
 
 
@@ -138,6 +142,7 @@ class Options(TypedDict, total=False):
     topk: int
     max_audio_length_ms: int
     seed: int
+    voice: str  # a voice of csm_stream's voice library
 
 
 def _audio(result: Any) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from csm_triton.request import SAMPLE_RATE, mono_samples
+from csm_triton.request import SAMPLE_RATE, code_frames, mono_samples
 from csm_triton.request import Segment as Segment  # the client's segments are the server's
 
 logger = logging.getLogger(__name__)
@@ -35,11 +35,13 @@ def resample(audio: np.ndarray, sample_rate: int, new_rate: int) -> np.ndarray:
 
 def context_arrays(context: Sequence[Any]) -> dict[str, np.ndarray]:
     """Context segments (`Segment`s, or anything with `.speaker`, `.text`, `.audio` and
-    `.sample_rate`) -> the CONTEXT_* input arrays of one request, each with
-    its batch dimension of 1. Empty context -> no arrays; text-only context -> no audio arrays."""
+    `.sample_rate`, and optionally `.codes`: the AUDIO_CODES the server returned for that turn,
+    [frames, 32], sent instead of its audio and never encoded) -> the CONTEXT_* input arrays of one
+    request, each with its batch dimension of 1. Empty context -> no arrays; text-only context -> no
+    audio arrays; no codes -> no codes arrays."""
     if not context:
         return {}
-    texts, speakers, clips, rates = [], [], [], []
+    texts, speakers, clips, rates, codes = [], [], [], [], []
     for index, segment in enumerate(context):
         field = f"context[{index}]"
         if not isinstance(segment.text, str):
@@ -49,6 +51,14 @@ def context_arrays(context: Sequence[Any]) -> dict[str, np.ndarray]:
             audio = mono_samples(audio, f"{field}.audio:")
             if len(audio) == 0:
                 raise ValueError(f"{field}.audio: is empty; leave audio=None for a text-only segment")
+        frames = getattr(segment, "codes", None)
+        if frames is not None:
+            if audio is not None:
+                raise ValueError(f"{field}: holds both audio and codes; send one of them")
+            frames = code_frames(frames, f"{field}.codes:")
+            if len(frames) and (frames.min() < 0 or frames.max() > np.iinfo(np.int32).max):  # INT32, never wrapped
+                raise ValueError(f"{field}.codes: codes must be >= 0 and fit 32 bits, got {frames.min()} to {frames.max()}")
+        codes.append(frames)
         texts.append(segment.text.encode("utf-8"))
         speakers.append(segment.speaker)
         clips.append(audio)
@@ -57,6 +67,9 @@ def context_arrays(context: Sequence[Any]) -> dict[str, np.ndarray]:
         "CONTEXT_TEXT": np.array([texts], dtype=np.object_),
         "CONTEXT_SPEAKER": np.array([speakers], dtype=np.int32),
     }
+    if any(frames is not None for frames in codes):
+        arrays["CONTEXT_CODES"] = np.concatenate([frames.reshape(-1) for frames in codes if frames is not None]).astype(np.int32)[None]
+        arrays["CONTEXT_CODES_LENGTHS"] = np.array([[0 if frames is None else len(frames) for frames in codes]], dtype=np.int32)
     audio_rates = {rate for rate, clip in zip(rates, clips, strict=True) if clip is not None}
     if not audio_rates:
         return arrays

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, Pipe
 from typing import Any
 
@@ -109,6 +109,7 @@ class Ready:
     weights: str
     limits: Any  # the RequestLimits that every request is checked against, in the stub and the engine
     pid: int = 0
+    voices: dict = field(default_factory=dict)  # the voice library: VOICE name -> its Segment, codes encoded at load
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ class Heartbeat:
     loop: dict  # streaming.LoopStats as a dict
     engine: dict  # engine.EngineStats as a dict
     health: str | None  # ServingLoop.health(): None while it serves
+    codes_cache: dict = field(default_factory=dict)  # prompt.CodesCache.stats()
 
 
 @dataclass(frozen=True)

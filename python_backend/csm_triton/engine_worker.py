@@ -29,8 +29,11 @@ from .config import ModelConfig
 from .engine_client import HEARTBEAT_S, Cancel, Channel, ChunkOut, Close, Heartbeat, Ready, Refused, StartFailed, Submit, WorkerSettings
 from .generator import Generator, load_csm_1b
 from .model import slots_within_budget
+from .prompt import codes_cache_bytes
+from .request import Segment
 from .serving import COMPILE, ServingConfig
 from .streaming import Busy, Chunk, LoopFailed, Stream
+from .voices import VoiceClip, read_voices
 
 logger = logging.getLogger("csm_triton.engine_worker")
 
@@ -61,6 +64,7 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
     model_config = ModelConfig.from_json(checkpoint.resolve(weights).config)
     slots = slots_within_budget(config.slots, config.kv_cache_memory_mb, model_config, dtype)
     limits = config.request_limits(model_config)
+    clips = read_voices(root / config.voices_dir, limits) if config.voices_dir else []  # before the long load: fail fast
     generator = load_csm_1b(
         weights,
         device=device,
@@ -72,9 +76,18 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
         max_waiting=config.max_waiting_requests,
         stall_timeout_s=config.stall_timeout_s,
         compile=COMPILE[config.compile],
+        codes_cache_bytes=codes_cache_bytes(config.codes_cache_mb),
     )
-    ready = Ready(slots, device, str(weights), limits, os.getpid())
+    with torch.inference_mode():  # each voice's clip encoded once, here; requests get its codes
+        voices = {
+            clip.name: Segment(clip.speaker, clip.transcript, codes=_clip_codes(generator, clip).numpy().astype(np.int32)) for clip in clips
+        }
+    ready = Ready(slots, device, str(weights), limits, os.getpid(), voices)
     return generator, ready
+
+
+def _clip_codes(generator: Generator, clip: VoiceClip) -> torch.Tensor:
+    return generator.prompts.audio_codes(Segment(clip.speaker, clip.transcript, clip.samples, sample_rate=clip.sample_rate))
 
 
 def _device(config: ServingConfig, settings: WorkerSettings) -> str:
@@ -158,7 +171,8 @@ class _Server:
             time.sleep(HEARTBEAT_S)
             loop, engine = self.generator.stats(), self.generator.engine.stats
             try:
-                self.send(Heartbeat(dataclasses.asdict(loop), dataclasses.asdict(engine), self.generator.health()))
+                codes_cache = self.generator.prompts.codes_cache.stats()
+                self.send(Heartbeat(dataclasses.asdict(loop), dataclasses.asdict(engine), self.generator.health(), codes_cache))
             except OSError:
                 return
             idle = loop.streams == 0 and self._served_since_trim

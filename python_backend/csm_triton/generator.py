@@ -22,7 +22,7 @@ from . import checkpoint
 from .codec import MimiCodec, StreamingDecoder
 from .engine import Engine, EngineRequest
 from .pacing import ADAPTIVE, ChunkPlan, chunk_plan
-from .prompt import PromptBuilder, TextTokenizer
+from .prompt import CodesCache, PromptBuilder, TextTokenizer
 from .request import SAMPLE_RATE, GenerationRequest, RequestLimits, Segment, check_chunking
 from .streaming import STALL_TIMEOUT_S, Chunk, LoopStats, ServingLoop, Stream
 
@@ -268,6 +268,7 @@ def load_csm_1b(
     max_waiting: int | None = None,
     stall_timeout_s: float = STALL_TIMEOUT_S,
     compile: bool | None = None,
+    codes_cache_bytes: int | None = None,
 ) -> Generator:
     """Load a staged model directory, `ckpt.pt` or `model.safetensors` (tokenizer and Mimi beside
     it). Weights are bf16 on CUDA and fp32 on the CPU unless `dtype` says otherwise. On the CPU,
@@ -275,7 +276,8 @@ def load_csm_1b(
     A step prefills at most `prefill_chunk` prompt positions (default: CUDA_PREFILL_CHUNK on CUDA,
     whole prompts on the CPU, where a step's cost hardly depends on them). Every request is checked
     against `limits` (default: RequestLimits' defaults for the loaded model). `max_waiting` and
-    `stall_timeout_s` are the serving loop's (ServingLoop); `compile` the engine's (Engine)."""
+    `stall_timeout_s` are the serving loop's (ServingLoop); `compile` the engine's (Engine).
+    `codes_cache_bytes` bounds the Mimi codes of context audio kept (CodesCache; None: its default)."""
     device = resolve_device(device)
     if device.type == "cuda":  # before anything is allocated or captured: the instance's GPU, not cuda:0
         torch.cuda.set_device(device)
@@ -284,7 +286,9 @@ def load_csm_1b(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = checkpoint.load_model(paths, device, dtype)
     codec = MimiCodec(paths.mimi, device, model.config.audio_num_codebooks)
-    prompts = PromptBuilder(TextTokenizer(paths.tokenizer), codec, model.config.audio_num_codebooks, model.config.text_vocab_size)
+    prompts = PromptBuilder(
+        TextTokenizer(paths.tokenizer), codec, model.config.audio_num_codebooks, model.config.text_vocab_size, CodesCache(codes_cache_bytes)
+    )
     if prefill_chunk is None and device.type == "cuda":
         prefill_chunk = CUDA_PREFILL_CHUNK
     engine = Engine(model, slots, prefill_chunk=prefill_chunk, compile=compile)

@@ -28,9 +28,18 @@ BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
 # Mimi codes of context audio kept by content: a conversation sends its earlier turns (and a voice
 # its reference clip) again with every request, and encoding them costs about as much as generating.
-# int16 codes (< 2048) of 64 MiB hold ~23 minutes of audio. CSM_CODES_CACHE_MB in the server's
-# environment sets the bound (0: no cache).
-DEFAULT_CODES_CACHE_BYTES = int(os.environ.get("CSM_CODES_CACHE_MB", "64")) * 2**20
+# int16 codes (< 2048) of 64 MiB hold ~23 minutes of audio. csm_stream's codes_cache_mb parameter
+# sets the bound (0: no cache); CSM_CODES_CACHE_MB in the server's environment overrides it.
+DEFAULT_CODES_CACHE_MB = 64
+
+
+def codes_cache_bytes(megabytes: int = DEFAULT_CODES_CACHE_MB) -> int:
+    """The codes cache's bound in bytes: `megabytes`, unless CSM_CODES_CACHE_MB is set."""
+    override = os.environ.get("CSM_CODES_CACHE_MB")
+    megabytes = int(override) if override else megabytes
+    if megabytes < 0:
+        raise ValueError(f"codes_cache_mb: must be >= 0 (0: no cache), got {megabytes}")
+    return megabytes * 2**20
 
 
 def audio_key(samples: np.ndarray, sample_rate: int) -> str:
@@ -43,8 +52,8 @@ def audio_key(samples: np.ndarray, sample_rate: int) -> str:
 class CodesCache:
     """Mimi codes by audio_key, least recently used out past `max_bytes` (0: no cache). Thread-safe."""
 
-    def __init__(self, max_bytes: int = DEFAULT_CODES_CACHE_BYTES) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = codes_cache_bytes() if max_bytes is None else max_bytes
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -74,6 +83,11 @@ class CodesCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def stats(self) -> dict[str, int]:
+        """The running totals (a miss is a clip Mimi-encoded) and what the cache holds now."""
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes, "clips": len(self._entries), "max_bytes": self.max_bytes}
 
 
 class TextTokenizer:
@@ -119,7 +133,7 @@ class PromptBuilder:
         mask[:, -1] = True
         return tokens, mask
 
-    def _codes(self, segment: Segment) -> torch.Tensor:
+    def audio_codes(self, segment: Segment) -> torch.Tensor:
         """The clip's Mimi codes [frames, 32], encoded once per content while the cache holds them."""
         key = audio_key(segment.audio, segment.sample_rate)
         codes = self.codes_cache.get(key)
@@ -135,7 +149,8 @@ class PromptBuilder:
         return codes
 
     def _audio_frames(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self._codes(segment)  # [frames, 32]
+        # [frames, 32]: codes the request sent are used as they are (checked to be < audio_vocab_size)
+        codes = torch.from_numpy(segment.codes.astype(np.int64)) if segment.codes is not None else self.audio_codes(segment)
         tokens = torch.zeros(len(codes) + 1, self.num_codebooks + 1, dtype=torch.long)  # + end-of-audio frame
         mask = torch.zeros_like(tokens, dtype=torch.bool)
         tokens[:-1, :-1] = codes
@@ -151,14 +166,17 @@ class PromptBuilder:
             total += len(self._text_ids(segment.text, segment.speaker))
             if segment.audio is not None:
                 total += audio_positions(len(segment.audio), segment.sample_rate)
+            elif segment.codes is not None:
+                total += len(segment.codes) + 1
         return total
 
     def build(self, text: str, speaker: int, context: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (tokens [T, 33] int64, mask [T, 33] bool); resamples and encodes the context audio."""
+        """Returns (tokens [T, 33] int64, mask [T, 33] bool); resamples and encodes the context audio
+        (context codes are used as they are)."""
         parts = []
         for segment in context:
             parts.append(self._text_frames(segment.text, segment.speaker))
-            if segment.audio is not None:
+            if segment.audio is not None or segment.codes is not None:
                 parts.append(self._audio_frames(segment))
         parts.append(self._text_frames(text, speaker))
         tokens, masks = zip(*parts, strict=True)

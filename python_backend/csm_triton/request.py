@@ -51,6 +51,7 @@ API_NAMES: Mapping[str, str] = {
     "context.speaker": "context[{index}].speaker:",
     "context.audio": "context[{index}].audio:",
     "context.sample_rate": "context[{index}].sample_rate:",
+    "context.codes": "context[{index}].codes:",
     "temperature": "temperature:",
     "topk": "topk:",
     "max_audio_length_ms": "max_audio_length_ms:",
@@ -121,14 +122,33 @@ def mono_samples(audio: Any, label: str) -> np.ndarray:
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
+def code_frames(codes: Any, label: str) -> np.ndarray:
+    """Mimi codes [frames, codebooks] of integers, a numpy array or a torch tensor on any device
+    (converted without importing torch), as numpy (not copied when it is one already). Their
+    values and codebook count are the request limits' to check (RequestLimits.check)."""
+    if hasattr(codes, "detach"):
+        codes = codes.detach().cpu().numpy()
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"{label} must be Mimi codes of shape [frames, codebooks], got shape {list(codes.shape)}")
+    if codes.dtype == np.bool_ or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"{label} must hold integer codes, got {codes.dtype}")
+    if not len(codes):
+        raise ValueError(f"{label} must hold at least one frame; leave codes=None for a segment without them")
+    return codes
+
+
 @dataclass
 class Segment:
-    """One turn of the conversation: its speaker, its text and, optionally, its audio.
+    """One turn of the conversation: its speaker, its text and, optionally, its audio or the Mimi
+    codes of its audio.
 
     Both the design document's form, `Segment(text=..., speaker=..., is_audio=False)`, and
     Sesame's, `Segment(speaker=..., text=..., audio=tensor)`, are accepted. Audio (numpy or torch)
     is kept as float32 numpy at its own `sample_rate` (default 24 kHz): it is resampled to Mimi's
-    rate only when the prompt is built, once the request has been checked.
+    rate only when the prompt is built, once the request has been checked. `codes` ([frames, 32]
+    integers, e.g. the AUDIO_CODES the server returned for that turn) stand for the audio and are
+    used as they are, never encoded; a segment holds audio or codes, not both.
     """
 
     speaker: int
@@ -136,14 +156,20 @@ class Segment:
     audio: Any = None  # np.ndarray [samples] float32 once constructed
     is_audio: bool | None = None
     sample_rate: int = SAMPLE_RATE
+    codes: Any = None  # np.ndarray [frames, 32] of integers once constructed
 
     def __post_init__(self) -> None:
+        if self.audio is not None and self.codes is not None:
+            raise ValueError("segment: both audio and codes were given; a segment holds one of them")
+        has_audio = self.audio is not None or self.codes is not None
         if self.is_audio is None:
-            self.is_audio = self.audio is not None
-        if self.is_audio and self.audio is None:
+            self.is_audio = has_audio
+        if self.is_audio and not has_audio:
             raise ValueError("segment: is_audio=True but no audio was given")
-        if not self.is_audio and self.audio is not None:
-            raise ValueError("segment: audio was given with is_audio=False")
+        if not self.is_audio and has_audio:
+            raise ValueError(f"segment: {'audio' if self.audio is not None else 'codes'} given with is_audio=False")
+        if self.codes is not None:
+            self.codes = code_frames(self.codes, "segment codes:")
         self.speaker = whole_number(self.speaker, "segment speaker:")
         if not isinstance(self.text, str):
             raise ValueError(f"segment text: must be a string, got {type(self.text).__name__}")
@@ -204,7 +230,7 @@ def check_chunking(first_chunk_frames: int, chunk_frames: int, max_audio_length_
 
 
 # RequestLimits fields that are facts of the model, not deployment parameters.
-MODEL_FACTS = ("max_positions", "audio_vocab_size")
+MODEL_FACTS = ("max_positions", "audio_vocab_size", "audio_num_codebooks")
 
 
 @dataclass(frozen=True)
@@ -213,7 +239,8 @@ class RequestLimits:
     are csm_stream's config.pbtxt parameters of the same names."""
 
     max_positions: int = 2048  # the backbone's max_seq_len: prompt and frames together
-    audio_vocab_size: int = 2051  # TOPK's upper bound
+    audio_vocab_size: int = 2051  # TOPK's upper bound; context codes are below it
+    audio_num_codebooks: int = 32  # the codes of a context segment's frame
     max_text_bytes: int = 4096  # UTF-8 bytes of TEXT
     max_context_segments: int = 32
     max_context_text_bytes: int = 4096  # UTF-8 bytes of each context segment's text
@@ -238,7 +265,12 @@ class RequestLimits:
 
     @classmethod
     def for_model(cls, model: ModelConfig, **parameters: int) -> RequestLimits:
-        return cls(max_positions=model.backbone.max_seq_len, audio_vocab_size=model.audio_vocab_size, **parameters)
+        return cls(
+            max_positions=model.backbone.max_seq_len,
+            audio_vocab_size=model.audio_vocab_size,
+            audio_num_codebooks=model.audio_num_codebooks,
+            **parameters,
+        )
 
     @classmethod
     def parameters(cls) -> list[str]:
@@ -261,17 +293,20 @@ class RequestLimits:
         _check_text(request.text, names["text"], self.max_text_bytes, "max_text_bytes")
         _check_range(request.speaker, 0, INT32_MAX, names["speaker"])
         self.check_segment_count(len(request.context), names)
-        audio_so_far = 0  # prompt positions of the context audio up to the segment checked
+        audio_so_far = 0  # prompt positions of the context audio (and codes) up to the segment checked
         for index, segment in enumerate(request.context):
-            has_audio = segment.audio is not None
+            has_audio = segment.audio is not None or segment.codes is not None
             label = _label(names, "context.text", index)
             _check_text(segment.text, label, self.max_context_text_bytes, "max_context_text_bytes", may_be_empty=has_audio)
             _check_range(segment.speaker, 0, INT32_MAX, _label(names, "context.speaker", index))
-            if has_audio:
+            if segment.audio is not None:
                 samples, rate = len(segment.audio), segment.sample_rate
                 self.check_sample_rate(rate, _label(names, "context.sample_rate", index))
                 audio_so_far += audio_positions(samples, rate)
                 self._check_audio_fits(samples, rate, audio_so_far, _label(names, "context.audio", index))
+            elif segment.codes is not None:
+                audio_so_far += len(segment.codes) + 1  # and the end-of-audio frame
+                self._check_codes(segment.codes, audio_so_far, _label(names, "context.codes", index))
         if not (math.isfinite(request.temperature) and request.temperature > 0):
             raise ValueError(f"{names['temperature']} must be a finite number > 0, got {request.temperature}")
         _check_range(request.topk, 1, self.audio_vocab_size, names["topk"])
@@ -295,6 +330,20 @@ class RequestLimits:
                 f"whose resampling filter would take {elements:,} elements (at most {MAX_RESAMPLING_FILTER:,}: memory and time "
                 f"grow with it); resample the audio to a standard rate such as {nearest} Hz first"
             )
+
+    def _check_codes(self, codes: np.ndarray, positions: int, label: str) -> None:
+        """A segment's codes: their shape and prompt positions first (counting), then their values."""
+        if codes.ndim != 2 or codes.shape[1] != self.audio_num_codebooks:
+            raise ValueError(f"{label} must be Mimi codes of shape [frames, {self.audio_num_codebooks}], got shape {list(codes.shape)}")
+        if positions > self.max_prompt_positions:
+            raise ValueError(
+                f"{label} holds {len(codes)} frames, which bring the context audio to {positions} prompt positions, more "
+                f"than the {self.max_prompt_positions} that fit the model's {self.max_positions}"
+            )
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= self.audio_vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{label} codes must be in [0, {self.audio_vocab_size - 1}], got {bad}")
 
     def _check_audio_fits(self, samples: int, sample_rate: int, positions: int, label: str) -> None:
         if positions > self.max_prompt_positions:

@@ -9,6 +9,7 @@ name, which the model returns as INVALID_ARG for that request alone.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -45,12 +46,15 @@ INPUTS: dict[str, Input] = {
     "CONTEXT_AUDIO": Input("FP32", _FP32, True),
     "CONTEXT_AUDIO_LENGTHS": Input("INT32", _INT32, True),
     "CONTEXT_SAMPLE_RATE": Input("INT32", _INT32, False),
+    "CONTEXT_CODES": Input("INT32", _INT32, True),
+    "CONTEXT_CODES_LENGTHS": Input("INT32", _INT32, True),
     "TEMPERATURE": Input("FP32", _FP32, False),
     "TOPK": Input("INT32", _INT32, False),
     "MAX_AUDIO_LENGTH_MS": Input("INT32", _INT32, False),
     "SEED": Input("INT64", _INT64, False),
     "FIRST_CHUNK_FRAMES": Input("INT32", _INT32, False),
     "CHUNK_FRAMES": Input("INT32", _INT32, False),
+    "VOICE": Input("BYTES", _BYTES, False),
 }
 
 # The request's fields as Triton inputs name them (see request.API_NAMES): the words a message
@@ -64,12 +68,14 @@ TRITON_NAMES = {
     "context.speaker": "CONTEXT_SPEAKER: segment {index}",
     "context.audio": "CONTEXT_AUDIO: segment {index}",
     "context.sample_rate": "CONTEXT_SAMPLE_RATE:",
+    "context.codes": "CONTEXT_CODES: segment {index}",
     "temperature": "TEMPERATURE:",
     "topk": "TOPK:",
     "max_audio_length_ms": "MAX_AUDIO_LENGTH_MS:",
     "seed": "SEED:",
     "first_chunk_frames": "FIRST_CHUNK_FRAMES:",
     "chunk_frames": "CHUNK_FRAMES:",
+    "voice": "VOICE:",
 }
 
 # Parameters the python backend itself reads (a packed environment for the stub); not the model's.
@@ -95,6 +101,8 @@ class ServingConfig:
     prefill_chunk: int = 0  # prompt positions prefilled per step at most; 0: load_csm_1b's default
     compile: str = "auto"  # the frame step's pieces torch.compile'd before capture: "auto" (on CUDA), "on" or "off"
     kv_cache_memory_mb: int = 0  # MiB the KV caches of all slots may take; 0: no bound
+    voices_dir: str = ""  # the voice library (csm_triton/voices.py); "": none
+    codes_cache_mb: int = 64  # MiB of context audio's Mimi codes kept (prompt.CodesCache); 0: none; CSM_CODES_CACHE_MB overrides
     max_waiting_requests: int = 32  # requests waiting for a slot at most; more are refused as busy
     stall_timeout_s: float = 120.0  # a serving-loop round longer than this: the engine is hung
     max_engine_restarts: int = 3  # engine processes that may end within engine_restart_window_s
@@ -124,6 +132,8 @@ class ServingConfig:
             raise ValueError("config.pbtxt parameters: max_waiting_requests and the timeouts must be > 0, max_engine_restarts >= 0")
         if config.kv_cache_memory_mb < 0:
             raise ValueError(f"kv_cache_memory_mb: must be >= 0 (0: no bound), got {config.kv_cache_memory_mb}")
+        if config.codes_cache_mb < 0:
+            raise ValueError(f"codes_cache_mb: must be >= 0 (0: no cache), got {config.codes_cache_mb}")
         RequestLimits(**config.limit_parameters())  # refuses a limit out of range, naming it
         check_chunking(config.first_chunk_frames, config.chunk_frames, config.max_audio_length_ms)
         if config.compile not in COMPILE:
@@ -230,20 +240,58 @@ def _context(arrays: dict[str, np.ndarray], limits: RequestLimits) -> list[Segme
         # when the request's input tensors may be gone.
         audio = np.array(mono_samples(audio, "CONTEXT_AUDIO:"))
         limits.check_sample_rate(sample_rate, TRITON_NAMES["context.sample_rate"])
+    codes = _context_codes(arrays, lengths, limits)
     segments, offset = [], 0
     for index, (text, speaker, length) in enumerate(zip(texts, speakers, lengths, strict=True)):
         text = _text(text, TRITON_NAMES["context.text"].format(index=index))
         if length:
             segments.append(Segment(int(speaker), text, audio[offset : offset + length], sample_rate=sample_rate))
         else:
-            segments.append(Segment(int(speaker), text))
+            segments.append(Segment(int(speaker), text, codes=codes[index]))
         offset += length
     return segments
 
 
-def read_request(arrays: dict[str, np.ndarray], limits: RequestLimits) -> GenerationRequest:
+def _context_codes(arrays: dict[str, np.ndarray], audio_lengths: np.ndarray, limits: RequestLimits) -> list[np.ndarray | None]:
+    """Each context segment's codes [frames, 32] from CONTEXT_CODES (all segments' frames x 32
+    values, in order) and CONTEXT_CODES_LENGTHS (frames a segment, 0 for one without), or None.
+    Counted before any is read: they must fit the prompt (their values are RequestLimits.check's)."""
+    frames = _list(arrays, "CONTEXT_CODES_LENGTHS", np.zeros(len(audio_lengths), dtype=np.int32)).astype(np.int64)
+    values = _list(arrays, "CONTEXT_CODES", np.zeros(0, dtype=np.int32))
+    if len(frames) != len(audio_lengths):
+        raise ValueError(f"CONTEXT_CODES_LENGTHS: one entry per context segment ({len(audio_lengths)}), got {len(frames)}")
+    if (frames < 0).any():
+        raise ValueError(f"CONTEXT_CODES_LENGTHS: frame counts must be >= 0, got {frames.tolist()}")
+    both = np.flatnonzero((frames > 0) & (audio_lengths > 0))
+    if len(both):
+        raise ValueError(
+            f"CONTEXT_CODES_LENGTHS: segment {int(both[0])} has both codes and audio (CONTEXT_AUDIO_LENGTHS); a segment holds one of them"
+        )
+    # Each segment's codes take a prompt position a frame and one more: more than fit are refused
+    # before the values are sliced or copied.
+    positions = int((frames + (frames > 0)).sum())
+    if positions > limits.max_prompt_positions:
+        raise ValueError(
+            f"CONTEXT_CODES_LENGTHS: {int(frames.sum())} frames of context codes take {positions} prompt positions, more than "
+            f"the {limits.max_prompt_positions} that fit the model's {limits.max_positions}"
+        )
+    width = limits.audio_num_codebooks
+    if int(frames.sum()) * width != len(values):
+        raise ValueError(
+            f"CONTEXT_CODES_LENGTHS: sums to {int(frames.sum())} frames ({int(frames.sum()) * width} codes of {width} codebooks) "
+            f"but CONTEXT_CODES holds {len(values)}"
+        )
+    # A copy, as for the audio: the prompt may be built after execute() has returned.
+    values = np.array(values).reshape(-1, width)
+    ends = np.cumsum(frames)
+    return [values[end - count : end] if count else None for count, end in zip(frames.tolist(), ends.tolist(), strict=True)]
+
+
+def read_request(arrays: dict[str, np.ndarray], limits: RequestLimits, voices: Mapping[str, Segment] | None = None) -> GenerationRequest:
     """One Triton request's input arrays (`as_numpy()` of each input given) -> a GenerationRequest
-    within `limits`. Nothing costly is done on a request before it is known to be within them."""
+    within `limits`. Nothing costly is done on a request before it is known to be within them.
+    VOICE names one of `voices` (the voice library: name -> its clip's Segment, with codes), which
+    becomes the first context segment."""
     _check_types_and_shapes(arrays)
     _check_size(arrays, limits)
     default_ms = min(GenerationRequest.max_audio_length_ms, limits.max_audio_length_ms)
@@ -257,7 +305,18 @@ def read_request(arrays: dict[str, np.ndarray], limits: RequestLimits) -> Genera
         seed=int(_scalar(arrays, "SEED")) if "SEED" in arrays else None,
     )
     limits.check(request, TRITON_NAMES)
+    if "VOICE" in arrays:  # after the checks, so that their messages number the segments as sent
+        request.context.insert(0, _voice(_text(_scalar(arrays, "VOICE"), "VOICE:"), voices or {}, limits, len(request.context)))
     return request
+
+
+def _voice(name: str, voices: Mapping[str, Segment], limits: RequestLimits, segments: int) -> Segment:
+    if name not in voices:
+        known = ", ".join(sorted(voices)[:20]) if voices else "none: this server's voices_dir parameter names no voice library"
+        raise ValueError(f"VOICE: no voice {name[:80]!r} in the voice library; its voices: {known}")
+    if segments + 1 > limits.max_context_segments:
+        raise ValueError(f"VOICE: its clip and {segments} context segments exceed max_context_segments {limits.max_context_segments}")
+    return voices[name]
 
 
 def read_chunking(arrays: dict[str, np.ndarray], config: ServingConfig) -> ChunkPlan:

@@ -45,6 +45,16 @@ _ENGINE_COUNTERS = {
     "steps": ("csm_engine_steps_total", "Engine steps (one frame for every slot in the batch)"),
     "slot_steps": ("csm_engine_slot_steps_total", "Slots sampled, summed over engine steps"),
 }
+# The engine's codes cache (prompt.CodesCache.stats()): running totals, and what it holds now.
+_CACHE_COUNTERS = {
+    "hits": ("csm_codes_cache_hits_total", "Context audio clips whose Mimi codes the codes cache held (not encoded again)"),
+    "misses": ("csm_codes_cache_misses_total", "Context audio clips Mimi-encoded (not in the codes cache)"),
+}
+_CACHE_GAUGES = {
+    "bytes": ("csm_codes_cache_bytes", "Bytes of Mimi codes the codes cache holds"),
+    "clips": ("csm_codes_cache_clips", "Context audio clips whose codes the codes cache holds"),
+    "max_bytes": ("csm_codes_cache_max_bytes", "The codes cache's bound in bytes (codes_cache_mb; 0: no cache)"),
+}
 
 
 class StreamMetrics:
@@ -58,6 +68,10 @@ class StreamMetrics:
         self._engine_counters = {
             field: self._family(name, text, counter).Metric(labels=MODEL) for field, (name, text) in _ENGINE_COUNTERS.items()
         }
+        self._cache_counters = {
+            field: self._family(name, text, counter).Metric(labels=MODEL) for field, (name, text) in _CACHE_COUNTERS.items()
+        }
+        self._cache_gauges = {field: self._family(name, text, gauge).Metric(labels=MODEL) for field, (name, text) in _CACHE_GAUGES.items()}
         self._restarts = self._family(
             "csm_engine_restarts_total", "Engine processes started again after the one before died, hung or could not serve", counter
         ).Metric(labels=MODEL)
@@ -89,6 +103,7 @@ class StreamMetrics:
         self._real_time_factors: list[float] = []
         self._rejections: list[tuple[str, str]] = []
         self._engine_reported = dict.fromkeys(_ENGINE_COUNTERS, 0)  # the engine's totals at the last report
+        self._cache_reported = dict.fromkeys(_CACHE_COUNTERS, 0)
 
     # Recording: any thread, no call to Triton.
 
@@ -136,6 +151,7 @@ class StreamMetrics:
             self._restarts.increment(restarts - self._restarts_reported)
             self._restarts_reported = restarts
             self._engine_reported = dict.fromkeys(_ENGINE_COUNTERS, 0)
+            self._cache_reported = dict.fromkeys(_CACHE_COUNTERS, 0)
         loop = heartbeat.loop if heartbeat is not None else {"active_slots": 0, "waiting": 0, "streams": 0, "threads_alive": 0}
         if heartbeat is not None:
             for field, counter in self._engine_counters.items():
@@ -143,11 +159,22 @@ class StreamMetrics:
                 if total > self._engine_reported[field]:
                     counter.increment(total - self._engine_reported[field])
                     self._engine_reported[field] = total
+            self._report_codes_cache(heartbeat.codes_cache)
         self._gauges["active_slots"].set(loop["active_slots"])
         self._gauges["free_slots"].set(self.slots - loop["active_slots"])
         self._gauges["waiting_requests"].set(loop["waiting"])
         self._gauges["streams"].set(loop["streams"])
         self._gauges["loop_threads"].set(loop["threads_alive"])
+
+    def _report_codes_cache(self, stats: dict) -> None:
+        for field, counter in self._cache_counters.items():
+            total = stats.get(field, 0)
+            if total > self._cache_reported[field]:
+                counter.increment(total - self._cache_reported[field])
+                self._cache_reported[field] = total
+        for field, gauge in self._cache_gauges.items():
+            if field in stats:
+                gauge.set(stats[field])
 
     def _family(self, name: str, description: str, kind: int) -> pb_utils.MetricFamily:
         family = pb_utils.MetricFamily(name=name, description=description, kind=kind)

@@ -60,6 +60,7 @@ class TritonPythonModel:
         )
         ready = self.engine.start()
         self.limits = ready.limits
+        self.voices = ready.voices
         self.metrics = StreamMetrics(ready.slots)
         self._links: dict[int, _Link] = {}  # engine key -> the request's way out, while it runs
         self.forwarded = bls.ForwardedStreams()  # the fronts' requests, which they may cancel by forward id
@@ -105,7 +106,7 @@ class TritonPythonModel:
 
     def _submit(self, request, sender, forward_id: str | None) -> None:
         arrays = {name: tensor.as_numpy() for name in INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
-        generation = read_request(arrays, self.limits)
+        generation = read_request(arrays, self.limits, self.voices)
         chunking = read_chunking(arrays, self.config)
         wanted = request.requested_output_names()
         link = _Link(request, sender, wanted, self.metrics, self._forget, self.engine.cancel, self.forwarded, forward_id)
