@@ -185,7 +185,7 @@ class StreamingDecoder:
             listed = torch.zeros(self.rows, dtype=torch.bool, device=self.device)
             listed[index] = True
             self._modules.set_exec_mask(listed)
-            return self._passes(every)[index.cpu()]
+            return self._passes(every)[rows]
         # Only the listed rows run: copies of their state stand in for the whole, so a call costs
         # what its streams need, not what `rows` allows; their new state is copied back after.
         full = self._modules.get_streaming_state()

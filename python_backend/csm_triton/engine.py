@@ -40,7 +40,7 @@ class StepResult:
     request_id: int
     codes: torch.Tensor | None  # [32] int64 on the CPU
     finish: str | None  # None while running; "eos", "length" or "cancelled"
-    device_codes: torch.Tensor | None = None  # the same on the engine's device, for Mimi there
+    device_codes: torch.Tensor | None = None  # the same on the engine's device, for Mimi there; None when that is the host
 
 
 @dataclass
@@ -90,8 +90,10 @@ class Engine:
         if frame_graphs is None:
             frame_graphs = self.device.type == "cuda"
         self.graphs = FrameGraphs(model, slots, capture=self.device.type == "cuda") if frame_graphs else None
+        if compile is None:
+            compile = self.device.type == "cuda"
         if self.graphs is not None:
-            if compile if compile is not None else self.device.type == "cuda":
+            if compile:
                 compile_hot_path(model)
             self.graphs.warm_up()
         self._slots: list[_Slot | None] = [None] * slots
@@ -327,6 +329,7 @@ class Engine:
         next step (the frame step feeds its own back, and stops its rows that end, by the same
         rules)."""
         slot = self._slots[index]
+        on_device = None if codes.device == codes_host.device else codes
         if not codes_host.any():  # an all-zero frame is the end of the utterance; it is not audio
             self._slots[index] = None
             return StepResult(slot.request_id, None, "eos")
@@ -334,6 +337,6 @@ class Engine:
         self.stats.frames += 1
         if slot.frames == slot.request.max_frames:
             self._slots[index] = None
-            return StepResult(slot.request_id, codes_host, "length", codes)
+            return StepResult(slot.request_id, codes_host, "length", on_device)
         slot.pending = pending
-        return StepResult(slot.request_id, codes_host, None, codes)
+        return StepResult(slot.request_id, codes_host, None, on_device)

@@ -6,8 +6,9 @@ Run eagerly, a frame of CSM is thousands of small kernel launches, which is why 
 code is slower than real time. Captured once per (batch, top-k, length) bucket and replayed, a
 frame is one graph launch and one copy of the new codes back to the host. Everything a slot needs
 for its next frame lives on the device (`SlotState`): the host writes a slot's row when it starts
-or stops running (one upload for all of a step's changes), and the step itself feeds each
-sampled frame back, advances the positions and frame counts and stops the slots that ended.
+running (one upload for all of a step's starts) and stops a cancelled one with a fill, and the
+step itself feeds each sampled frame back, advances the positions and frame counts and stops the
+slots that ended.
 
 Shapes are fixed by running *every* slot below the batch bucket (rows 0..B-1, read as views of
 the KV caches, never gathered; the engine keeps its busy slots in the lowest rows) over the first
@@ -50,6 +51,11 @@ def bucket(buckets: list[int], need: int) -> int:
     return next(size for size in buckets if size >= need)
 
 
+def _up_to(sizes: tuple[int, ...], limit: int) -> list[int]:
+    """The bucket sizes below `limit`, then `limit` itself: the largest bucket is what there is."""
+    return [size for size in sizes if size < limit] + [limit]
+
+
 @dataclass(frozen=True)
 class SlotStart:
     """A slot that starts running: the prompt's last position is its first input."""
@@ -87,7 +93,7 @@ class SlotState:
         # pageable memory); reused every step: the step's codes download waits for the upload.
         columns = _FIELDS + 2 * width
         self._staging = torch.zeros(slots, columns, dtype=torch.long, pin_memory=device.type == "cuda")
-        self.uploads = 0  # host-to-device copies made, for bench/frame_bench.py
+        self.uploads = 0  # host-to-device copies made (the tests count them)
 
     def write(self, starts: list[SlotStart]) -> None:
         """Start slots, in one upload."""
@@ -150,9 +156,9 @@ class FrameGraphs:
         self.max_seq_len = model.config.backbone.max_seq_len
         self.vocab_size = model.config.audio_vocab_size
         self.num_codebooks = model.config.audio_num_codebooks
-        self.batch_buckets = [size for size in BATCH_BUCKETS if size < slots] + [slots]
-        self.topk_buckets = [size for size in TOPK_BUCKETS if size < self.vocab_size] + [self.vocab_size]
-        self.length_buckets = [size for size in LENGTH_BUCKETS if size < self.max_seq_len] + [self.max_seq_len]
+        self.batch_buckets = _up_to(BATCH_BUCKETS, slots)
+        self.topk_buckets = _up_to(TOPK_BUCKETS, self.vocab_size)
+        self.length_buckets = _up_to(LENGTH_BUCKETS, self.max_seq_len)
         self.state = SlotState(slots, model.config.frame_width, self.max_seq_len, self.device)
         self._frame_mask = torch.ones(model.config.frame_width, dtype=torch.bool, device=self.device)
         self._frame_mask[-1] = False  # a fed-back frame has codebooks and no text

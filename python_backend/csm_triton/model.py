@@ -366,16 +366,17 @@ def compile_hot_path(model: CSM) -> None:
     """Make `model.backbone_forward` (its fixed-shape decode step) and `model.sample_frame` (with a
     `Sampler`) run torch.compile'd pieces (idempotent): the backbone step, the first decoder step
     and the repeated decoder step, each with its sampler calls inside. Each compiles on its first
-    call, once per batch size (and top-k bucket), with static shapes, whole graphs and no host
-    synchronisation, so a compiled frame can still be captured as one CUDA graph. In float32 the
+    calls, with symbolic shapes, whole graphs and no host synchronisation, so a compiled frame can
+    still be captured as one CUDA graph. In float32 the
     compiled pieces sample the eager codes; in bfloat16 inductor keeps float32 between the ops it
     fuses, rounding less often than eager, so sampled codes can differ from eager ones."""
     if model._compiled is not None:
         return
     if any(isinstance(module, CpuLinear) for module in model.modules()):
         raise ValueError("compile_hot_path: inductor cannot lower CpuLinear's packed oneDNN weights; compile one without use_cpu_linear")
-    # Batch and length symbolic, so that every bucket of the frame step shares a few graphs: one
-    # for batch 1 (which dynamo always specialises) and one for the others, per top-k bucket. Duck
+    # Batch, length and top-k symbolic, so that the buckets of the frame step share a few graphs:
+    # two a piece were measured across batch, length and top-k buckets 64 and 256, batch 1 being
+    # one (dynamo always specialises it); tests/test_hot_path.py bounds them at 6 in all. Duck
     # sizing would tie the batch to the slot count of the state the rows are views of.
     from torch.fx.experimental import _config as symbolic_shapes_config
 

@@ -193,7 +193,7 @@ class _Progress:
     request_id: int = -1  # the engine's, once it has been given to the engine
     row: int = -1  # its StreamingDecoder row while it has one
     frames: list[torch.Tensor] = field(default_factory=list)  # generated, not yet sent to the decoder
-    device_frames: list[torch.Tensor] = field(default_factory=list)  # the same on the engine's device
+    device_frames: list[torch.Tensor] = field(default_factory=list)  # the same on the engine's device, unless that is the host
     chunks: int = 0  # chunks completed (all their frames sent to the decoder)
     chunk_sent: int = 0  # frames of the current chunk already sent to the decoder
     decoder_started: bool = False  # its first frames have been sent to the decoder
@@ -542,7 +542,7 @@ class ServingLoop:
             progress = self._progress[stream]
             if result.codes is not None:
                 progress.frames.append(result.codes)
-                if stream.decode_audio:
+                if stream.decode_audio and result.device_codes is not None:
                     progress.device_frames.append(result.device_codes)
                 progress.generated += 1
             chunk_frames = progress.chunk_sent + len(progress.frames)
