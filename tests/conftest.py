@@ -12,6 +12,7 @@ import pytest
 from csm_triton import Generator, load_csm_1b
 from csm_triton.server import ServerOptions, TritonServer, model_repository_with
 from export.tiny import make_tiny
+from make_serve import MakeServe
 
 SERVER_SLOTS = 4
 
@@ -47,3 +48,14 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     """tritonserver on free ports, serving the tiny model on the CPU."""
     with tiny_server(tmp_path_factory.mktemp("triton"), tiny_model_dir, SERVER_SLOTS) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def make_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeServe]:
+    """`make serve` in this checkout with its defaults (tests/make_serve.py), for the tests of what a
+    user meets first: the gateway's front door and recovery from a dead process."""
+    server = MakeServe(tmp_path_factory.mktemp("make-serve")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
