@@ -370,9 +370,13 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ready = await gateway.client.is_ready()
-        status = {"status": "ready" if ready else "unavailable", "model": config.stream_model, "triton": config.triton_url}
-        return JSONResponse(status, status_code=200 if ready else 503)
+        """Whether csm_stream serves: its answer to a probe, which also tells a stub process that
+        has died from one that lives (Triton's readiness says READY for both)."""
+        problem = await gateway.client.probe()
+        status = {"status": "ready" if problem is None else "unavailable", "model": config.stream_model, "triton": config.triton_url}
+        if problem is not None:
+            status["reason"] = problem
+        return JSONResponse(status, status_code=200 if problem is None else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -1,6 +1,7 @@
 """The torch-free pieces of the fronts (csm, text_stream_tts) outside a server: they import no torch,
-the control protocol's csm_stream side reads hostile parameters safely, csm's deadline and settings,
-and how csm's watch finds the server's repository API."""
+the control protocol's csm_stream side reads hostile parameters safely and its callers read a
+probe's answer, csm's deadline and settings, how csm's watch finds the server's repository API, and
+which models a server loads at start."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import pytriton
 
+from csm_triton import control, server
 from csm_triton.server import PROJECT_ROOT
 
 # triton_python_backend_utils.py, as the python backend ships it: importable outside a stub (the
@@ -170,3 +172,33 @@ def test_the_watch_finds_the_repository_api_on_the_servers_command_line(front_pa
 
     control = ServerControl.of_server(args)
     assert (control.url if control else None) == url
+
+
+@pytest.mark.parametrize(
+    ("answer", "gone"),
+    [
+        (None, False),
+        ("Stub process 'csm_stream_0' is not healthy.", True),
+        ("csm_stream (csm_probe): Stub process 'csm_stream_0' is not healthy.", True),
+        ("Request for unknown model: 'csm_stream' has no available versions", True),
+        ("Request for unknown model: 'csm_stream' is not found", True),
+        ("csm_stream cannot serve: the engine process exited (killed by SIGKILL); a new one is starting", False),
+        ("no answer to a probe in 10 s", False),
+        ("cannot reach the server at localhost:8001: ...", False),
+    ],
+)
+def test_a_probe_answer_tells_a_lost_stream_from_one_its_stub_will_end(answer: str | None, gone: bool) -> None:
+    assert control.stream_model_gone(answer) is gone
+
+
+def test_text_stream_tts_is_loaded_at_start_only_beside_its_text_model(tmp_path: Path) -> None:
+    assert server.startup_models([PROJECT_ROOT / "model_repository"]) == ["csm", "csm_stream"]
+    both = [PROJECT_ROOT / "model_repository", PROJECT_ROOT / "tests" / "model_repository"]
+    assert server.startup_models(both) == ["csm", "csm_stream", "fake_llm"]  # text_model is vllm_model
+    config = PROJECT_ROOT / "model_repository" / "text_stream_tts" / "config.pbtxt"
+    (tmp_path / "text_stream_tts").mkdir()
+    (tmp_path / "text_stream_tts" / "config.pbtxt").write_text(config.read_text().replace('"vllm_model"', '"fake_llm"'))
+    assert server.startup_models([tmp_path, PROJECT_ROOT / "tests" / "model_repository"]) == ["text_stream_tts", "fake_llm"]
+    options = server.ServerOptions(tmp_path, extra_args=["--model-repository", str(PROJECT_ROOT / "tests" / "model_repository")])
+    loaded = [arg for arg in server.tritonserver_args(options) if arg.startswith("--load-model")]
+    assert loaded == ["--load-model=text_stream_tts", "--load-model=fake_llm"]

@@ -200,7 +200,7 @@ def test_an_engine_that_cannot_come_back_unloads_csm_stream_and_readiness_says_s
         client = grpcclient.InferenceServerClient(server.grpc_url)
         while True:  # UNLOADING while its stub finalizes, then UNAVAILABLE
             index = client.get_model_repository_index(headers=server.admin_headers("grpc"), as_json=True)["models"]
-            if {model["name"]: model["state"] for model in index}["csm_stream"] == "UNAVAILABLE":
+            if {model["name"]: model.get("state") for model in index}["csm_stream"] == "UNAVAILABLE":
                 break
             assert time.monotonic() - killed < 30
             time.sleep(0.2)
@@ -223,7 +223,8 @@ def test_a_killed_tritonserver_leaves_none_of_the_models_processes_behind(
             for marker, kind in kinds.items():
                 if marker in command:
                     processes[process] = kind
-    assert sorted(processes.values()) == ["engine", "stub", "stub", "stub", "watch", "watch", "watch"]
+    # csm and csm_stream: text_stream_tts is not loaded without its text model (server.startup_models).
+    assert sorted(processes.values()) == ["engine", "stub", "stub", "watch", "watch"]
     server.process.kill()
     server.process.wait()
     gone, alive = psutil.wait_procs(list(processes), timeout=10)

@@ -12,6 +12,7 @@ import asyncio
 import importlib
 import logging
 import queue
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import ModuleType
 from typing import Any, TypedDict
@@ -19,6 +20,8 @@ from typing import Any, TypedDict
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from typing_extensions import Unpack  # typing.Unpack needs Python 3.11; NVIDIA's container has 3.10
+
+from csm_triton.control import PROBE, SILENCE_PROBE_S, stream_model_gone
 
 from .segment import SAMPLE_RATE, context_arrays
 
@@ -34,6 +37,9 @@ BUSY_PREFIX = "server busy: "
 # Asks Triton (24.09 and later) to end a stream with the request's gRPC status (INVALID_ARGUMENT, ...)
 # instead of an error message alone, so that streamed errors carry a status like unary ones.
 STREAM_HEADERS = {"triton_grpc_error": "true"}
+# How long a PROBE of the stream model may take: a live one answers at once.
+PROBE_TIMEOUT_S = 10.0
+LOST_STATUS = "StatusCode.UNAVAILABLE"
 
 
 class CSMError(Exception):
@@ -164,6 +170,14 @@ def _is_final(result: Any) -> bool:
     return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
 
 
+def _lost(model: str, answer: str | None) -> CSMError | None:
+    """The error that ends a silent stream when a PROBE's answer shows its stream model's process
+    dead or unloaded since: its streams never end otherwise (csm_triton/control.py says why)."""
+    if not stream_model_gone(answer):
+        return None
+    return CSMError(f"{model}'s process died and this stream was lost; retry it ({answer})", LOST_STATUS)
+
+
 class CSMClient:
     """Blocking client: `generate` -> (float32 audio [samples], 24000), `generate_codes` ->
     int32 Mimi codes [frames, 32], `stream` -> audio chunks as they are made (gRPC). One client
@@ -176,6 +190,7 @@ class CSMClient:
         model_name: str = "csm",
         timeout_s: float = DEFAULT_TIMEOUT_S,
         stream_model_name: str = DEFAULT_STREAM_MODEL,
+        silence_probe_s: float = SILENCE_PROBE_S,
     ) -> None:
         self.module = protocol_module(protocol)
         self.url = url or DEFAULT_URLS[protocol]
@@ -183,6 +198,7 @@ class CSMClient:
         self.model_name = model_name
         self.stream_model_name = stream_model_name
         self.timeout_s = timeout_s
+        self.silence_probe_s = silence_probe_s
         self._errors = transport_errors(protocol, aio=False)
         self._streaming = False  # whether self._client's one gRPC stream is taken
         if protocol == "grpc":
@@ -199,6 +215,27 @@ class CSMClient:
         except self._errors as error:
             logger.debug("%s not ready at %s: %s", self.model_name, self.url, error)
             return False
+
+    def probe(self) -> str | None:
+        """The stream model's answer to a PROBE: None while it can serve, else why it cannot
+        (a stub process that has died, a model not loaded, ...). gRPC only."""
+        check_streaming(self.protocol)
+        answers: queue.Queue[InferenceServerException | None] = queue.Queue()
+        triton = self.module.InferenceServerClient(self.url)
+        try:
+            triton.start_stream(lambda result, error: answers.put(error), stream_timeout=PROBE_TIMEOUT_S, headers=STREAM_HEADERS)
+            triton.async_stream_infer(
+                self.stream_model_name, build_inputs(self.module, "", 0), parameters={PROBE: True}, enable_empty_final_response=True
+            )
+            error = answers.get(timeout=PROBE_TIMEOUT_S)
+        except queue.Empty:
+            return f"no answer to a probe in {PROBE_TIMEOUT_S:.0f} s"
+        except self._errors as failure:
+            error = failure
+        finally:
+            triton.stop_stream(cancel_requests=True)
+            triton.close()
+        return None if error is None else CSMError.wrap(error, self.url).message
 
     def _infer(self, output: str, text: str, speaker: int, context: Sequence[Any], **options: Any) -> Any:
         inputs = build_inputs(self.module, text, speaker, context, **options)
@@ -231,7 +268,9 @@ class CSMClient:
         each) instead of at the end; later chunks hold `chunk_frames` frames (None: the server's
         schedule, by default as many as keep ahead of playback). Joined, the chunks are
         `generate`'s audio. Closing the iterator early (break, .close()) cancels the request on
-        the server. gRPC only."""
+        the server. After `silence_probe_s` without a chunk the client PROBEs the stream model,
+        and raises CSMError (UNAVAILABLE) when its process has died: such a stream never ends
+        otherwise. gRPC only."""
         check_streaming(self.protocol)
         inputs = build_inputs(
             self.module, text, speaker, context, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames, **options
@@ -257,11 +296,17 @@ class CSMClient:
                 # The stream broke before the request went out (an unreachable server): its callback has the reason.
                 _, error = responses.get(timeout=self.timeout_s)
                 raise CSMError.wrap(error, self.url) from error
+            last_response = time.monotonic()
             while not finished:
                 try:
-                    result, error = responses.get(timeout=self.timeout_s)
+                    result, error = responses.get(timeout=self.silence_probe_s)
                 except queue.Empty:
-                    raise CSMError(f"{self.stream_model_name} at {self.url}: no response in {self.timeout_s:.0f} s") from None
+                    if time.monotonic() - last_response > self.timeout_s:
+                        raise CSMError(f"{self.stream_model_name} at {self.url}: no response in {self.timeout_s:.0f} s") from None
+                    if lost := _lost(self.stream_model_name, self.probe()):
+                        raise lost from None
+                    continue
+                last_response = time.monotonic()
                 if error is not None:
                     raise CSMError.wrap(error, self.url) from error
                 finished = _is_final(result)
@@ -300,6 +345,7 @@ class AsyncCSMClient:
         model_name: str = "csm",
         timeout_s: float = DEFAULT_TIMEOUT_S,
         stream_model_name: str = DEFAULT_STREAM_MODEL,
+        silence_probe_s: float = SILENCE_PROBE_S,
     ) -> None:
         self.module = protocol_module(protocol, aio=True)
         self.url = url or DEFAULT_URLS[protocol]
@@ -307,6 +353,7 @@ class AsyncCSMClient:
         self.model_name = model_name
         self.stream_model_name = stream_model_name
         self.timeout_s = timeout_s
+        self.silence_probe_s = silence_probe_s
         self._errors = transport_errors(protocol, aio=True)
         self._infer_options = {"client_timeout": timeout_s} if protocol == "grpc" else {}
         self._client: Any = None
@@ -327,6 +374,29 @@ class AsyncCSMClient:
         except self._errors as error:
             logger.debug("%s not ready at %s: %s", self.model_name, self.url, error)
             return False
+
+    async def probe(self) -> str | None:
+        """CSMClient.probe as a coroutine."""
+        import grpc
+
+        check_streaming(self.protocol)
+
+        async def requests() -> AsyncIterator[dict]:
+            yield {"model_name": self.stream_model_name, "inputs": build_inputs(self.module, "", 0), "parameters": {PROBE: True}}
+
+        # Answered by an error, or by an empty final response, which ends the call without a result.
+        answers = self._triton().stream_infer(requests(), stream_timeout=PROBE_TIMEOUT_S, headers=STREAM_HEADERS)
+        try:
+            async for _result, error in answers:
+                if error is not None:
+                    return CSMError.wrap(error, self.url).message
+        except grpc.RpcError as error:
+            return error.details() or str(error.code())
+        except self._errors as error:
+            return CSMError.wrap(error, self.url).message
+        finally:
+            answers.cancel()
+        return None
 
     async def _infer(self, output: str, text: str, speaker: int, context: Sequence[Any], **options: Any) -> Any:
         inputs = build_inputs(self.module, text, speaker, context, **options)
@@ -375,9 +445,20 @@ class AsyncCSMClient:
             yield {"model_name": self.stream_model_name, "inputs": inputs, "outputs": [self.module.InferRequestedOutput("AUDIO")]}
 
         responses = self._triton().stream_infer(requests(), stream_timeout=self.timeout_s, headers=STREAM_HEADERS)
+        pending: asyncio.Future | None = None  # the next response, awaited across silence probes
         finished = False
         try:
-            async for result, error in responses:
+            while True:
+                pending = pending or asyncio.ensure_future(anext(responses, None))
+                done, _ = await asyncio.wait({pending}, timeout=self.silence_probe_s)
+                if not done:
+                    if lost := _lost(self.stream_model_name, await self.probe()):
+                        raise lost
+                    continue
+                item, pending = pending.result(), None
+                if item is None:
+                    break
+                result, error = item
                 if error is not None:
                     raise CSMError.wrap(error, self.url) from error
                 audio = _chunk(result)
@@ -389,6 +470,8 @@ class AsyncCSMClient:
         except self._errors as error:
             raise CSMError.wrap(error, self.url) from error
         finally:
+            if pending is not None:
+                pending.cancel()
             if not finished:
                 logger.debug("stream.aio %s: cancelling the request", self.url)
                 responses.cancel()

@@ -12,16 +12,12 @@ and only the reading thread is left waiting for the callee. csm_stream itself se
 request's error after its first response as a final response holding the ERROR output, which
 `DecoupledCall` asks for and raises.
 
-The control protocol travels in BLS request parameters (`pb_utils.InferenceRequest(parameters=...)`,
-read by csm_stream with `request.parameters()`):
-
-- FORWARD_ID (a uuid4 hex) on every request a front forwards to csm_stream, which remembers the
-  stream of each id while it runs (`ForwardedStreams`).
-- CANCEL (a forward id): stop that stream; it then ends as a stream its client cancelled does.
-  Answered at once with one empty final response, also for an id csm_stream does not know (yet: a
-  CANCEL can overtake the request it names, so the last ids cancelled early are kept).
-- PROBE (true): answered at once with one empty final response while csm_stream can serve, or with
-  an error saying why it cannot.
+The control protocol (csm_triton/control.py: FORWARD_ID, CANCEL, PROBE) travels in BLS request
+parameters (`pb_utils.InferenceRequest(parameters=...)`, read by csm_stream with
+`request.parameters()`). A front forwards each request with a FORWARD_ID, and CANCELs it by that id
+when its own request ends early; a CANCEL can overtake the request it names (a front sends them
+from two threads), so csm_stream keeps the last ids cancelled early. A call to csm_stream that hears
+nothing for a while PROBEs it, because the streams of a stub that died never end (control.py).
 
 Control requests also carry csm_stream's required inputs, TEXT and SPEAKER, which it ignores for
 them. csm_stream's execute() never waits, so a slow answer means a stuck stub.
@@ -43,11 +39,9 @@ from dataclasses import dataclass
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-logger = logging.getLogger(__name__)
+from csm_triton.control import CANCEL, FORWARD_ID, PROBE, SILENCE_PROBE_S, STUB_DEAD, stream_model_gone
 
-FORWARD_ID = "csm_forward_id"
-CANCEL = "csm_cancel"
-PROBE = "csm_probe"
+logger = logging.getLogger(__name__)
 
 # A BLS response arrives with its error code set to INTERNAL whatever code was sent (python backend
 # 24.10), so codes are recovered from messages: csm_stream's invalid-argument messages start with
@@ -61,12 +55,12 @@ ENGINE_LOST = "the request was lost"
 ERROR_OUTPUT = "ERROR"
 # The end of csm's refusal past max_inflight; csm_client recognises both refusals as "server busy".
 FRONT_BUSY = "requests in flight; retry later"
-# The python backend's answer to every request for a model whose stub process has died (2.51
-# neither restarts a decoupled model's stub nor answers the requests it had).
-STUB_DEAD = re.compile(r"Stub process '[^']*' is not healthy")
 
 # How often a request waiting for a response checks its client, deadline and silence.
 POLL_S = 0.1
+# How long a silent call's PROBE of csm_stream may take before it is left for the next silence: a
+# live stub answers at once, and a stuck one is the watch's to find (stream_watch.py).
+PROBE_TIMEOUT_S = 10.0
 # Forward ids cancelled before their request reached csm_stream that it keeps, the oldest dropped.
 EARLY_CANCELS = 1024
 FORWARD_ID_CHARS = 64  # longer ids (hostile requests) are no ids
@@ -115,7 +109,9 @@ class Deadline:
 
 class DecoupledCall:
     """One decoupled BLS call, started at once; iterate it for its responses. With `stoppable`, the
-    callee is csm_stream: the request carries a forward id, and `close` stops its stream."""
+    callee is csm_stream: the request carries a forward id, `close` stops its stream, and after
+    SILENCE_PROBE_S without a response the call PROBEs csm_stream, ending at once when its process
+    has died (control.py says why nothing else would end it)."""
 
     def __init__(
         self,
@@ -142,7 +138,7 @@ class DecoupledCall:
             outputs = [*outputs, ERROR_OUTPUT]
         request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs, parameters=parameters)
         self._responses: queue.Queue = queue.Queue()
-        self._start = self._last_response = time.monotonic()
+        self._start = self._last_response = self._last_probe = time.monotonic()
         self._ended = threading.Event()  # the callee's final response (or the refusal) has come
         threading.Thread(target=self._read, args=(request,), name=f"bls-{model}", daemon=True).start()
 
@@ -191,6 +187,16 @@ class DecoupledCall:
         silent_s = now - self._last_response
         if self.silence_timeout_s is not None and silent_s > self.silence_timeout_s:
             raise TimedOut(f"{self.callee}: sent nothing for {silent_s:.0f} s", pb_utils.TritonError.UNAVAILABLE)
+        if self.forward_id is not None and min(silent_s, now - self._last_probe) > SILENCE_PROBE_S and not self._ended.is_set():
+            self._last_probe = now
+            try:
+                answer = control(self.model, {PROBE: True}, PROBE_TIMEOUT_S)
+            except TimedOut:
+                return
+            if stream_model_gone(answer):
+                raise RequestFailed(
+                    f"{self.callee}'s process died and this request was lost; retry it ({answer})", pb_utils.TritonError.UNAVAILABLE
+                )
 
     def abort(self, failure: RequestFailed) -> None:
         """Makes the thread iterating the call raise `failure` at once (from any thread)."""

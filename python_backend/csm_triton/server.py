@@ -5,8 +5,8 @@ python backend and stubs bundled in the `nvidia-pytriton` wheel are used: the st
 running Python and find this venv's interpreter and libpython (ENVIRONMENT.md).
 
 Every server started here (`make serve`, the Docker image, Kubernetes, the tests' fixture) gets the
-same flags: the admin APIs behind a key header, and explicit model control with every model
-loaded at startup, unless the caller passes its own --model-control-mode. The key is
+same flags: the admin APIs behind a key header, and explicit model control with the repository's
+models loaded at startup (`startup_models`), unless the caller passes its own --model-control-mode. The key is
 $CSM_ADMIN_KEY, or a new random one written to --admin-key-file (mode 0600).
 
   python -m csm_triton.server [--model-repository DIR] [--http-port N] [--grpc-port N] [--metrics-port N]
@@ -51,9 +51,11 @@ ADMIN_HEADERS = {"http": "csm-admin-key", "grpc": "triton-grpc-protocol-csm-admi
 # tensors (the README's tensor table), which generic v2 clients read to build their requests.
 RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 # Explicit mode lets a model load or unload another (pb_utils.load_model) and the repository API
-# load and unload models without a restart; --load-model=* loads the whole repository at startup.
+# load and unload models without a restart; --load-model names those loaded at startup (startup_models).
 MODEL_CONTROL_FLAG = "--model-control-mode"
 LOAD_MODEL_FLAG = "--load-model"
+# A model's text_model parameter in its config.pbtxt (text_stream_tts: the LLM it speaks for).
+TEXT_MODEL_PARAMETER = re.compile(r'key:\s*"text_model",\s*value:\s*\{\s*string_value:\s*"([^"]*)"')
 # Printable characters that survive Triton's flag parsing and an HTTP header or gRPC metadata value;
 # `openssl rand -hex 32` and base64 keys fit.
 ADMIN_KEY_PATTERN = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")
@@ -165,8 +167,32 @@ def tritonserver_args(options: ServerOptions) -> list[str]:
     if not any(arg.startswith(MODEL_CONTROL_FLAG) for arg in options.extra_args):
         args.append(f"{MODEL_CONTROL_FLAG}=explicit")
         if not any(arg.startswith(LOAD_MODEL_FLAG) for arg in options.extra_args):
-            args.append(f"{LOAD_MODEL_FLAG}=*")  # Triton refuses * beside named models
+            repositories = [options.model_repository, *(Path(value) for value in _flag_values(options.extra_args, "--model-repository"))]
+            args.extend(f"{LOAD_MODEL_FLAG}={model}" for model in startup_models(repositories))
     return [*args, *options.extra_args]
+
+
+def startup_models(repositories: Sequence[Path]) -> list[str]:
+    """Every model of the repositories, but those that could only fail: a model whose config
+    names a `text_model` (text_stream_tts) the repositories do not hold would report ready and
+    refuse every request, so it is left unloaded (loaded with the repository API once its text
+    model is there, or at start beside it)."""
+    configs = {folder.name: folder / "config.pbtxt" for repository in repositories for folder in sorted(repository.iterdir())}
+    configs = {name: config for name, config in configs.items() if config.is_file()}
+    startable = []
+    for name, config in configs.items():
+        text_model = TEXT_MODEL_PARAMETER.search(config.read_text())
+        if text_model is not None and text_model.group(1) not in configs:
+            logger.info("%s is not loaded: its text_model %r is not in the model repository", name, text_model.group(1))
+            continue
+        startable.append(name)
+    return startable
+
+
+def _flag_values(args: Sequence[str], name: str) -> list[str]:
+    """The values of `--name=value` and `--name value` in `args`."""
+    values = [arg.split("=", 1)[1] for arg in args if arg.startswith(f"{name}=")]
+    return values + [args[index + 1] for index, arg in enumerate(args[:-1]) if arg == name]
 
 
 def command(options: ServerOptions) -> tuple[list[str], dict[str, str]]:

@@ -27,7 +27,7 @@ class TritonPythonModel:
             settings.probe_timeout_s,
             settings.reload_tries,
             settings.reload_backoff_s,
-            on_death=self.front.stream_model_died,
+            check_timeout_s=settings.first_audio_timeout_s,
         )
 
     def execute(self, requests: list) -> None:

@@ -1,13 +1,17 @@
 """A watch over csm_stream, kept by the csm model: tritonserver 2.51 does not restart the stub process
 of a decoupled python model that dies (kill -9, the OOM killer): the model stays READY, every new
 request fails within a second with "Stub process '...' is not healthy", and the requests it had get
-nothing ever again.
+nothing ever again (csm_triton/control.py says why; callers end those themselves by probing).
 
-The watch sends csm_stream a PROBE (csm_triton/bls.py) every `interval_s`. When the answer shows its
-stub dead, or no answer comes for `probe_timeout_s` (a busy csm_stream answers late, so this bound is
-long), it hands the death to `on_death` (csm ends its requests in flight) and reloads csm_stream,
-backing off between tries. If no try succeeds it unloads csm_stream, so that the server's readiness
-(strict readiness, Triton's default) reports not ready and an orchestrator replaces it.
+The watch sends csm_stream a PROBE every `interval_s`. When the answer shows its stub dead, or no
+answer comes for `probe_timeout_s` (a busy csm_stream answers late, so this bound is long), it
+reloads csm_stream, backing off between tries, and counts a try as done only once csm_stream has
+served a real request again. If no try succeeds it unloads csm_stream, so that its readiness
+reports not ready and an orchestrator replaces the server.
+
+A reload is an unload, then a load: Triton answers a load of a model it counts as loaded, whose
+files have not changed since, at once and without loading anything (under `make serve` the files
+only change before the first reload, when Python writes model.py's bytecode beside it).
 
 Loads and unloads go to the server's own HTTP repository API (`ServerControl`), not to
 `pb_utils.load_model`: in python backend 24.10 that call holds this process's interpreter until the
@@ -24,11 +28,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
 from csm_triton import bls
+from csm_triton.control import PROBE, STUB_DEAD
 
 logger = logging.getLogger("csm_triton.triton.watch")
 
@@ -39,6 +47,9 @@ RELOAD_HINT = (
 STOP_WAIT_S = 5.0
 # A load of CSM-1B takes well under a minute on a GPU; past this the try counts as failed.
 LOAD_TIMEOUT_S = 900.0
+# The request that shows a reloaded csm_stream serving: one frame of codes (no audio to decode).
+CHECK_TEXT = "Serving again."
+CHECK_AUDIO_MS = 80
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,11 @@ class ServerControl:
 
     def load(self, model: str) -> None:
         self._post(f"{self.url}/{model}/load")
+
+    def reload(self, model: str) -> None:
+        """Unload, then load: a load alone of a model Triton counts as loaded is a no-op unless its files changed."""
+        self.unload(model)
+        self.load(model)
 
     def unload(self, model: str) -> None:
         self._post(f"{self.url}/{model}/unload")
@@ -117,12 +133,12 @@ class StreamWatch:
         probe_timeout_s: float,
         reload_tries: int,
         reload_backoff_s: float,
-        on_death: Callable[[str], int],
+        check_timeout_s: float,
     ) -> None:
         self.stream_model = stream_model
         self.interval_s, self.probe_timeout_s = interval_s, probe_timeout_s
         self.reload_tries, self.reload_backoff_s = reload_tries, reload_backoff_s
-        self._on_death = on_death  # ends the requests in flight; returns how many it ended
+        self.check_timeout_s = check_timeout_s  # how long the request that shows csm_stream serving may take
         self._problem: str | None = None  # the last probe's error, logged when it changes
         self._server = ServerControl.of_server(server_args())
         if self._server is None:
@@ -140,8 +156,9 @@ class StreamWatch:
             death = self._death()
             if death is None:
                 continue
-            ended = self._on_death(death)
-            logger.error("%s's process has died (%s): ended the %d requests in flight through csm", self.stream_model, death, ended)
+            logger.error(
+                "%s's process has died (%s): its requests in flight end as their callers' probes find it", self.stream_model, death
+            )
             if self._server is None:
                 logger.error("%s is left dead and the watch stops: %s; restart the server", self.stream_model, RELOAD_HINT)
                 return
@@ -151,10 +168,10 @@ class StreamWatch:
         """Why csm_stream's process counts as dead; None while it answers, or fails for another
         reason (busy, not loaded, unloading), which is logged when it changes."""
         try:
-            problem = bls.control(self.stream_model, {bls.PROBE: True}, self.probe_timeout_s)
+            problem = bls.control(self.stream_model, {PROBE: True}, self.probe_timeout_s)
         except bls.TimedOut:
             return f"it answered no probe for {self.probe_timeout_s:.0f} s"
-        if problem is not None and bls.STUB_DEAD.search(problem):
+        if problem is not None and STUB_DEAD.search(problem):
             return problem
         if problem != self._problem:
             logger.info("%s probe: %s", self.stream_model, problem or "answered")
@@ -162,19 +179,24 @@ class StreamWatch:
         return None
 
     def _reload(self, server: ServerControl) -> None:
-        """Loads csm_stream again, or unloads it after the last failed try."""
+        """Reloads csm_stream until it serves a request again, or unloads it after the last failed try."""
         died = time.monotonic()
         for attempt in range(1, self.reload_tries + 1):
-            if attempt > 1 and self._death() is None:  # reloaded meanwhile (another csm instance, an operator)
-                return
-            logger.warning("reloading %s (try %d of %d)", self.stream_model, attempt, self.reload_tries)
+            logger.warning("reloading %s: unload, then load (try %d of %d)", self.stream_model, attempt, self.reload_tries)
             try:
-                server.load(self.stream_model)
+                server.reload(self.stream_model)
             except (OSError, RuntimeError) as error:
                 logger.error("reloading %s failed: %s", self.stream_model, error)
             else:
-                logger.info("%s serves again: reloaded %.1f s after its death was seen", self.stream_model, time.monotonic() - died)
-                return
+                failure = self._serving_check()
+                if failure is None:
+                    logger.info(
+                        "%s serves again: reloaded and served a request %.1f s after its death was seen",
+                        self.stream_model,
+                        time.monotonic() - died,
+                    )
+                    return
+                logger.error("%s was loaded again but did not serve a request: %s", self.stream_model, failure)
             if attempt < self.reload_tries and self._stopping.wait(self.reload_backoff_s * 2 ** (attempt - 1)):
                 return
         logger.error(
@@ -186,3 +208,21 @@ class StreamWatch:
             server.unload(self.stream_model)
         except (OSError, RuntimeError) as error:
             logger.error("unloading %s failed too (%s): the server stays ready with it dead", self.stream_model, error)
+
+    def _serving_check(self) -> str | None:
+        """Asks csm_stream for one frame of codes; None once it came, else why it did not."""
+        inputs = [
+            pb_utils.Tensor("TEXT", np.array([[CHECK_TEXT.encode()]], dtype=object)),
+            pb_utils.Tensor("SPEAKER", np.zeros((1, 1), dtype=np.int32)),
+            pb_utils.Tensor("MAX_AUDIO_LENGTH_MS", np.array([[CHECK_AUDIO_MS]], dtype=np.int32)),
+        ]
+        deadline = bls.Deadline(self.check_timeout_s, "the watch's check that csm_stream serves")
+        call = bls.DecoupledCall(self.stream_model, inputs, ["AUDIO_CODES"], deadline=deadline, stoppable=True)
+        try:
+            codes = [pb_utils.get_output_tensor_by_name(response, "AUDIO_CODES") for response in call]
+            frames = sum(tensor.as_numpy().shape[1] for tensor in codes if tensor is not None)
+        except bls.RequestFailed as failure:
+            return str(failure)
+        finally:
+            call.close()
+        return None if frames else "it answered without a frame of codes"

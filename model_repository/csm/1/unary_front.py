@@ -3,9 +3,10 @@ call, csm_triton/bls.py) and answered with csm_stream's chunks joined.
 
 Every request ends with exactly one final response, sent by its own thread: the joined audio, or
 an error when csm_stream refuses or fails it, when the client cancels (CANCELLED), when the
-request's deadline passes, or when the watch finds csm_stream's process dead (UNAVAILABLE). On the
-last three csm_stream is told to stop the stream (a CANCEL control request), so that its slot is
-freed. At most `max_inflight` requests are forwarded at once; past them a request is refused at once.
+request's deadline passes, or when csm_stream's process has died (UNAVAILABLE: the call's probe
+finds it, csm_triton/control.py). On the client's cancel and the deadline csm_stream is told to
+stop the stream (a CANCEL control request), so that its slot is freed. At most `max_inflight`
+requests are forwarded at once; past them a request is refused at once.
 """
 
 from __future__ import annotations
@@ -55,14 +56,12 @@ class Settings:
 
 
 class UnaryFront:
-    """The requests being forwarded to csm_stream: their threads, counted, and their calls, which
-    `stream_model_died` ends when csm_stream's process has died."""
+    """The requests being forwarded to csm_stream, each on a thread of its own, counted."""
 
     def __init__(self, settings: Settings, input_names: list[str]) -> None:
         self.settings, self.input_names = settings, input_names
         self._lock = threading.Lock()
         self._threads = 0  # forwarding threads running
-        self._calls: set[bls.DecoupledCall] = set()  # those whose request has not been answered
 
     def start(self, request) -> None:
         """Forwards the request on a thread of its own, or refuses it at once past max_inflight."""
@@ -81,19 +80,6 @@ class UnaryFront:
             self._release()
             sender.send(bls.RequestFailed(f"csm: cannot start a thread: {error}", pb_utils.TritonError.UNAVAILABLE).response(), flags=FINAL)
 
-    def stream_model_died(self, reason: str) -> int:
-        """Ends every request in flight at once (their streams died with csm_stream's process and
-        would never end); returns how many there were."""
-        failure = bls.RequestFailed(
-            f"{self.settings.stream_model}'s process died and this request was lost; retry it ({reason})",
-            pb_utils.TritonError.UNAVAILABLE,
-        )
-        with self._lock:
-            calls = list(self._calls)
-        for call in calls:
-            call.abort(failure)
-        return len(calls)
-
     def _serve(self, request, sender) -> None:
         call = None
         try:
@@ -110,15 +96,13 @@ class UnaryFront:
             sender.send(response, flags=FINAL)
         finally:
             if call is not None:
-                with self._lock:
-                    self._calls.discard(call)
                 call.close()
             self._release()
 
     def _forward(self, request, wanted: list[str]) -> bls.DecoupledCall:
         inputs = [tensor for name in self.input_names if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None]
         inputs.append(pb_utils.Tensor("CHUNK_FRAMES", np.array([[self.settings.chunk_frames]], dtype=np.int32)))
-        call = bls.DecoupledCall(
+        return bls.DecoupledCall(
             self.settings.stream_model,
             inputs,
             wanted,
@@ -127,9 +111,6 @@ class UnaryFront:
             failure=lambda message: bls.speech_failure(message, self.settings.stream_model),
             stoppable=True,
         )
-        with self._lock:
-            self._calls.add(call)
-        return call
 
     def _release(self) -> None:
         with self._lock:
