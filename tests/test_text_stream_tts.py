@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import queue
 import re
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from test_metrics import scrape, series, settled
 from test_model_control import stubs
-from test_triton_stream import gauges, wait_for_idle_server
+from test_triton_stream import wait_for_idle_server
 
 from csm_triton.server import ServerOptions, TritonServer, model_repository_with
 from sentences import split_sentences
@@ -275,25 +274,28 @@ def test_a_cancelled_request_stops_the_sentence_being_spoken_in_csm_stream(serve
 
 
 def test_a_killed_csm_stream_ends_the_answer_being_spoken_within_seconds(server: TritonServer) -> None:
-    """csm_stream's stub killed while a sentence is spoken: the request ends with UNAVAILABLE at the
-    call's first probe (the sentence's stream would never end), long before stream_timeout_s."""
+    """csm_stream's stub killed while a sentence is spoken (its first chunk has come): the request
+    ends with UNAVAILABLE at the call's first probe (the sentence's stream would never end), long
+    before stream_timeout_s."""
     inputs = speech_inputs(PROMPT=prompt("One long sentence, spoken slowly."), MAX_AUDIO_LENGTH_MS=scalar(30_000, np.int32))
-    result: list[Stream] = []
-    speaking = threading.Thread(target=lambda: result.append(stream(server, MODEL, inputs)), daemon=True)
-    speaking.start()
-    deadline = time.monotonic() + 30
-    while gauges(server).get("csm_active_slots", 0) < 1:
-        assert time.monotonic() < deadline, "the sentence was never spoken"
-        time.sleep(0.1)
-    [stub] = [process for process in stubs(server, "csm_stream") if process.status() != psutil.STATUS_ZOMBIE]
-    stub.kill()
-    killed = time.monotonic()
-    speaking.join(15)
-    assert result, "the request was still in flight 15 s after csm_stream's process died"
-    spoken = result[0]
-    assert spoken.error is not None and spoken.error.status() == "StatusCode.UNAVAILABLE"
-    assert "csm_stream's process died and this request was lost" in spoken.error.message()
-    assert time.monotonic() - killed < min(15, STREAM_TIMEOUT_S + 2)
+    events: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: events.put((time.monotonic(), result, error)), headers=STATUS_HEADERS)
+    try:
+        client.async_stream_infer(MODEL, tensors(grpcclient, inputs), enable_empty_final_response=True)
+        _, first, error = events.get(timeout=60)
+        assert error is None and first.as_numpy("AUDIO").size, error
+        [stub] = [process for process in stubs(server, "csm_stream") if process.status() != psutil.STATUS_ZOMBIE]
+        stub.kill()
+        killed = time.monotonic()
+        while error is None:
+            ended, _, error = events.get(timeout=15)
+    finally:
+        client.stop_stream()
+        client.close()
+    assert ended - killed < min(15, STREAM_TIMEOUT_S), f"ended {ended - killed:.1f} s after the kill"
+    assert error.status() == "StatusCode.UNAVAILABLE"
+    assert "csm_stream's process died and this request was lost" in error.message()
     while True:  # the csm front's watch reloads csm_stream
         after = stream(server, MODEL, speech_inputs(PROMPT=prompt("Back again.")))
         if after.error is None:

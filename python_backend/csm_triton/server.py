@@ -168,7 +168,10 @@ def tritonserver_args(options: ServerOptions) -> list[str]:
         args.append(f"{MODEL_CONTROL_FLAG}=explicit")
         if not any(arg.startswith(LOAD_MODEL_FLAG) for arg in options.extra_args):
             repositories = [options.model_repository, *(Path(value) for value in _flag_values(options.extra_args, "--model-repository"))]
-            args.extend(f"{LOAD_MODEL_FLAG}={model}" for model in startup_models(repositories))
+            if all(repository.is_dir() for repository in repositories):
+                args.extend(f"{LOAD_MODEL_FLAG}={model}" for model in startup_models(repositories))
+            else:  # not here (flags for a container's paths), or missing: tritonserver finds or reports it
+                args.append(f"{LOAD_MODEL_FLAG}=*")
     return [*args, *options.extra_args]
 
 
