@@ -39,7 +39,9 @@ export: setup
 # tritonserver on model_repository/ (HTTP_PORT, GRPC_PORT, METRICS_PORT or SERVE_ARGS="--http-port 9000 ...")
 # and the speech gateway beside it on GATEWAY_PORT (README, "The speech gateway"), whose URL it prints.
 # Serves models/csm-1b when staged (make export), else the tiny random-weight model. The admin APIs
-# take the key in CSM_ADMIN_KEY, else a new one written to build/admin-key (README, "Admin endpoints").
+# take the key in CSM_ADMIN_KEY, else a new one written to build/admin-key (README, "Admin endpoints");
+# creating and deleting the gateway's voices takes a key of CSM_GATEWAY_VOICE_KEYS, else a new one
+# written to build/gateway-voices-key (README, "The speech gateway", the front door). Both print where.
 GATEWAY_PORT ?= 8080
 serve: setup $(TINY_DIR)/manifest.json
 	GATEWAY_PORT=$(GATEWAY_PORT) $(PYTHON) -m gateway.serve $(SERVE_ARGS)

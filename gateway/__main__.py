@@ -8,6 +8,7 @@ import uvicorn
 
 from .app import create_app
 from .config import GatewayConfig
+from .connections import uvicorn_config
 
 
 def main() -> None:
@@ -16,7 +17,7 @@ def main() -> None:
     logging.getLogger("gateway").info(
         "gateway: http://%s:%d/ (Triton gRPC %s)", "localhost" if config.host == "0.0.0.0" else config.host, config.port, config.triton_url
     )
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level.lower(), timeout_graceful_shutdown=10)
+    uvicorn.Server(uvicorn_config(create_app(config), config, timeout_graceful_shutdown=10)).run()
 
 
 if __name__ == "__main__":

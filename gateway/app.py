@@ -24,14 +24,16 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from csm_client import AsyncCSMClient, CSMError, Segment
 
-from . import audio
+from . import audio, request_ids
 from .config import GatewayConfig, load_voices
-from .errors import APIError, from_triton
+from .connections import BodyDeadline
+from .errors import APIError, from_triton, named, shown
 from .metrics import GatewayMetrics
 from .voices import StoredVoice, VoiceError, VoiceLibrary
 
@@ -130,7 +132,7 @@ class Gateway:
         name = value.id if isinstance(value, VoiceRef) else value
         voice = self.voices.find(name)
         if voice is None:
-            raise APIError(404, f"voice {name!r} not found; GET /v1/audio/voices lists them", "voice", "voice_not_found")
+            raise APIError(404, f"voice {shown(name)} not found; GET /v1/audio/voices lists them", "voice", "voice_not_found")
         return voice
 
     def job(self, text: str, text_param: str, speaker: int, request: Sampling, voice: StoredVoice | None = None) -> Job:
@@ -187,10 +189,11 @@ class Gateway:
         self.streams -= 1
         self.metrics.streams.set(self.streams)
 
-    async def open(self, job: Job) -> tuple[np.ndarray | None, AsyncIterator[np.ndarray]]:
-        """Starts the Triton stream and waits for its first chunk, so that an invalid request gets
-        its status code before any byte is sent: (the first chunk or None when no audio came, the rest)."""
-        chunks = self.client.stream(job.text, job.speaker, job.context, **job.options)
+    async def open(self, job: Job, request_id: str) -> tuple[np.ndarray | None, AsyncIterator[np.ndarray]]:
+        """Starts the Triton stream (its request id the HTTP request's) and waits for its first chunk,
+        so that an invalid request gets its status code before any byte is sent: (the first chunk or
+        None when no audio came, the rest)."""
+        chunks = self.client.stream(job.text, job.speaker, job.context, request_id=request_id, **job.options)
         try:
             return await anext(chunks), chunks
         except StopAsyncIteration:
@@ -216,33 +219,55 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="CSM speech gateway", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.gateway = gateway
+    # Each add wraps those before it: request ids outermost, then CORS, the count, the body's deadline.
+    app.add_middleware(BodyDeadline, timeout_s=config.body_timeout_s, metrics=gateway.metrics)
     app.add_middleware(CountRequests, metrics=gateway.metrics)
+    if config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", request_ids.HEADER], expose_headers=[request_ids.HEADER],
+        )  # fmt: skip
+    app.add_middleware(request_ids.RequestIds)
+    request_ids.log_request_ids()
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
         gateway.metrics.errors.labels(str(error.status)).inc()
-        logger.info("%s %s: %d %s", request.method, request.url.path, error.status, error.message)
+        logger.info("%s %s: %d %r", request.method, shown(request.url.path), error.status, error.message)
         return error.response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
-        location = [str(part) for part in first["loc"] if part != "body"]
+        location = [named(str(part)) for part in first["loc"] if part != "body"]
         param = location[0] if location else None
         where = ".".join(location) or "body"
         return await api_error(request, APIError(400, f"{where}: {first['msg']}", param, "invalid_value"))
 
     @app.exception_handler(Exception)
     async def failed(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("%s %s failed", request.method, request.url.path)
-        return await api_error(request, APIError(500, f"internal error: {type(error).__name__}", code="internal_error"))
+        logger.exception("%s %s failed", request.method, shown(request.url.path))
+        response = await api_error(request, APIError(500, f"internal error: {type(error).__name__}", code="internal_error"))
+        # Starlette sends this response outside the middleware, RequestIds included.
+        response.headers[request_ids.HEADER] = request_ids.current()
+        return response
+
+    def bearer(request: Request, keys: tuple[str, ...]) -> bool:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and any(hmac.compare_digest(key.encode(), known.encode()) for known in keys)
 
     def authorized(request: Request) -> None:
-        if not config.api_keys:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.encode(), known.encode()) for known in config.api_keys):
+        if config.api_keys and not bearer(request, config.api_keys):
             raise APIError(401, "a valid API key is required (Authorization: Bearer <key>)", code="invalid_api_key")
+
+    def manages_voices(request: Request) -> None:
+        """Creating and deleting voices takes a key of voice_keys, or with open_voices what speech takes."""
+        if config.open_voices:
+            return authorized(request)
+        if not config.voice_keys:
+            raise APIError(403, "creating and deleting voices is off here (no voice_keys, open_voices false)", code="voices_off")
+        if not bearer(request, config.voice_keys):
+            raise APIError(401, "creating and deleting voices takes a voices key (Authorization: Bearer <key>)", code="invalid_api_key")
 
     async def read_json(request: Request, kind: type[BaseModel]) -> Any:
         """The body, bounded before it is read (Content-Length) and while it is (chunked)."""
@@ -268,12 +293,12 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         started = time.monotonic()
         body: SpeechRequest = await read_json(request, SpeechRequest)
         if body.model not in config.models:
-            raise APIError(404, f"model {body.model!r} not found; GET /v1/models lists them", "model", "model_not_found")
+            raise APIError(404, f"model {shown(body.model)} not found; GET /v1/models lists them", "model", "model_not_found")
         voice = gateway.voice(body.voice)
         job = await asyncio.to_thread(gateway.job, body.input, "input", voice.speaker, body, voice)  # decodes context audio
         gateway.acquire()
         try:
-            first, chunks = await gateway.open(job)
+            first, chunks = await gateway.open(job, request_ids.current())
         except BaseException:
             gateway.release()
             raise
@@ -293,7 +318,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         job = await asyncio.to_thread(gateway.job, body.text, "text", body.speaker, body)
         gateway.acquire()
         try:
-            first, chunks = await gateway.open(job)
+            first, chunks = await gateway.open(job, request_ids.current())
             parts = [] if first is None else [first]
             async with contextlib.aclosing(chunks):
                 parts.extend([chunk async for chunk in chunks])
@@ -312,14 +337,14 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     @app.get("/v1/models/{name}", dependencies=[Depends(authorized)])
     async def model(name: str) -> dict:
         if name not in config.models:
-            raise APIError(404, f"model {name!r} not found", "model", "model_not_found")
+            raise APIError(404, f"model {shown(name)} not found", "model", "model_not_found")
         return model_card(name)
 
     @app.get("/v1/audio/voices", dependencies=[Depends(authorized)])
     async def voices() -> dict:
         return {"object": "list", "data": [voice.card() for voice in gateway.voices.all()]}
 
-    @app.post("/v1/audio/voices", dependencies=[Depends(authorized)])
+    @app.post("/v1/audio/voices", dependencies=[Depends(manages_voices)])
     async def create_voice(request: Request) -> dict:
         """OpenAI's custom voice from an audio sample (multipart: name, audio_sample, consent), with
         CSM's `transcript` of the clip and an optional `speaker` id (0)."""
@@ -362,10 +387,10 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         logger.info("voice %s (%s) created: speaker %d, %.1f s clip", voice.id, voice.name, voice.speaker, len(voice.samples) / voice.rate)
         return voice.card()
 
-    @app.delete("/v1/audio/voices/{voice_id}", dependencies=[Depends(authorized)])
+    @app.delete("/v1/audio/voices/{voice_id}", dependencies=[Depends(manages_voices)])
     async def delete_voice(voice_id: str) -> dict:
         if gateway.voices.delete(voice_id) is None:
-            raise APIError(404, f"no custom voice with id {voice_id!r}", "voice_id", "voice_not_found")
+            raise APIError(404, f"no custom voice with id {shown(voice_id)}", "voice_id", "voice_not_found")
         return {"id": voice_id, "object": "audio.voice.deleted", "deleted": True}
 
     @app.get("/health")

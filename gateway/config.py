@@ -17,6 +17,7 @@ ENV_PREFIX = "CSM_GATEWAY_"
 # fixed timbre per speaker id: without a reference clip a voice varies from one seed to the next.
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse", "marin", "cedar")
 DEFAULT_MODELS = ("csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,17 @@ class GatewayConfig:
     stream_model: str = field(default="csm_stream", metadata={"help": "the decoupled Triton model to stream from"})
     models: tuple[str, ...] = field(default=DEFAULT_MODELS, metadata={"help": "model names accepted (comma-separated)"})
     api_keys: tuple[str, ...] = field(default=(), metadata={"help": "Bearer keys accepted (comma-separated); none: no auth"})
+    voice_keys: tuple[str, ...] = field(
+        default=(), metadata={"help": "Bearer keys that may create and delete voices (comma-separated); none: no one, unless open_voices"}
+    )
+    open_voices: bool = field(default=False, metadata={"help": "whoever may speak may create and delete voices (true/false)"})
+    cors_origins: tuple[str, ...] = field(
+        default=(), metadata={"help": "origins whose web pages may call the gateway (comma-separated; * for any); none: no other origin"}
+    )
+    header_timeout_s: float = field(
+        default=10.0, metadata={"help": "a connection closes unless each request head arrives within this of its opening or last response"}
+    )
+    body_timeout_s: float = field(default=20.0, metadata={"help": "a request body must arrive within this, one more second for each KiB"})
     voices_file: Path | None = field(default=None, metadata={"help": "JSON file of voices on top of the OpenAI names"})
     voices_dir: Path | None = field(default=None, metadata={"help": "where custom voices are kept (none: in memory only)"})
     max_custom_voices: int = field(default=100, metadata={"help": "custom voices at most"})
@@ -114,6 +126,10 @@ class GatewayConfig:
             raise ValueError("models: name at least one model")
         if self.max_streams < 1 or self.max_body_bytes < 1024 or self.max_input_chars < 1:
             raise ValueError("max_streams, max_body_bytes (>= 1024) and max_input_chars must be positive")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ValueError("header_timeout_s and body_timeout_s must be positive")
+        if self.open_voices and self.voice_keys:
+            raise ValueError("open_voices and voice_keys: open voices take no key; set one of them")
 
 
 def _convert(name: str, value: Any) -> Any:
@@ -124,6 +140,10 @@ def _convert(name: str, value: Any) -> Any:
         return int(value)
     if kind == "float":
         return float(value)
+    if kind == "bool":
+        if value.lower() not in BOOLEANS:
+            raise ValueError(f"{name}: true or false, got {value!r}")
+        return BOOLEANS[value.lower()]
     if kind == "int | None":
         return int(value) if value else None
     if kind == "tuple[str, ...]":

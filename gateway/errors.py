@@ -28,12 +28,33 @@ TENSOR_PARAMS = {
     "VOICE": "voice",
     "prompt": "input",  # a prompt (context + text) too long for the model
 }
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-         429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}  # fmt: skip
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+         408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
+         500: "server_error"}  # fmt: skip
+# A client's value quoted in a message or a log line: at most this many characters of it.
+ECHO_CHARS = 64
+# A message, whatever it quotes (Triton's text included): at most this many characters.
+MAX_MESSAGE_CHARS = 500
+
+
+def shown(value: str, limit: int = ECHO_CHARS) -> str:
+    """A client's string as a message or a log line quotes it: its repr, so that no newline or
+    control character in it can start a line of its own, of at most `limit` of its characters."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def named(name: str) -> str:
+    """A name the client chose (a JSON key) as a message names it: as it is when short and
+    printable, else `shown`."""
+    return name if len(name) <= ECHO_CHARS and name.isprintable() else shown(name)
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message)} characters)"
         super().__init__(message)
         self.status = status
         self.message = message

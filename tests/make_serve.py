@@ -57,6 +57,11 @@ class MakeServe:
         return self.folder / "admin-key"
 
     @property
+    def voices_key_file(self) -> Path:
+        """The key that creating and deleting voices takes, written by gateway.serve."""
+        return self.folder / "voices-key"
+
+    @property
     def http_url(self) -> str:
         return f"localhost:{self.options.http_port}"
 
@@ -81,7 +86,7 @@ class MakeServe:
         self.env = {name: value for name, value in os.environ.items() if name != ADMIN_KEY_ENV and not name.startswith("CSM_GATEWAY_")}
         self.env.update(
             HTTP_PORT=str(http), GRPC_PORT=str(grpc), METRICS_PORT=str(metrics), GATEWAY_PORT=str(gateway),
-            SERVE_ARGS=f"--admin-key-file={self.admin_key_file}",
+            SERVE_ARGS=f"--admin-key-file={self.admin_key_file} --voices-key-file={self.voices_key_file}",
         )  # fmt: skip
         with open(self.log_file, "w") as log:
             self.process = subprocess.Popen(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import io
 import json
 import signal
@@ -32,6 +33,7 @@ from csm_triton.server import ServerOptions, TritonServer, model_repository_with
 from gateway import GatewayConfig, create_app
 from gateway.audio import FORMATS, SAMPLE_RATE, pcm16, wav_bytes
 from gateway.config import OPENAI_VOICES
+from gateway.connections import uvicorn_config
 from gateway.errors import from_triton
 
 SAMPLES_PER_FRAME = 1920
@@ -55,8 +57,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(config: GatewayConfig) -> Iterator[str]:
-    """The gateway under uvicorn in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=config.port, log_level="warning"))
+    """The gateway under uvicorn in a thread, as `make serve` runs it; yields its base URL."""
+    config = dataclasses.replace(config, host="127.0.0.1", log_level="warning")
+    server = uvicorn.Server(uvicorn_config(create_app(config), config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -72,7 +75,8 @@ def running(config: GatewayConfig) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def gateway(triton: TritonServer) -> Iterator[str]:
-    with running(GatewayConfig(triton_url=triton.grpc_url, port=free_port())) as url:
+    """Voices open to all: these tests are of what voices do (test_gateway_defaults.py of the key)."""
+    with running(GatewayConfig(triton_url=triton.grpc_url, port=free_port(), open_voices=True)) as url:
         yield url
 
 
@@ -433,7 +437,9 @@ def test_a_voice_that_cannot_be_made_is_400_naming_its_field(gateway: str, clip,
 
 
 def test_voice_names_are_unique_uploads_bounded_and_voices_kept_in_voices_dir(triton: TritonServer, clip, tmp_path: Path) -> None:
-    config = GatewayConfig(triton_url=triton.grpc_url, port=free_port(), voices_dir=tmp_path, max_voice_upload_bytes=len(clip[0]))
+    config = GatewayConfig(
+        triton_url=triton.grpc_url, port=free_port(), voices_dir=tmp_path, max_voice_upload_bytes=len(clip[0]), open_voices=True
+    )
     form = {"name": "kept", "consent": "cons_1", "transcript": "A clip of my voice."}
     with running(config) as url:
         made = httpx.post(f"{url}/v1/audio/voices", data=form, files={"audio_sample": ("clip.wav", clip[0])}).json()
@@ -494,7 +500,8 @@ def test_make_serve_runs_the_gateway_beside_tritonserver_and_stops_both(tmp_path
     repository = model_repository_with(tmp_path / "repo", {"model_dir": str(tmp_path / "none"), "tiny_model_dir": str(tiny_model_dir)})
     options, port, log_file = ServerOptions.on_free_ports(repository), free_port(), tmp_path / "serve.log"
     server_argv = serve_command(options, tmp_path / "admin-key", "--model-control-mode=explicit", "--load-model=csm")[3:]
-    argv = [sys.executable, "-m", "gateway.serve", "--gateway-port", str(port), *server_argv]
+    key_file = f"--voices-key-file={tmp_path / 'voices-key'}"
+    argv = [sys.executable, "-m", "gateway.serve", "--gateway-port", str(port), key_file, *server_argv]
     with open(log_file, "w") as log:
         process = subprocess.Popen(argv, env=without_admin_key(), stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -26,6 +26,7 @@ from gateway import GatewayConfig
 from gateway.audio import wav_bytes
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+VOICES_KEY = "page-test-voices-key"
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "gateway_page.png"
 # Playwright's own browser download is unreachable here; Debian's chromium is driven instead.
 if not shutil.which(CHROMIUM):
@@ -38,7 +39,7 @@ from playwright.sync_api import Page, sync_playwright  # noqa: E402 (after the b
 
 @pytest.fixture(scope="module")
 def gateway(triton_server: TritonServer) -> Iterator[str]:
-    with running(GatewayConfig(triton_url=triton_server.grpc_url, port=free_port())) as url:
+    with running(GatewayConfig(triton_url=triton_server.grpc_url, port=free_port(), voice_keys=(VOICES_KEY,))) as url:
         yield url
 
 
@@ -87,6 +88,13 @@ def test_a_voice_uploaded_on_the_page_speaks(page: tuple[Page, list[str]], tmp_p
     tab.set_input_files("#voice-clip", str(clip))
     tab.fill("#voice-consent", "cons_page")
     tab.fill("#voice-transcript", "A hum.")
+    tab.click("#voice-add")  # without the voices key: the gateway's 401 is shown
+    tab.wait_for_function("document.getElementById('voice-status').textContent.startsWith('401')", timeout=30_000)
+    assert "voices key" in tab.inner_text("#voice-status")
+    # chromium logs every 4xx response as a console error: that one, and no other, is expected here
+    assert len(errors) == 1 and "status of 401" in errors[0]
+    errors.clear()
+    tab.fill("#voice-key", VOICES_KEY)
     tab.click("#voice-add")
     tab.wait_for_function("document.getElementById('voice-status').textContent === 'added page-voice'", timeout=30_000)
     assert tab.eval_on_selector("#voice", "select => select.selectedOptions[0].textContent").startswith(
@@ -101,7 +109,6 @@ def test_a_voice_uploaded_on_the_page_speaks(page: tuple[Page, list[str]], tmp_p
     tab.click("#voice-add")
     tab.wait_for_function("document.getElementById('voice-status').textContent.startsWith('400')", timeout=30_000)
     assert "exists already" in tab.inner_text("#voice-status")
-    # chromium logs every 4xx response as a console error: that one, and no other, is expected here
     assert len(errors) == 1 and "status of 400" in errors[0]
     errors.clear()
 

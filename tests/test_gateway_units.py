@@ -1,5 +1,6 @@
 """The gateway's parts that need no server: its configuration from the environment and the command
-line, the voices file, and the audio helpers (the WAV header, the speed change, decoding uploads)."""
+line, the voices file, the audio helpers (the WAV header, the speed change, decoding uploads) and
+its answer to an unexpected error."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from fastapi.testclient import TestClient
 
-from gateway import GatewayConfig
+from gateway import GatewayConfig, create_app
 from gateway.audio import AudioInputError, SpeedChange, atempo_chain, decode_audio, decode_base64_audio, resample, wav_bytes, wav_header
 from gateway.config import OPENAI_VOICES, load_voices
 
@@ -34,6 +36,20 @@ def test_configuration_from_the_environment_and_flags_the_flag_winning(tmp_path:
     assert (flags.port, flags.models, flags.triton_url) == (8123, ("csm-1b",), "triton:8001")
     with pytest.raises(ValueError, match="models"):
         GatewayConfig(models=())
+
+
+def test_voices_cors_and_timeouts_from_the_environment() -> None:
+    environ = {"CSM_GATEWAY_OPEN_VOICES": "True", "CSM_GATEWAY_CORS_ORIGINS": "https://a.example, http://b:3000",
+               "CSM_GATEWAY_HEADER_TIMEOUT_S": "2.5"}  # fmt: skip
+    config = GatewayConfig.from_env(environ)
+    assert config.open_voices and config.cors_origins == ("https://a.example", "http://b:3000") and config.header_timeout_s == 2.5
+    assert GatewayConfig.from_command_line(["--voice-keys", "k1,k2", "--open-voices", "no"]).voice_keys == ("k1", "k2")
+    with pytest.raises(ValueError, match="true or false"):
+        GatewayConfig.from_env({"CSM_GATEWAY_OPEN_VOICES": "maybe"})
+    with pytest.raises(ValueError, match="open_voices and voice_keys"):
+        GatewayConfig.from_env({**environ, "CSM_GATEWAY_VOICE_KEYS": "k1"})
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        GatewayConfig(body_timeout_s=0)
 
 
 def test_the_voices_file_adds_to_openai_s_names_and_checks_its_entries(tmp_path: Path) -> None:
@@ -76,6 +92,20 @@ def test_uploads_decode_to_mono_within_their_bound() -> None:
     with pytest.raises(AudioInputError, match="base64"):
         decode_base64_audio("@@@", max_seconds=5)
     assert len(resample(tone(1.0, 16_000), 16_000, 24_000)) == pytest.approx(24_000, abs=64)
+
+
+def test_an_unexpected_error_is_500_with_the_request_s_id() -> None:
+    """Starlette answers it outside the middleware (RequestIds included); the handler adds the id."""
+    app = create_app(GatewayConfig())
+
+    @app.get("/broken")
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    response = TestClient(app, raise_server_exceptions=False).get("/broken", headers={"x-request-id": "bug-1"})
+    assert response.status_code == 500 and response.headers["x-request-id"] == "bug-1"
+    assert response.json()["error"] == {"message": "internal error: RuntimeError", "type": "server_error", "param": None,
+                                        "code": "internal_error"}  # fmt: skip
 
 
 def test_the_gateway_needs_no_torch() -> None:

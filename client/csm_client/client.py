@@ -261,6 +261,7 @@ class CSMClient:
         *,
         first_chunk_frames: int | None = None,
         chunk_frames: int | None = None,
+        request_id: str = "",
         **options: Unpack[Options],
     ) -> Iterator[np.ndarray]:
         """Speak `text` as `speaker` after `context`, yielding mono float32 audio chunks as the
@@ -270,15 +271,16 @@ class CSMClient:
         `generate`'s audio. Closing the iterator early (break, .close()) cancels the request on
         the server. After `silence_probe_s` without a chunk the client PROBEs the stream model,
         and raises CSMError (UNAVAILABLE) when its process has died: such a stream never ends
-        otherwise. gRPC only."""
+        otherwise. `request_id` is the Triton request's id (in Triton's log and its responses).
+        gRPC only."""
         check_streaming(self.protocol)
         inputs = build_inputs(
             self.module, text, speaker, context, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames, **options
         )
         logger.debug("stream %s: speaker %d, %d context segments, %s", self.url, speaker, len(context), options)
-        return self._chunks(inputs)
+        return self._chunks(inputs, request_id)
 
-    def _chunks(self, inputs: list) -> Iterator[np.ndarray]:
+    def _chunks(self, inputs: list, request_id: str) -> Iterator[np.ndarray]:
         # tritonclient allows one stream per client: the first uses our client (its channel is
         # already connected), a stream opened while it runs gets a client of its own.
         own = self._streaming
@@ -291,7 +293,9 @@ class CSMClient:
             # The empty final response (of a request the server cancels) tells that the request ended.
             outputs = [self.module.InferRequestedOutput("AUDIO")]
             try:
-                triton.async_stream_infer(self.stream_model_name, inputs, outputs=outputs, enable_empty_final_response=True)
+                triton.async_stream_infer(
+                    self.stream_model_name, inputs, outputs=outputs, request_id=request_id, enable_empty_final_response=True
+                )
             except InferenceServerException:
                 # The stream broke before the request went out (an unreachable server): its callback has the reason.
                 _, error = responses.get(timeout=self.timeout_s)
@@ -424,6 +428,7 @@ class AsyncCSMClient:
         *,
         first_chunk_frames: int | None = None,
         chunk_frames: int | None = None,
+        request_id: str = "",
         **options: Unpack[Options],
     ) -> AsyncIterator[np.ndarray]:
         """CSMClient.stream as an async iterator (`async for chunk in client.stream(...)`).
@@ -435,14 +440,15 @@ class AsyncCSMClient:
             self.module, text, speaker, context, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames, **options
         )
         logger.debug("stream.aio %s: speaker %d, %d context segments, %s", self.url, speaker, len(context), options)
-        return self._chunks(inputs)
+        return self._chunks(inputs, request_id)
 
-    async def _chunks(self, inputs: list) -> AsyncIterator[np.ndarray]:
+    async def _chunks(self, inputs: list, request_id: str) -> AsyncIterator[np.ndarray]:
         import grpc  # grpc.aio's stream call raises its own errors, not tritonclient's
 
         async def requests() -> AsyncIterator[dict]:
             # One request, then the request side closes: the server ends the call after the last response.
-            yield {"model_name": self.stream_model_name, "inputs": inputs, "outputs": [self.module.InferRequestedOutput("AUDIO")]}
+            outputs = [self.module.InferRequestedOutput("AUDIO")]
+            yield {"model_name": self.stream_model_name, "inputs": inputs, "outputs": outputs, "request_id": request_id}
 
         responses = self._triton().stream_infer(requests(), stream_timeout=self.timeout_s, headers=STREAM_HEADERS)
         pending: asyncio.Future | None = None  # the next response, awaited across silence probes

@@ -264,17 +264,23 @@ class TritonServer:
             self.process.wait()
 
 
-def admin_key(key_file: Path) -> str:
-    """$CSM_ADMIN_KEY, or a new random key (at every start) written to `key_file`, which only this
-    user can read, for the admin's tools to read it from."""
-    key = os.environ.get(ADMIN_KEY_ENV)
-    if key is not None:
-        return check_admin_key(key)
+def write_new_key(key_file: Path) -> str:
+    """A new random key, written to `key_file`, which only this user can read (mode 0600)."""
     key = new_admin_key()
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.unlink(missing_ok=True)  # the mode below applies to a new file only
     with open(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
         out.write(key)
+    return key
+
+
+def admin_key(key_file: Path) -> str:
+    """$CSM_ADMIN_KEY, or a new random key (at every start) written to `key_file`, for the
+    admin's tools to read it from."""
+    key = os.environ.get(ADMIN_KEY_ENV)
+    if key is not None:
+        return check_admin_key(key)
+    key = write_new_key(key_file)
     logger.info(
         "%s is not set: the admin key (header %s over HTTP, %s over gRPC) is in %s",
         ADMIN_KEY_ENV,
