@@ -6,13 +6,16 @@ Starts its own tritonserver on the tiny model (CPU, --slots slots), as bench/loa
 requests back to back. The mix: unary `csm` over gRPC and HTTP, streaming `csm_stream`, invalid
 requests (one input out of range: INVALID_ARG naming it is expected), streams the client cancels
 after their first audio, and streams whose client drops its gRPC channel after their first audio;
-load_bench's texts and contexts (none, text-only turns, an audio turn).
+load_bench's texts and contexts (none, text-only turns, an audio turn). And the speech gateway, run
+as its own process beside the server (bench/gateway_mix.py): speech in every format and speed,
+custom voices created, used and deleted, hostile bodies (a 4xx with OpenAI's error body is
+expected), and clients that leave after their first audio bytes.
 
 Every request must end once: a unary call's result or exception is its final response; a stream's
 is the response flagged `triton_final_response` (empty finals asked for) or its error. Lost: no
 final within --lost-after-s. Duplicated: a response after the final one. Every few seconds it
-samples the RSS and threads of each tritonserver child whose command line names csm_stream (the
-model's stub, and an engine process of its own where there is one), the csm_* gauges, and how long
+samples the RSS and threads of every process of the stack (tritonserver, each model's stub,
+csm_stream's engine process, the gateway), the csm_* gauges, and how long
 the health endpoints that the Kubernetes probes ask take to answer. At the end: the memory slope of
 each process after the warm-up (least squares), what the server still counts once the load has
 stopped, and the processes' threads before and after.
@@ -29,6 +32,9 @@ import platform
 import queue
 import random
 import re
+import secrets
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -39,7 +45,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import gateway_mix
 import grpc
+import httpx
 import numpy as np
 import psutil
 import tritonclient.grpc as grpcclient
@@ -60,12 +68,16 @@ logger = logging.getLogger("soak")
 UNARY_MODEL, STREAM_MODEL = "csm", "csm_stream"
 # kind: (share of the requests, how it ends when all is well)
 KINDS = {
-    "unary_grpc": (0.20, "completed"),
-    "unary_http": (0.15, "completed"),
-    "stream": (0.35, "completed"),
-    "invalid": (0.10, "invalid"),
-    "cancel": (0.10, "cancelled"),
-    "drop": (0.10, "dropped"),
+    "unary_grpc": (0.15, "completed"),
+    "unary_http": (0.10, "completed"),
+    "stream": (0.25, "completed"),
+    "invalid": (0.08, "invalid"),
+    "cancel": (0.07, "cancelled"),
+    "drop": (0.07, "dropped"),
+    "gateway_speech": (0.12, "completed"),
+    "gateway_voice": (0.04, "completed"),
+    "gateway_hostile": (0.07, "invalid"),
+    "gateway_disconnect": (0.05, "dropped"),
 }
 FAILED_AS_EXPECTED = ("invalid", "cancelled", "dropped")
 # One input out of range per invalid request; the error must name it.
@@ -247,6 +259,8 @@ class UserSettings:
     """What every virtual user shares."""
 
     server: TritonServer
+    gateway_url: str
+    voices_key: str
     mix: LoadSettings  # load_bench's request mix (its seed), with the server's chunk sizes
     deadline: float
     lost_after_s: float
@@ -261,9 +275,16 @@ def virtual_user(index: int, settings: UserSettings) -> None:
     server, bound_s = settings.server, settings.lost_after_s
     grpc_client = grpcclient.InferenceServerClient(server.grpc_url)
     http_client = httpclient.InferenceServerClient(server.http_url, connection_timeout=bound_s, network_timeout=bound_s)
+    gateway = gateway_mix.GatewayUser(httpx.Client(base_url=settings.gateway_url), settings.voices_key, bound_s, rng)
     try:
         while time.monotonic() < settings.deadline:
             kind = rng.choices(kinds, shares)[0]
+            if kind in gateway_mix.KINDS:
+                settings.tally.send()
+                start = time.monotonic()
+                outcome, error = gateway_mix.KINDS[kind](gateway)
+                settings.tally.add(Record(kind, "gateway", "none", outcome, time.monotonic() - start, error))
+                continue
             spec = make_request(rng, settings.mix, rng.choice(MAX_AUDIO_MS))
             arrays, invalid_field = spec.arrays, None
             transport = {"unary_grpc": "grpc", "unary_http": "http"}.get(kind, "stream")
@@ -286,16 +307,16 @@ def virtual_user(index: int, settings: UserSettings) -> None:
     finally:
         grpc_client.close()
         http_client.close()
+        gateway.client.close()
 
 
-def stream_processes(server: TritonServer) -> list[psutil.Process]:
-    """Every tritonserver child whose command line names csm_stream: the model's stub, and its
-    engine process where it has one of its own (not the stub's orphan watch, a shell)."""
-    found = []
+def stack_processes(server: TritonServer, gateway: psutil.Process) -> list[psutil.Process]:
+    """tritonserver, its python-backend stubs and csm_stream's engine process (not the stubs'
+    orphan watches, shells that come and go), and the gateway."""
+    found = [psutil.Process(server.process.pid), gateway]
     for child in psutil.Process(server.process.pid).children(recursive=True):
         try:
-            command = " ".join(child.cmdline())
-            if STREAM_MODEL in command and "csm-orphan-watch" not in command:
+            if "csm-orphan-watch" not in " ".join(child.cmdline()) and child.name() not in ("sh", "sleep", "sed"):
                 found.append(child)
         except psutil.NoSuchProcess:
             pass
@@ -303,11 +324,12 @@ def stream_processes(server: TritonServer) -> list[psutil.Process]:
 
 
 class Watch:
-    """What the main thread measures while the users send: each csm_stream process's RSS and
-    threads and the server's gauges every --sample-s, and the probed endpoints' answer times."""
+    """What the main thread measures while the users send: each process's RSS and threads and the
+    server's gauges every --sample-s, and the probed endpoints' answer times."""
 
-    def __init__(self, server: TritonServer) -> None:
+    def __init__(self, server: TritonServer, gateway: psutil.Process) -> None:
         self.server = server
+        self.gateway = gateway
         self.metrics_url = f"localhost:{server.options.metrics_port}"
         self.start = time.monotonic()
         self.processes: dict[int, psutil.Process] = {}
@@ -318,8 +340,8 @@ class Watch:
         self.probe_failures: Counter = Counter()
 
     def sample_processes(self) -> list[dict[str, Any]]:
-        """One sample of every csm_stream process seen so far (those still running)."""
-        for process in stream_processes(self.server):
+        """One sample of every process seen so far (those still running)."""
+        for process in stack_processes(self.server, self.gateway):
             if process.pid not in self.processes:
                 self.processes[process.pid], self.commands[process.pid] = process, " ".join(process.cmdline())
         taken = []
@@ -356,10 +378,22 @@ class Watch:
                 return {name: gauges.get(name) for name in LEFTOVER_GAUGES}, time.monotonic() - start
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def log_problem_counts(log_file: Path) -> list[tuple[str, int]]:
     """load_bench's problem lines of the server log, counted by message (a long run repeats them)."""
     messages = [LOG_LINE_PREFIX.sub("", line) for line in server_log_problems(log_file, limit=sys.maxsize)]
     return Counter(messages).most_common()
+
+
+def gateway_log_problems(log_file: Path) -> list[tuple[str, int]]:
+    """The gateway log's tracebacks and error lines, counted by line."""
+    lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines()]
+    return Counter(line for line in lines if line.startswith("Traceback") or " ERROR " in line or "failed" in line).most_common()
 
 
 def memory_figures(watch: Watch, warmup_s: float, threads_before: dict[int, int], threads_after: dict[int, int]) -> list[dict[str, Any]]:
@@ -404,15 +438,15 @@ def request_figures(tally: Tally) -> dict[str, Any]:
     }
 
 
-def run(server: TritonServer, args: argparse.Namespace) -> dict[str, Any]:
+def run(server: TritonServer, gateway: subprocess.Popen, gateway_url: str, voices_key: str, args: argparse.Namespace) -> dict[str, Any]:
     """The users at work for --minutes while the main thread samples, then what is left once they stop."""
-    watch = Watch(server)
+    watch = Watch(server, psutil.Process(gateway.pid))
     threads_before = {sample["pid"]: sample["threads"] for sample in watch.sample_processes()}
     duration_s = args.minutes * 60
     warmup_s = (args.warmup_minutes if args.warmup_minutes is not None else args.minutes / 5) * 60
     tally = Tally()
     mix = LoadSettings(duration_s=None, requests_per_user=None, stagger_s=0.0, seed=args.seed, first_chunk_frames=None, chunk_frames=None)
-    settings = UserSettings(server, mix, watch.start + duration_s, args.lost_after_s, tally)
+    settings = UserSettings(server, gateway_url, voices_key, mix, watch.start + duration_s, args.lost_after_s, tally)
     users = [threading.Thread(target=virtual_user, args=(index, settings), name=f"user-{index}") for index in range(args.users)]
     for user in users:
         user.start()
@@ -450,6 +484,7 @@ def run(server: TritonServer, args: argparse.Namespace) -> dict[str, Any]:
         "left_over": {**left_over, "settle_s": settle_s},
         "probes": probes,
         "server_log_problems": log_problem_counts(args.server_log),
+        "gateway_log_problems": gateway_log_problems(args.gateway_log),
         "memory_samples": watch.memory,
         "gauge_samples": watch.gauges,
         "records": [asdict(record) for record in tally.records],
@@ -474,7 +509,7 @@ def print_report(results: dict[str, Any], slots: int) -> None:
     for figure in results["memory"]:
         slope = figure["slope_mb_per_minute"]
         print(
-            f"csm_stream process {figure['pid']} ({figure['program']}): RSS {figure['rss_start_mb']:.0f} -> {figure['rss_end_mb']:.0f} MB, "
+            f"process {figure['pid']} ({figure['program']}): RSS {figure['rss_start_mb']:.0f} -> {figure['rss_end_mb']:.0f} MB, "
             f"slope {'-' if slope is None else f'{slope:+.2f}'} MB/min after the warm-up ({figure['samples_after_warmup']} samples), "
             f"threads {figure['threads_before']} -> {figure['threads_after']}"
         )
@@ -487,6 +522,8 @@ def print_report(results: dict[str, Any], slots: int) -> None:
         print(f"probe {path}: {probes[path]['answers']} answers, slowest {shown}, failures {probes[path]['failures']}")
     for message, count in results["server_log_problems"]:
         logger.warning("server log: %d x %s", count, message)
+    for message, count in results["gateway_log_problems"]:
+        logger.warning("gateway log: %d x %s", count, message)
 
 
 def main() -> None:
@@ -499,14 +536,22 @@ def main() -> None:
     parser.add_argument("--lost-after-s", type=float, default=120.0, help="a request without its final response by then is lost")
     parser.add_argument("--seed", type=int, default=0, help="seeds the request mix")
     parser.add_argument("--server-log", type=Path, default=Path(tempfile.gettempdir()) / "csm-soak-server.log")
+    parser.add_argument("--gateway-log", type=Path, default=Path(tempfile.gettempdir()) / "csm-soak-gateway.log")
     parser.add_argument("--json", type=Path, help="write every figure, sample and request here")
     args = parser.parse_args()
     args.users = args.users or 2 * args.slots
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line for every gateway request otherwise
     with tempfile.TemporaryDirectory() as tmp, logging_redirect_tqdm():
         server = start_server(Path(tmp), args.server_log, args.slots)
+        voices_key, gateway_port = secrets.token_urlsafe(24), free_port()
         try:
-            results = run(server, args)
+            gateway = gateway_mix.start_gateway(server.grpc_url, gateway_port, voices_key, args.gateway_log)
+            try:
+                results = run(server, gateway, f"http://127.0.0.1:{gateway_port}", voices_key, args)
+            finally:
+                gateway.terminate()
+                gateway.wait(timeout=60)
         finally:
             server.stop()
     print_report(results, args.slots)
