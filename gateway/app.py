@@ -342,7 +342,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         CSM's `transcript` of the clip and an optional `speaker` id (0)."""
         data = await read_body(request, config.max_voice_upload_bytes + FORM_FIELDS_BYTES, "audio_sample")
         form = await asyncio.to_thread(parse_form, data, request.headers.get("content-type", ""))
-        del data
+        del data  # the body: the clip is decoded without it
         clip = form.files.get("audio_sample")
         if clip is None:
             raise APIError(400, "audio_sample: a file is required", "audio_sample", "missing_field")

@@ -4,7 +4,7 @@ hold whatever a file declares.
 ffmpeg, left to probe, picks among all its demuxers, some of which open other files (concat
 scripts, HLS playlists, image sequences) relative to the process's working directory. So a clip
 is recognised here by its first bytes as one of an allow-list of containers and opened with that
-demuxer alone; nested opens are refused too (an empty protocol whitelist) and the mov demuxer's
+demuxer alone; nested opens are refused too (a protocol whitelist naming none) and the mov demuxer's
 external data references stay off. A clip's sample rate and channels are read from its header and
 checked before any sample is decoded, then each decoded frame is checked as it comes (a stream may
 change its rate) and counted at the input rate, so decoding stops at the bound: the samples kept
