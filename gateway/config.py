@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from csm_triton.request import INT32_MAX
+
 ENV_PREFIX = "CSM_GATEWAY_"
 # OpenAI's built-in voice names. Each maps by default to a plain CSM speaker id, without a reference
 # clip, so that clients written for OpenAI work with no voice files staged. CSM-1B's base model has no
@@ -48,8 +50,8 @@ def load_voices(path: Path | None) -> dict[str, Voice]:
     if not isinstance(entries, dict):
         raise ValueError(f"{path}: must hold a JSON object of voice name -> {{speaker, audio, transcript}}")
     for name, entry in entries.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("speaker"), int) or entry["speaker"] < 0:
-            raise ValueError(f"{path}: voice {name!r} needs a speaker id >= 0")
+        if not isinstance(entry, dict) or not isinstance(entry.get("speaker"), int) or not 0 <= entry["speaker"] <= INT32_MAX:
+            raise ValueError(f"{path}: voice {name!r} needs a speaker id in [0, {INT32_MAX}] (an INT32 tensor)")
         audio = entry.get("audio")
         clip = (path.parent / audio) if audio else None
         if clip is not None and not clip.is_file():

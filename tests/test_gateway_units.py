@@ -37,15 +37,23 @@ def tone(seconds: float, rate: int = 24_000) -> np.ndarray:
 
 def test_configuration_from_the_environment_and_flags_the_flag_winning(tmp_path: Path) -> None:
     environ = {"GATEWAY_PORT": "9000", "CSM_GATEWAY_API_KEYS": "a, b,", "CSM_GATEWAY_FIRST_CHUNK_FRAMES": "3",
-               "CSM_GATEWAY_VOICES_DIR": str(tmp_path), "CSM_GATEWAY_MAX_CONTEXT_AUDIO_S": "12.5"}  # fmt: skip
+               "CSM_GATEWAY_VOICES_DIR": str(tmp_path), "CSM_GATEWAY_MAX_CONTEXT_AUDIO_S": "12.5",
+               "CSM_GATEWAY_MAX_JSON_VALUES": "1000", "CSM_GATEWAY_MAX_CLIP_SAMPLE_RATE": "44100"}  # fmt: skip
     config = GatewayConfig.from_env(environ)
     assert (config.port, config.api_keys, config.first_chunk_frames, config.voices_dir) == (9000, ("a", "b"), 3, tmp_path)
     assert config.max_context_audio_s == 12.5 and config.triton_url == "localhost:8001"
+    assert (config.max_json_values, config.max_clip_sample_rate, ClipBounds.from_config(config)) == (
+        1000,
+        44_100,
+        ClipBounds(8000, 44_100, 8),
+    )
     assert GatewayConfig.from_env(environ, port=7000).port == 7000
     flags = GatewayConfig.from_command_line(["--port", "8123", "--models", "csm-1b", "--triton-url", "triton:8001"])
     assert (flags.port, flags.models, flags.triton_url) == (8123, ("csm-1b",), "triton:8001")
     with pytest.raises(ValueError, match="models"):
         GatewayConfig(models=())
+    with pytest.raises(ValueError, match="min_clip_sample_rate"):
+        GatewayConfig(min_clip_sample_rate=48_001)
 
 
 def test_the_voices_file_adds_to_openai_s_names_and_checks_its_entries(tmp_path: Path) -> None:
@@ -56,7 +64,11 @@ def test_the_voices_file_adds_to_openai_s_names_and_checks_its_entries(tmp_path:
     )
     voices = load_voices(tmp_path / "voices.json")
     assert voices["maya"].audio == tmp_path / "maya.wav" and voices["maya"].transcript == "Hi." and voices["alloy"].speaker == 5
-    for entry, message in (({"speaker": -1}, "speaker id"), ({"speaker": 0, "audio": "none.wav"}, "no file")):
+    for entry, message in (
+        ({"speaker": -1}, "speaker id"),
+        ({"speaker": 2**31}, "speaker id"),
+        ({"speaker": 0, "audio": "none.wav"}, "no file"),
+    ):
         (tmp_path / "bad.json").write_text(json.dumps({"bad": entry}))
         with pytest.raises(ValueError, match=message):
             load_voices(tmp_path / "bad.json")
