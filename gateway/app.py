@@ -15,23 +15,26 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from csm_client import AsyncCSMClient, CSMError, Segment
+from csm_triton.request import INT32_MAX
 
-from . import audio, request_ids
-from .config import GatewayConfig, load_voices
+from . import audio, clips, request_ids
+from .body import parse_form, parse_model, read_body
+from .config import GatewayConfig
 from .connections import BodyDeadline
 from .errors import APIError, from_triton, named, shown
 from .metrics import GatewayMetrics
@@ -39,47 +42,65 @@ from .voices import StoredVoice, VoiceError, VoiceLibrary
 
 logger = logging.getLogger("gateway")
 STATIC = Path(__file__).parent / "static"
+FORM_FIELDS_BYTES = 64 * 1024  # a voice upload's form fields besides its clip
+Model = TypeVar("Model", bound=BaseModel)
 SAMPLES_PER_FRAME = 1920  # one 80 ms Mimi frame at 24 kHz
+# SPEAKER, CONTEXT_SPEAKER, TOPK, MAX_AUDIO_LENGTH_MS and CONTEXT_CODES are INT32 tensors (INT32_MAX).
+INT64_MAX = 2**63 - 1  # SEED is INT64
+FP32_MAX = float(np.finfo(np.float32).max)  # TEMPERATURE is FP32
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unicode_text(value: str) -> str:
+    """A string that is Unicode text: JSON's \\u escapes can carry lone surrogates, which no UTF-8 holds."""
+    if not value.isascii() and SURROGATE.search(value):
+        raise ValueError("holds a lone surrogate (\\ud800 to \\udfff), which is no Unicode text")
+    return value
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]
+Name = Annotated[str, Field(max_length=256), AfterValidator(unicode_text)]
 
 
 class VoiceRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: str
+    id: Name
 
 
 # One Mimi frame of a turn's codes: csm_stream checks the values (below its audio vocabulary);
 # here they need only fit its INT32 tensor.
-CodeFrame = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=32, max_length=32)]
+CodeFrame = Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=32, max_length=32)]
 
 
 class Turn(BaseModel):
-    """An earlier turn of the conversation: its text and speaker, and its audio as base64 (WAV,
-    or anything ffmpeg decodes) or the Mimi codes the server returned for it ([frames][32]
+    """An earlier turn of the conversation: its text and speaker, and its audio as base64 (a clip
+    of gateway/clips.py's formats) or the Mimi codes the server returned for it ([frames][32]
     integers: AUDIO_CODES), which csm_stream uses as they are, never encoding them."""
 
     model_config = ConfigDict(extra="forbid")
-    text: str
-    speaker: int = Field(ge=0)
-    audio: str | None = None
+    text: Text
+    speaker: int = Field(ge=0, le=INT32_MAX)
+    audio: str | None = None  # base64, whose decoder refuses anything but ASCII
     codes: list[CodeFrame] | None = Field(default=None, min_length=1)
 
 
 class Sampling(BaseModel):
-    """CSM's extensions to OpenAI's request; those left out take the server's defaults."""
+    """CSM's extensions to OpenAI's request; those left out take the server's defaults. Each
+    number is bounded to the Triton tensor it becomes, so that none wraps."""
 
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    temperature: float | None = Field(default=None, gt=0)
-    topk: int | None = Field(default=None, ge=1)
-    max_audio_length_ms: int | None = Field(default=None, ge=80)
+    seed: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    temperature: float | None = Field(default=None, gt=0, le=FP32_MAX, allow_inf_nan=False)
+    topk: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_audio_length_ms: int | None = Field(default=None, ge=80, le=INT32_MAX)
     context: list[Turn] = Field(default_factory=list)
 
 
 class SpeechRequest(Sampling):
     model_config = ConfigDict(extra="forbid")
-    model: str
-    input: str
-    voice: str | VoiceRef
-    instructions: str | None = None  # accepted for compatibility; CSM takes no style instructions
+    model: Name
+    input: Text
+    voice: Name | VoiceRef
+    instructions: Text | None = None  # accepted for compatibility; CSM takes no style instructions
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
     speed: float = Field(default=1.0, ge=0.25, le=4.0)
     stream_format: Literal["audio", "sse"] = "audio"
@@ -89,8 +110,8 @@ class GenerateRequest(Sampling):
     """The design document's REST route: text, speaker, temperature, topk -> {"audio": base64 WAV}."""
 
     model_config = ConfigDict(extra="forbid")
-    text: str
-    speaker: int = Field(default=0, ge=0)
+    text: Text
+    speaker: int = Field(default=0, ge=0, le=INT32_MAX)
 
 
 @dataclass
@@ -101,6 +122,7 @@ class Job:
     speaker: int
     context: list[Segment]
     options: dict[str, Any]
+    text_param: str = "input"  # the route's name for the text, for csm_stream's errors about it
 
 
 class Gateway:
@@ -109,7 +131,8 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.voices = VoiceLibrary(load_voices(config.voices_file), config.max_voice_clip_s, config.voices_dir, config.max_custom_voices)
+        self.voices = VoiceLibrary(config)
+        self.clip_bounds = clips.ClipBounds.from_config(config)
         self.metrics = GatewayMetrics()
         self.streams = 0
         self._client: AsyncCSMClient | None = None
@@ -136,36 +159,44 @@ class Gateway:
         return voice
 
     def job(self, text: str, text_param: str, speaker: int, request: Sampling, voice: StoredVoice | None = None) -> Job:
-        """Checks what the gateway bounds itself (the rest is csm_stream's to check) and decodes the context audio."""
+        """Checks what the gateway bounds itself (the rest is csm_stream's to check), every count
+        and text before any clip is decoded, then decodes the context audio."""
         if not text.strip():
             raise APIError(400, f"{text_param}: must not be blank", text_param, "invalid_value")
         if len(text) > self.config.max_input_chars:
             raise APIError(
                 400, f"{text_param}: {len(text)} characters, more than {self.config.max_input_chars}", text_param, "string_above_max_length"
             )
+        if len(request.context) > self.config.max_context_turns:
+            message = f"context: {len(request.context)} turns, more than max_context_turns {self.config.max_context_turns}"
+            raise APIError(400, message, "context", "invalid_value")
+        for index, turn in enumerate(request.context):
+            size, most = len(turn.text.encode("utf-8")), self.config.max_context_text_bytes
+            if size > most:
+                message = f"context[{index}].text: {size} bytes of UTF-8, more than max_context_text_bytes {most}"
+                raise APIError(400, message, "context", "string_above_max_length")
+            if turn.codes is not None and turn.audio is not None:
+                raise APIError(400, f"context[{index}]: holds both audio and codes; send one of them", "context", "invalid_value")
         context: list[Segment] = []
         budget = self.config.max_context_audio_s
         if voice is not None and voice.samples is not None:
             context.append(Segment(speaker=voice.speaker, text=voice.transcript, audio=voice.samples, sample_rate=voice.rate))
         for index, turn in enumerate(request.context):
-            clip, rate = None, audio.SAMPLE_RATE
+            clip, rate, codes = None, audio.SAMPLE_RATE, None
             if turn.codes is not None:
-                if turn.audio is not None:
-                    raise APIError(400, f"context[{index}]: holds both audio and codes; send one of them", "context", "invalid_value")
-                context.append(Segment(speaker=turn.speaker, text=turn.text, codes=np.array(turn.codes, dtype=np.int32)))
-                continue
-            if turn.audio is not None:
+                codes = np.array(turn.codes, dtype=np.int32)
+            elif turn.audio is not None:
                 try:
-                    clip, rate = audio.decode_base64_audio(turn.audio, budget)
-                except audio.AudioInputError as error:
+                    clip, rate = clips.decode_base64_audio(turn.audio, budget, self.clip_bounds)
+                except clips.AudioInputError as error:
                     raise APIError(400, f"context[{index}].audio: {error}", "context", "invalid_audio") from error
                 budget -= len(clip) / rate
-            context.append(Segment(speaker=turn.speaker, text=turn.text, audio=clip, sample_rate=rate))
+            context.append(Segment(speaker=turn.speaker, text=turn.text, audio=clip, sample_rate=rate, codes=codes))
         rates = {segment.sample_rate for segment in context if segment.audio is not None}
         if len(rates) > 1:  # Triton takes one CONTEXT_SAMPLE_RATE a request: bring the clips to Mimi's
             for segment in context:
                 if segment.audio is not None and segment.sample_rate != audio.SAMPLE_RATE:
-                    segment.audio = audio.resample(segment.audio, segment.sample_rate, audio.SAMPLE_RATE)
+                    segment.audio = clips.resample(segment.audio, segment.sample_rate, audio.SAMPLE_RATE)
                     segment.sample_rate = audio.SAMPLE_RATE
         options = {
             "seed": request.seed,
@@ -175,7 +206,7 @@ class Gateway:
             "first_chunk_frames": self.config.first_chunk_frames,
             "voice": voice.server_voice if voice is not None and voice.server_voice else None,
         }
-        return Job(text, speaker, context, {key: value for key, value in options.items() if value is not None})
+        return Job(text, speaker, context, {key: value for key, value in options.items() if value is not None}, text_param)
 
     def acquire(self) -> None:
         """Takes one of max_streams (each `release`d once): a request past them is refused with 429
@@ -201,7 +232,7 @@ class Gateway:
         except BaseException as error:
             await chunks.aclose()
             if isinstance(error, CSMError):
-                raise from_triton(error) from error
+                raise from_triton(error, job.text_param) from error
             raise
 
 
@@ -269,24 +300,10 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         if not bearer(request, config.voice_keys):
             raise APIError(401, "creating and deleting voices takes a voices key (Authorization: Bearer <key>)", code="invalid_api_key")
 
-    async def read_json(request: Request, kind: type[BaseModel]) -> Any:
-        """The body, bounded before it is read (Content-Length) and while it is (chunked)."""
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > config.max_body_bytes:
-            raise APIError(413, f"request body of {length} bytes, more than {config.max_body_bytes}", code="request_too_large")
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > config.max_body_bytes:
-                raise APIError(413, f"request body larger than {config.max_body_bytes} bytes", code="request_too_large")
-        try:
-            data = json.loads(body)
-        except ValueError as error:
-            raise APIError(400, f"body: not JSON ({error})", code="invalid_json") from error
-        try:
-            return kind.model_validate(data)
-        except ValueError as error:  # pydantic's ValidationError
-            raise RequestValidationError(error.errors()) from error
+    async def read_json(request: Request, kind: type[Model]) -> Model:
+        """The body as the request model `kind`, bounded while it is read and parsed off the event loop."""
+        data = await read_body(request, config.max_body_bytes, max_json_values=config.max_json_values)
+        return await asyncio.to_thread(parse_model, kind, data)
 
     @app.post("/v1/audio/speech", dependencies=[Depends(authorized)])
     async def speech(request: Request) -> Response:
@@ -323,7 +340,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
             async with contextlib.aclosing(chunks):
                 parts.extend([chunk async for chunk in chunks])
         except CSMError as error:
-            raise from_triton(error) from error
+            raise from_triton(error, job.text_param) from error
         finally:
             gateway.release()
         samples = np.concatenate(parts) if parts else np.zeros(0, np.float32)
@@ -348,40 +365,24 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     async def create_voice(request: Request) -> dict:
         """OpenAI's custom voice from an audio sample (multipart: name, audio_sample, consent), with
         CSM's `transcript` of the clip and an optional `speaker` id (0)."""
-        length = request.headers.get("content-length", "")
-        limit = config.max_voice_upload_bytes + 64 * 1024  # the form's other fields besides the clip
-        if length.isdigit() and int(length) > limit:
-            raise APIError(
-                413,
-                f"upload of {length} bytes, more than max_voice_upload_bytes {config.max_voice_upload_bytes}",
-                "audio_sample",
-                "request_too_large",
-            )
-        try:
-            form = await request.form(max_files=1, max_fields=16)
-        except Exception as error:  # starlette's MultiPartException, or a body that is no form at all
-            raise APIError(400, f"body: not a multipart form ({error})", code="invalid_form") from error
-        try:
-            fields = {key: value for key, value in form.items() if isinstance(value, str)}
-            sample = form.get("audio_sample")
-            if sample is None or isinstance(sample, str):
-                raise APIError(400, "audio_sample: a file is required", "audio_sample", "missing_field")
-            clip = await sample.read(config.max_voice_upload_bytes + 1)
-        finally:
-            await form.close()
+        data = await read_body(request, config.max_voice_upload_bytes + FORM_FIELDS_BYTES, "audio_sample")
+        form = await asyncio.to_thread(parse_form, data, request.headers.get("content-type", ""))
+        del data  # the body: the clip is decoded without it
+        clip = form.files.get("audio_sample")
+        if clip is None:
+            raise APIError(400, "audio_sample: a file is required", "audio_sample", "missing_field")
         if len(clip) > config.max_voice_upload_bytes:
             raise APIError(
                 413, f"audio_sample: more than max_voice_upload_bytes {config.max_voice_upload_bytes}", "audio_sample", "request_too_large"
             )
+        fields = form.fields
         if fields.get("type", "audio_sample") != "audio_sample":
             raise APIError(400, "type: only audio_sample voices can be made here (CSM has no voices from prompts)", "type", "invalid_value")
-        speaker = fields.get("speaker", "0")
-        if not speaker.lstrip("-").isdigit():
-            raise APIError(400, f"speaker: must be a whole number, got {speaker!r}", "speaker", "invalid_value")
         try:
             voice = await asyncio.to_thread(
-                gateway.voices.create, fields.get("name", ""), clip, fields.get("transcript", ""), fields.get("consent", ""), int(speaker)
-            )
+                gateway.voices.create, fields.get("name", ""), clip, fields.get("transcript", ""), fields.get("consent", ""),
+                fields.get("speaker", "0"),
+            )  # fmt: skip
         except VoiceError as error:
             raise APIError(400, str(error), error.param, "invalid_value") from error
         logger.info("voice %s (%s) created: speaker %d, %.1f s clip", voice.id, voice.name, voice.speaker, len(voice.samples) / voice.rate)

@@ -1,6 +1,6 @@
-"""Audio in and out of the gateway, without torch: streaming encoders for each `response_format`
-(WAV with a streaming header, raw PCM, and mp3 / opus / aac / flac through PyAV's ffmpeg), the
-`speed` change (ffmpeg's atempo, which keeps the pitch), and decoding of uploaded clips.
+"""The gateway's audio out, without torch: streaming encoders for each `response_format` (WAV
+with a streaming header, raw PCM, and mp3 / opus / aac / flac through PyAV's ffmpeg) and the
+`speed` change (ffmpeg's atempo, which keeps the pitch). Clips coming in are gateway/clips.py's.
 
 Every encoder takes float32 mono chunks at 24 kHz as they are generated and returns the bytes
 ready to send for each, so a response's first bytes leave with the first chunk.
@@ -8,9 +8,6 @@ ready to send for each, so a response's first bytes leave with the first chunk.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import struct
 from dataclasses import dataclass
 
@@ -105,6 +102,8 @@ class Encoder:
         if self._container is None:
             header, self._header = (wav_header() if self._header else b""), False
             return header + pcm16(samples)
+        if not len(samples):  # the speed change holds back its first chunks; encoders refuse empty frames
+            return b""
         # 16-bit samples, quantised as pcm16 does, so that flac's decoded samples are pcm's and wav's.
         frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm16(samples), "<i2")[None], format="s16", layout="mono")
         frame.sample_rate = SAMPLE_RATE
@@ -141,9 +140,13 @@ def atempo_chain(speed: float) -> list[float]:
 
 
 class SpeedChange:
-    """Changes the tempo of a stream of chunks, keeping its pitch (ffmpeg's atempo, WSOLA), chunk by chunk."""
+    """Changes the tempo of a stream of chunks, keeping its pitch (ffmpeg's atempo, WSOLA), chunk by
+    chunk. The whole comes out `speed` times shorter to the sample: atempo ends up to a window (~50
+    ms) off, so its tail is cut or padded with silence to round(samples in / speed)."""
 
     def __init__(self, speed: float) -> None:
+        self._speed = speed
+        self._sent = 0
         self._graph = av.filter.Graph()
         source = self._graph.add_abuffer(format="flt", sample_rate=SAMPLE_RATE, layout="mono", time_base=f"1/{SAMPLE_RATE}")
         node = source
@@ -172,56 +175,12 @@ class SpeedChange:
         frame.pts = self._pts
         self._pts += len(samples)
         self._graph.push(frame)
-        return self._drain()
+        out = self._drain()
+        self._sent += len(out)
+        return out
 
     def finish(self) -> np.ndarray:
         self._graph.push(None)
-        return self._drain()
-
-
-class AudioInputError(ValueError):
-    """An uploaded clip that cannot be used; the message says why."""
-
-
-def decode_audio(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
-    """Any clip ffmpeg reads (WAV, FLAC, mp3, ...) -> (mono float32 samples, its sample rate),
-    refused past `max_seconds`. Channels are averaged, as the model's encoder expects mono."""
-    try:
-        with av.open(io.BytesIO(data), "r") as container:
-            if not container.streams.audio:
-                raise AudioInputError("holds no audio stream")
-            stream = container.streams.audio[0]
-            rate = stream.codec_context.sample_rate
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            parts, total = [], 0
-            for frame in container.decode(stream):
-                for converted in resampler.resample(frame):
-                    part = converted.to_ndarray().reshape(-1)
-                    total += len(part)
-                    if total > max_seconds * rate:
-                        raise AudioInputError(f"is longer than {max_seconds:g} s")
-                    parts.append(part)
-            parts.extend(converted.to_ndarray().reshape(-1) for converted in resampler.resample(None))
-    except av.FFmpegError as error:
-        raise AudioInputError(f"cannot be decoded as audio: {error}") from error
-    if not parts:
-        raise AudioInputError("holds no samples")
-    return np.concatenate(parts).astype(np.float32), rate
-
-
-def decode_base64_audio(text: str, max_seconds: float) -> tuple[np.ndarray, int]:
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise AudioInputError("is not valid base64") from error
-    return decode_audio(data, max_seconds)
-
-
-def resample(samples: np.ndarray, rate: int, new_rate: int) -> np.ndarray:
-    """ffmpeg's resampler (swr), for context clips whose rates differ: Triton takes one rate per request."""
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=new_rate)
-    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, dtype=np.float32)[None], format="flt", layout="mono")
-    frame.sample_rate = rate
-    frame.pts = 0
-    out = [f.to_ndarray().reshape(-1) for f in (*resampler.resample(frame), *resampler.resample(None))]
-    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+        tail = self._drain()
+        missing = max(0, round(self._pts / self._speed) - self._sent)
+        return np.pad(tail[:missing], (0, max(0, missing - len(tail))))

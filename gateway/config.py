@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from csm_triton.request import INT32_MAX
+
 ENV_PREFIX = "CSM_GATEWAY_"
 # OpenAI's built-in voice names. Each maps by default to a plain CSM speaker id, without a reference
 # clip, so that clients written for OpenAI work with no voice files staged. CSM-1B's base model has no
@@ -49,8 +51,8 @@ def load_voices(path: Path | None) -> dict[str, Voice]:
     if not isinstance(entries, dict):
         raise ValueError(f"{path}: must hold a JSON object of voice name -> {{speaker, audio, transcript}}")
     for name, entry in entries.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("speaker"), int) or entry["speaker"] < 0:
-            raise ValueError(f"{path}: voice {name!r} needs a speaker id >= 0")
+        if not isinstance(entry, dict) or not isinstance(entry.get("speaker"), int) or not 0 <= entry["speaker"] <= INT32_MAX:
+            raise ValueError(f"{path}: voice {name!r} needs a speaker id in [0, {INT32_MAX}] (an INT32 tensor)")
         audio = entry.get("audio")
         clip = (path.parent / audio) if audio else None
         if clip is not None and not clip.is_file():
@@ -92,8 +94,22 @@ class GatewayConfig:
     max_voice_clip_s: float = field(default=30.0, metadata={"help": "longest reference clip of a voice"})
     max_streams: int = field(default=64, metadata={"help": "requests generating at once; more get 429"})
     max_body_bytes: int = field(default=32 * 1024 * 1024, metadata={"help": "largest request body (context audio included)"})
+    max_json_values: int = field(
+        default=200_000, metadata={"help": "values in a JSON body at most, counted before parsing as its commas and brackets"}
+    )
     max_input_chars: int = field(default=4096, metadata={"help": "longest `input` (OpenAI's limit)"})
+    max_context_turns: int = field(default=32, metadata={"help": "context turns of a request (csm_stream's max_context_segments)"})
+    max_context_text_bytes: int = field(
+        default=4096, metadata={"help": "UTF-8 bytes of a context turn's text or a voice's transcript (csm_stream's parameter)"}
+    )
     max_context_audio_s: float = field(default=160.0, metadata={"help": "context audio of one request, all turns"})
+    min_clip_sample_rate: int = field(
+        default=8000, metadata={"help": "lowest sample rate of a clip (csm_stream's min_context_sample_rate)"}
+    )
+    max_clip_sample_rate: int = field(
+        default=48_000, metadata={"help": "highest sample rate of a clip (csm_stream's max_context_sample_rate)"}
+    )
+    max_clip_channels: int = field(default=8, metadata={"help": "channels of a clip at most (mixed down to mono)"})
     timeout_s: float = field(default=300.0, metadata={"help": "gRPC deadline of a stream"})
     first_chunk_frames: int | None = field(default=None, metadata={"help": "frames of the first chunk (none: the server's)"})
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
@@ -130,6 +146,10 @@ class GatewayConfig:
             raise ValueError("header_timeout_s and body_timeout_s must be positive")
         if self.open_voices and self.voice_keys:
             raise ValueError("open_voices and voice_keys: open voices take no key; set one of them")
+        if min(self.max_json_values, self.max_context_turns, self.max_context_text_bytes, self.max_clip_channels) < 1:
+            raise ValueError("max_json_values, max_context_turns, max_context_text_bytes and max_clip_channels must be positive")
+        if not 1 <= self.min_clip_sample_rate <= self.max_clip_sample_rate:
+            raise ValueError("min_clip_sample_rate must be positive and at most max_clip_sample_rate")
 
 
 def _convert(name: str, value: Any) -> Any:

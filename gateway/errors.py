@@ -69,14 +69,15 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-def from_triton(error: CSMError) -> APIError:
-    """The API error for a failed Triton stream: 400 for an invalid request (its parameter named),
-    429 for a full server, 503 for one that cannot serve now, 500 for anything else."""
+def from_triton(error: CSMError, text_param: str = "input") -> APIError:
+    """The API error for a failed Triton stream: 400 for an invalid request (its parameter named,
+    the text by the route's name for it), 429 for a full server, 503 for one that cannot serve
+    now, 500 for anything else."""
     status = (error.status or "").upper()
     message = error.message
     if "INVALID_ARG" in status:
-        tensor = message.split(":", 1)[0].strip()
-        return APIError(400, message, TENSOR_PARAMS.get(tensor), "invalid_value")
+        param = TENSOR_PARAMS.get(message.split(":", 1)[0].strip())
+        return APIError(400, message, text_param if param == "input" else param, "invalid_value")
     if error.busy:
         return APIError(429, message, code="server_busy")
     if "UNAVAILABLE" in status or error.status is None:  # None: the server could not be reached

@@ -3,11 +3,14 @@ and custom voices created through `POST /v1/audio/voices` from a reference clip,
 and a consent id, kept in memory and, with `voices_dir`, on disk across restarts.
 
 A voice is a CSM speaker id and, optionally, a clip with its transcript, which goes before the
-request's own context as its first turn. Requests name a voice by its name or its id."""
+request's own context as its first turn. Requests name a voice by its name or its id. Every field
+of a custom voice is checked when it is created against what csm_stream accepts in a context turn,
+so that a voice made is usable, never refused at each use."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 import threading
@@ -17,10 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import audio
-from .config import Voice
+from csm_triton.request import INT32_MAX
 
+from . import audio, clips
+from .config import GatewayConfig, load_voices
+
+logger = logging.getLogger("gateway")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_CONSENT_CHARS = 256
 
 
 class VoiceError(ValueError):
@@ -52,25 +59,42 @@ class StoredVoice:
 
 
 class VoiceLibrary:
-    def __init__(self, configured: dict[str, Voice], max_clip_s: float, directory: Path | None = None, max_custom: int = 100) -> None:
-        self.max_clip_s = max_clip_s
-        self.directory = directory
-        self.max_custom = max_custom
+    """The configured voices (config.voices_file) and the custom ones (kept in config.voices_dir)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.max_clip_s = config.max_voice_clip_s
+        self.max_transcript_bytes = config.max_context_text_bytes
+        self.bounds = clips.ClipBounds.from_config(config)
+        self.directory = config.voices_dir
+        self.max_custom = config.max_custom_voices
         self._lock = threading.Lock()
         self._voices: dict[str, StoredVoice] = {}
-        for voice in configured.values():
+        for voice in load_voices(config.voices_file).values():
             samples, rate = (None, audio.SAMPLE_RATE)
             if voice.audio is not None:
-                samples, rate = audio.decode_audio(voice.audio.read_bytes(), max_clip_s)
+                try:
+                    samples, rate = clips.decode_audio(voice.audio.read_bytes(), self.max_clip_s, self.bounds)
+                except clips.AudioInputError as error:
+                    raise ValueError(f"{config.voices_file}: voice {voice.name!r}: {voice.audio} {error}") from error
             self._voices[voice.name] = StoredVoice(
                 voice.name, voice.name, voice.speaker, "builtin", voice.transcript, samples, rate, server_voice=voice.server_voice
             )
-        if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-            for entry in sorted(directory.glob("*.json")):
-                meta = json.loads(entry.read_text())
-                samples, rate = audio.decode_audio(entry.with_suffix(".audio").read_bytes(), max_clip_s)
-                self._voices[meta["id"]] = StoredVoice(**meta, type="audio_sample", samples=samples, rate=rate)
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for entry in sorted(self.directory.glob("*.json")):
+                self._load(entry)
+
+    def _load(self, entry: Path) -> None:
+        """A custom voice kept in voices_dir; one that a gateway of these bounds would not create
+        (kept by an older one) is left out, and its files left in place."""
+        meta = json.loads(entry.read_text())
+        try:
+            self.check_fields(meta["transcript"], meta["consent"], str(meta["speaker"]))
+            samples, rate = clips.decode_audio(entry.with_suffix(".audio").read_bytes(), self.max_clip_s, self.bounds)
+        except (VoiceError, clips.AudioInputError) as error:
+            logger.warning("voice %s in %s left out: %s", meta["id"], self.directory, error)
+            return
+        self._voices[meta["id"]] = StoredVoice(**meta, type="audio_sample", samples=samples, rate=rate)
 
     def all(self) -> list[StoredVoice]:
         with self._lock:
@@ -81,21 +105,33 @@ class VoiceLibrary:
         with self._lock:
             return self._voices.get(key) or next((voice for voice in self._voices.values() if voice.name == key), None)
 
-    def create(self, name: str, clip: bytes, transcript: str, consent: str, speaker: int) -> StoredVoice:
-        if not NAME.fullmatch(name):
-            raise VoiceError(f"name: {name!r} must be 1 to 64 of A-Z a-z 0-9 _ . - starting with a letter or digit", "name")
-        if not consent.strip():
-            raise VoiceError("consent: the id of the speaker's consent recording is required", "consent")
+    def check_fields(self, transcript: str, consent: str, speaker: str) -> int:
+        """The form's fields besides the name and the clip, as a context turn takes them -> the speaker id."""
+        if not consent.strip() or len(consent) > MAX_CONSENT_CHARS:
+            message = f"consent: the id of the speaker's consent recording is required, at most {MAX_CONSENT_CHARS} characters"
+            raise VoiceError(message, "consent")
         if not transcript.strip():
             raise VoiceError("transcript: CSM needs the words spoken in audio_sample", "transcript")
-        if speaker < 0:
-            raise VoiceError(f"speaker: must be >= 0, got {speaker}", "speaker")
+        size = len(transcript.encode("utf-8"))
+        if size > self.max_transcript_bytes:
+            message = f"transcript: {size} bytes of UTF-8, more than max_context_text_bytes {self.max_transcript_bytes}"
+            raise VoiceError(message, "transcript")
+        speaker_id = int(speaker) if speaker.isascii() and speaker.isdigit() and len(speaker) <= 10 else -1
+        if not 0 <= speaker_id <= INT32_MAX:
+            raise VoiceError(f"speaker: must be a whole number in [0, {INT32_MAX}], got {speaker[:32]!r}", "speaker")
+        return speaker_id
+
+    def create(self, name: str, clip: bytes, transcript: str, consent: str, speaker: str) -> StoredVoice:
+        """A custom voice from the form's fields, each checked before the clip is decoded."""
+        if not NAME.fullmatch(name):
+            raise VoiceError(f"name: {name[:80]!r} must be 1 to 64 of A-Z a-z 0-9 _ . - starting with a letter or digit", "name")
+        speaker_id = self.check_fields(transcript, consent, speaker)
         try:
-            samples, rate = audio.decode_audio(clip, self.max_clip_s)
-        except audio.AudioInputError as error:
+            samples, rate = clips.decode_audio(clip, self.max_clip_s, self.bounds)
+        except clips.AudioInputError as error:
             raise VoiceError(f"audio_sample: {error}", "audio_sample") from error
         voice = StoredVoice(
-            f"voice_{secrets.token_hex(12)}", name, speaker, "audio_sample", transcript, samples, rate, int(time.time()), consent
+            f"voice_{secrets.token_hex(12)}", name, speaker_id, "audio_sample", transcript, samples, rate, int(time.time()), consent
         )
         with self._lock:
             if any(existing.name == name for existing in self._voices.values()):

@@ -127,6 +127,13 @@ class MakeServe:
             os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait()
 
+    def gateway(self) -> psutil.Process:
+        """The `python -m gateway.serve` process (under make), where the gateway runs."""
+        for process in psutil.Process(self.process.pid).children(recursive=True):
+            if "gateway.serve" in process.cmdline():
+                return process
+        raise AssertionError("make serve runs no gateway")
+
     def tritonserver(self) -> psutil.Process:
         for process in psutil.Process(self.process.pid).children(recursive=True):
             try:
