@@ -78,6 +78,8 @@ def _no_constant(name: str) -> None:
 def parse_model(kind: type[Model], body: bytes | bytearray) -> Model:
     """A JSON body as the request model `kind`; a field out of bounds raises RequestValidationError (400 naming it)."""
     data = parse_json(body)
+    if not isinstance(data, dict):
+        raise APIError(400, f"body: must be a JSON object, got {type(data).__name__}", code="invalid_json")
     try:
         return kind.model_validate(data)
     except pydantic.ValidationError as error:
