@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from csm_triton.server import ADMIN_KEY_ENV, ServerOptions, admin_headers
+from csm_triton.server import ADMIN_KEY_ENV, ServerOptions, TritonServer, admin_headers
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 600.0  # make serve may first make models/tiny
@@ -61,13 +61,8 @@ class MakeServe:
         """The key that creating and deleting voices takes, written by gateway.serve."""
         return self.folder / "voices-key"
 
-    @property
-    def http_url(self) -> str:
-        return f"localhost:{self.options.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"localhost:{self.options.grpc_port}"
+    http_url = TritonServer.http_url  # from its options, as a TritonServer's
+    grpc_url = TritonServer.grpc_url
 
     @property
     def gateway_url(self) -> str:
