@@ -301,7 +301,14 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
             raise APIError(401, "creating and deleting voices takes a voices key (Authorization: Bearer <key>)", code="invalid_api_key")
 
     async def read_json(request: Request, kind: type[Model]) -> Model:
-        """The body as the request model `kind`, bounded while it is read and parsed off the event loop."""
+        """The body as the request model `kind`, bounded while it is read and parsed off the event loop.
+        Only as application/json: a browser sends a cross-origin POST of text/plain or a form without
+        asking first, so without this any page a user visits could start speech here (CORS only keeps
+        it from reading the answer); a JSON one it asks for first, which CORS refuses."""
+        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json":
+            got = shown(media_type) if media_type else "none"
+            raise APIError(415, f"body: Content-Type must be application/json, got {got}", code="unsupported_media_type")
         data = await read_body(request, config.max_body_bytes, max_json_values=config.max_json_values)
         return await asyncio.to_thread(parse_model, kind, data)
 

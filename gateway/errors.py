@@ -29,8 +29,8 @@ TENSOR_PARAMS = {
     "prompt": "input",  # a prompt (context + text) too long for the model
 }
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-         408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
-         500: "server_error"}  # fmt: skip
+         408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+         429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}  # fmt: skip
 # A client's value quoted in a message or a log line: at most this many characters of it.
 ECHO_CHARS = 64
 # A message, whatever it quotes (Triton's text included): at most this many characters.

@@ -304,8 +304,9 @@ def test_an_invalid_request_is_400_naming_its_parameter(gateway: str, body: dict
 
 
 def test_a_body_that_is_not_json_or_too_large_is_refused(gateway: str) -> None:
-    assert error_of(httpx.post(f"{gateway}/v1/audio/speech", content=b"{nope"), 400)["code"] == "invalid_json"
-    huge = httpx.post(f"{gateway}/v1/audio/speech", content=b" " * (32 * 1024 * 1024 + 1))
+    json_type = {"Content-Type": "application/json"}
+    assert error_of(httpx.post(f"{gateway}/v1/audio/speech", content=b"{nope", headers=json_type), 400)["code"] == "invalid_json"
+    huge = httpx.post(f"{gateway}/v1/audio/speech", content=b" " * (32 * 1024 * 1024 + 1), headers=json_type)
     assert error_of(huge, 413)["code"] == "request_too_large"
 
 

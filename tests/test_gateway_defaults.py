@@ -7,6 +7,7 @@ x-request-id, which reaches Triton as the request id of its csm_stream stream.""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import socket
 import stat
@@ -158,6 +159,20 @@ def test_no_other_origin_may_call_the_gateway_unless_configured(make_serve: Make
         assert read.headers["access-control-expose-headers"] == "x-request-id"  # the page's script may read it
 
 
+def test_a_cross_origin_post_a_browser_sends_unasked_starts_nothing(url: str) -> None:
+    """A page elsewhere may have the visitor's browser POST text/plain or a form without a preflight:
+    the body is a valid speech request, and still it is refused before any work (415)."""
+    body = json.dumps(speech_body()).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Origin": PREFLIGHT["Origin"], **({"Content-Type": content_type} if content_type else {})}
+        refused = httpx.post(f"{url}/v1/audio/speech", content=body, headers=headers)
+        assert refused.status_code == 415 and refused.json()["error"]["code"] == "unsupported_media_type", refused.text
+        assert "access-control-allow-origin" not in refused.headers
+    assert (
+        httpx.post(f"{url}/v1/audio/speech", content=body, headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
+    )
+
+
 def test_a_connection_without_a_complete_request_head_in_time_is_cut_off(make_serve: MakeServe, url: str) -> None:
     """Half a head, then nothing; nothing at all; and the rest of a body that a refusal (401)
     left unread, trickling in after it: each closed once header_timeout_s has passed."""
@@ -235,7 +250,7 @@ def test_every_response_carries_a_request_id_and_a_client_s_sane_one_comes_back(
         "models": httpx.get(f"{url}/v1/models"),
         "unknown route": httpx.get(f"{url}/nowhere"),
         "invalid": httpx.post(f"{url}/v1/audio/speech", json=speech_body(speed=9)),
-        "not json": httpx.post(f"{url}/v1/audio/speech", content=b"{nope"),
+        "not json": httpx.post(f"{url}/v1/audio/speech", content=b"{nope", headers={"Content-Type": "application/json"}),
         "refused": httpx.delete(f"{url}/v1/audio/voices/voice_none"),
     }
     statuses = {name: response.status_code for name, response in responses.items()}
