@@ -33,7 +33,6 @@ import queue
 import random
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, serialize_byte_tensor
 
 from csm_client.client import STREAM_HEADERS
+from csm_triton.server import free_ports
 
 if TYPE_CHECKING:
     from csm_triton.server import TritonServer
@@ -378,12 +378,6 @@ class Watch:
                 return {name: gauges.get(name) for name in LEFTOVER_GAUGES}, time.monotonic() - start
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def log_problem_counts(log_file: Path) -> list[tuple[str, int]]:
     """load_bench's problem lines of the server log, counted by message (a long run repeats them)."""
     messages = [LOG_LINE_PREFIX.sub("", line) for line in server_log_problems(log_file, limit=sys.maxsize)]
@@ -544,7 +538,7 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line for every gateway request otherwise
     with tempfile.TemporaryDirectory() as tmp, logging_redirect_tqdm():
         server = start_server(Path(tmp), args.server_log, args.slots)
-        voices_key, gateway_port = secrets.token_urlsafe(24), free_port()
+        voices_key, (gateway_port,) = secrets.token_urlsafe(24), free_ports(1)
         try:
             gateway = gateway_mix.start_gateway(server.grpc_url, gateway_port, voices_key, args.gateway_log)
             try:

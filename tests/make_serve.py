@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -20,21 +19,10 @@ from pathlib import Path
 
 import psutil
 
-from csm_triton.server import ADMIN_KEY_ENV, ServerOptions, TritonServer, admin_headers
+from csm_triton.server import ADMIN_KEY_ENV, ServerOptions, TritonServer, admin_headers, free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 600.0  # make serve may first make models/tiny
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for probe in sockets:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in sockets]
-    finally:
-        for probe in sockets:
-            probe.close()
 
 
 @dataclass

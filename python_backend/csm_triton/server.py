@@ -16,6 +16,7 @@ $CSM_ADMIN_KEY, or a new random one written to --admin-key-file (mode 0600).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -90,12 +91,17 @@ class ServerOptions:
     @classmethod
     def on_free_ports(cls, model_repository: Path) -> ServerOptions:
         """Ports the OS has free now, for servers started by tests and benchmarks."""
-        ports = []
-        for _ in range(3):
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                ports.append(probe.getsockname()[1])
-        return cls(model_repository, *ports)
+        return cls(model_repository, *free_ports(3))
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different ports the OS has free now: each socket is held until all are bound, or the
+    OS may hand out one port twice (seen: tritonserver refusing the same port for gRPC and metrics)."""
+    with contextlib.ExitStack() as sockets:
+        probes = [sockets.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
 
 
 def model_repository_with(
