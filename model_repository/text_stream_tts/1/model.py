@@ -110,9 +110,13 @@ class TritonPythonModel:
         except Exception as error:  # never leave a request unanswered
             logger.exception("text_stream_tts failed")
             final = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"text_stream_tts failed: {error}"))
-        sender.send(final, flags=FINAL)
-        if answer is not None:
-            answer.stop()
+        try:
+            sender.send(final, flags=FINAL)
+        except Exception:  # the client is gone: no one is left to answer, and csm_stream is still told to stop
+            logger.exception("sending text_stream_tts's final response failed")
+        finally:
+            if answer is not None:
+                answer.stop()
 
 
 class SpokenAnswer:
