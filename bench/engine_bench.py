@@ -22,10 +22,9 @@ import torch
 from tqdm import tqdm
 
 from csm_triton import GenerationRequest, Generator, load_csm_1b
-from csm_triton.config import CSM_1B
-from csm_triton.engine import Engine, EngineRequest
-from csm_triton.model import use_cpu_linear
-from csm_triton.request import FRAME_MS
+from csm_triton.engine.engine import Engine, EngineRequest
+from csm_triton.model.config import CSM_1B, FRAME_MS
+from csm_triton.model.model import use_cpu_linear
 from export.tiny import make_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

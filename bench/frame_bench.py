@@ -47,11 +47,11 @@ import torch.nn.functional as F
 from gpu_bench import prompt
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from csm_triton.config import CSM_1B, ModelConfig
-from csm_triton.engine import Engine
-from csm_triton.graphs import FrameGraphs, SlotStart, bucket
-from csm_triton.model import CSM, compile_hot_path
-from csm_triton.sampling import Sampler
+from csm_triton.engine.engine import Engine
+from csm_triton.engine.graphs import FrameGraphs, SlotStart, bucket
+from csm_triton.model.config import CSM_1B, ModelConfig
+from csm_triton.model.model import CSM, compile_hot_path
+from csm_triton.model.sampling import Sampler
 
 logger = logging.getLogger("frame_bench")
 

@@ -32,8 +32,8 @@ import httpx
 import numpy as np
 
 from csm_client import CSMClient, Segment
-from csm_triton.request import FRAME_MS, SAMPLE_RATE
-from csm_triton.server import ServerOptions, TritonServer, model_repository_with
+from csm_triton.model.config import FRAME_MS, SAMPLE_RATE
+from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
 from export.tiny import make_tiny
 
 TEXT = "I would like to book a table for two at seven."

@@ -51,7 +51,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from csm_client import SAMPLE_RATE, Segment, request_arrays
 
 if TYPE_CHECKING:
-    from csm_triton.server import TritonServer
+    from csm_triton.tools.server import TritonServer
 
 logger = logging.getLogger("load_bench")
 
@@ -545,7 +545,7 @@ def plot(levels: list[dict[str, Any]], out: Path) -> None:
 def start_server(workdir: Path, log_file: Path, slots: int) -> TritonServer:
     """tritonserver on a freshly made tiny model (CPU), as bench/triton_bench.py does."""
     # Imported here: csm_triton pulls in torch, which a load generator pointed at --url does not need.
-    from csm_triton.server import ServerOptions, TritonServer, model_repository_with
+    from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
     from export.tiny import make_tiny
 
     model_dir = make_tiny(workdir / "tiny")

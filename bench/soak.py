@@ -58,10 +58,10 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, serialize_byte_tensor
 
 from csm_client.client import STREAM_HEADERS
-from csm_triton.server import free_ports
+from csm_triton.tools.server import free_ports
 
 if TYPE_CHECKING:
-    from csm_triton.server import TritonServer
+    from csm_triton.tools.server import TritonServer
 
 logger = logging.getLogger("soak")
 

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from csm_client import CSMClient
 from csm_triton import load_csm_1b
-from csm_triton.request import FRAME_MS, SAMPLE_RATE
-from csm_triton.server import ServerOptions, TritonServer, model_repository_with
+from csm_triton.model.config import FRAME_MS, SAMPLE_RATE
+from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
 from export.tiny import make_tiny
 
 TEXT = "I would like to book a table for two at seven."

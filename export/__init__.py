@@ -2,5 +2,5 @@
 tokenizer and Mimi from the Hugging Face Hub) and `python -m export tiny` (a small random model).
 
 Call from code as `export.fetch.fetch(out, ...)` / `export.fetch.stage(out, sources)` and
-`export.tiny.make_tiny(out, seed)`; the layout is described in `csm_triton.checkpoint`.
+`export.tiny.make_tiny(out, seed)`; the layout is described in `csm_triton.model.checkpoint`.
 """

@@ -21,7 +21,7 @@ from moshi.models import loaders
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from csm_triton.checkpoint import (
+from csm_triton.model.checkpoint import (
     CONFIG_FILE,
     LEGACY_WEIGHTS_FILE,
     MIMI_FILE,
@@ -30,7 +30,7 @@ from csm_triton.checkpoint import (
     check_state_dict,
     read_state_dict,
 )
-from csm_triton.config import CSM_1B, ModelConfig
+from csm_triton.model.config import CSM_1B, ModelConfig
 
 from .staging import DTYPES, StagedDir
 

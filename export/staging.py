@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from csm_triton.checkpoint import MANIFEST_FILE
+from csm_triton.model.checkpoint import MANIFEST_FILE
 
 logger = logging.getLogger(__name__)
 

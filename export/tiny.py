@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
 
-from csm_triton.checkpoint import CONFIG_FILE, MIMI_FILE, TOKENIZER_FILE, WEIGHTS_FILE, expected_shapes
-from csm_triton.config import TINY, ModelConfig
+from csm_triton.model.checkpoint import CONFIG_FILE, MIMI_FILE, TOKENIZER_FILE, WEIGHTS_FILE, expected_shapes
+from csm_triton.model.config import TINY, ModelConfig
 
 from .staging import StagedDir, cast_tensors
 

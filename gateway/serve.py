@@ -1,4 +1,4 @@
-"""`make serve`: tritonserver (through `python -m csm_triton.server`, every argument passed on) and
+"""`make serve`: tritonserver (through `python -m csm_triton.tools.server`, every argument passed on) and
 the gateway beside it in this process, on GATEWAY_PORT (8080) and the server's gRPC port.
 
 The gateway answers at once; its /health says 503 until csm_stream is ready. Ctrl-C or SIGTERM
@@ -6,10 +6,10 @@ stops both: tritonserver drains and unloads its models, and when it exits by its
 stops too, with tritonserver's exit status.
 
 Creating and deleting voices takes a key: CSM_GATEWAY_VOICE_KEYS, else a new random one (at every
-start) written to --voices-key-file, as csm_triton.server does the admin key;
+start) written to --voices-key-file, as csm_triton.tools.server does the admin key;
 CSM_GATEWAY_OPEN_VOICES=true lets anyone who may speak create and delete voices instead.
 
-  python -m gateway.serve [--gateway-port N] [--voices-key-file FILE] [csm_triton.server arguments ...]
+  python -m gateway.serve [--gateway-port N] [--voices-key-file FILE] [csm_triton.tools.server arguments ...]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import uvicorn
 
-from csm_triton.server import PROJECT_ROOT, parse_command_line, write_new_key
+from csm_triton.tools.server import PROJECT_ROOT, parse_command_line, write_new_key
 
 from .app import create_app
 from .config import ENV_PREFIX, GatewayConfig
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(Authorization: Bearer <key>; {ENV_PREFIX}OPEN_VOICES=true opens them to all)",
             flush=True,
         )
-    triton = subprocess.Popen([sys.executable, "-m", "csm_triton.server", *server_args])
+    triton = subprocess.Popen([sys.executable, "-m", "csm_triton.tools.server", *server_args])
     gateway = uvicorn.Server(uvicorn_config(create_app(config), config))
 
     def watch() -> None:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def stop_triton(_signum: int, _frame: object) -> None:
         if triton.poll() is None:
-            triton.send_signal(signal.SIGINT)  # csm_triton.server passes it on; tritonserver drains and unloads
+            triton.send_signal(signal.SIGINT)  # csm_triton.tools.server passes it on; tritonserver drains and unloads
 
     # uvicorn handles SIGTERM and SIGINT while it runs, then raises the signal again to the handlers
     # it found: these, so that this process waits for tritonserver and exits with its status.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from csm_triton import Generator, load_csm_1b
-from csm_triton.server import ServerOptions, TritonServer, model_repository_with
+from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
 from export.tiny import make_tiny
 from make_serve import MakeServe
 

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import CsmConfig, CsmDepthDecoderConfig, CsmForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
-from csm_triton.config import ModelConfig, TransformerConfig
+from csm_triton.model.config import ModelConfig, TransformerConfig
 
 AUDIO_TOKEN = 128002  # `<|AUDIO|>`: a prompt position filled with one frame of audio codes
 AUDIO_EOS_TOKEN = 128003  # `<|audio_eos|>`: the all-zero frame that ends an audio segment

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from csm_triton.server import ADMIN_KEY_ENV, ServerOptions, TritonServer, admin_headers, free_ports
+from csm_triton.tools.server import ADMIN_KEY_ENV, ServerOptions, TritonServer, admin_headers, free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 600.0  # make serve may first make models/tiny

@@ -1,6 +1,6 @@
-"""The admin surface of the server as every deployment starts it (csm_triton.server): the repository,
+"""The admin surface of the server as every deployment starts it (csm_triton.tools.server): the repository,
 shared-memory, statistics, model-config, trace and logging APIs answer only with the admin key
-header, while inference, health and metadata stay open; and `python -m csm_triton.server` (make
+header, while inference, health and metadata stay open; and `python -m csm_triton.tools.server` (make
 serve, the image's command) writes a generated key that only its user can read, passes SIGTERM on
 to tritonserver and exits with its status.
 
@@ -29,7 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from csm_client import CSMClient
 from csm_triton import Generator
-from csm_triton.server import ADMIN_HEADERS, ADMIN_KEY_ENV, ServerOptions, TritonServer, model_repository_with
+from csm_triton.tools.server import ADMIN_HEADERS, ADMIN_KEY_ENV, ServerOptions, TritonServer, model_repository_with
 
 PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
 REFUSED_STATUS = {"http": "403", "grpc": "StatusCode.UNAVAILABLE"}
@@ -122,11 +122,11 @@ def test_inference_health_and_metadata_need_no_key(triton_server: TritonServer, 
 
 
 def serve_command(options: ServerOptions, key_file: Path, *extra: str) -> list[str]:
-    """`python -m csm_triton.server` as make serve runs it."""
+    """`python -m csm_triton.tools.server` as make serve runs it."""
     return [
         sys.executable,
         "-m",
-        "csm_triton.server",
+        "csm_triton.tools.server",
         f"--model-repository={options.model_repository}",
         f"--http-port={options.http_port}",
         f"--grpc-port={options.grpc_port}",

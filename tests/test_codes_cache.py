@@ -1,4 +1,4 @@
-"""csm_stream's cache of context audio's Mimi codes (csm_triton/prompt.py): keyed by content,
+"""csm_stream's cache of context audio's Mimi codes (csm_triton/engine/prompt.py): keyed by content,
 bounded in bytes with the least recently used clip out, and used by the prompt builder so that a
 clip sent again is not encoded again. A counting stand-in codec: no model is loaded."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from csm_triton.prompt import CodesCache, PromptBuilder, audio_key, codes_cache_bytes
+from csm_triton.engine.prompt import CodesCache, PromptBuilder, audio_key, codes_cache_bytes
 from csm_triton.request import Segment
 
 

@@ -10,10 +10,10 @@ import torch
 from transformers.models.csm.modeling_csm import apply_rotary_pos_emb
 
 from csm_triton import Segment
-from csm_triton.checkpoint import read_state_dict
-from csm_triton.config import TINY, ModelConfig
-from csm_triton.model import CSM, apply_rope, rope_table
-from csm_triton.sampling import Sampler
+from csm_triton.model.checkpoint import read_state_dict
+from csm_triton.model.config import TINY, ModelConfig
+from csm_triton.model.model import CSM, apply_rope, rope_table
+from csm_triton.model.sampling import Sampler
 from hf_reference import build_hf_model, hf_forward, hf_generate, hf_inputs
 
 FRAMES = 8

@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import tiny_server
 from csm_client import CSMClient, CSMError
-from csm_triton.server import TritonServer
+from csm_triton.tools.server import TritonServer
 from triton_tensors import request, scalar, tensors
 
 SLOTS = 4

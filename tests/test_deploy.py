@@ -21,7 +21,7 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
-from csm_triton.server import ADMIN_HEADERS, ADMIN_KEY_ENV, RESTRICTED_APIS, check_admin_key, parse_command_line, tritonserver_args
+from csm_triton.tools.server import ADMIN_HEADERS, ADMIN_KEY_ENV, RESTRICTED_APIS, check_admin_key, parse_command_line, tritonserver_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -33,7 +33,7 @@ K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 KUSTOMIZATIONS = ["base", "kserve", "overlays/cpu-dev", "overlays/gpu-prod"]
 PROJECT = "/opt/csm-triton"  # where the image puts the project; model.py takes its root from there
 WEIGHTS_MOUNT = f"{PROJECT}/models"
-SERVER_MODULE = ["python3", "-m", "csm_triton.server"]
+SERVER_MODULE = ["python3", "-m", "csm_triton.tools.server"]
 ADMIN_KEY_SECRET = yaml.safe_load((K8S / "admin-key-secret.yaml").read_text())
 # The APIs that must never be open (issue 10): loading models, mapping shared memory, and the
 # server's statistics, traces and logs.
@@ -114,7 +114,7 @@ def dockerfile_cmd() -> list[str]:
 
 
 def tritonserver_flags(command: list[str]) -> list[str]:
-    """The flags that a container's `python3 -m csm_triton.server ...` gives tritonserver."""
+    """The flags that a container's `python3 -m csm_triton.tools.server ...` gives tritonserver."""
     assert command[: len(SERVER_MODULE)] == SERVER_MODULE
     options, _ = parse_command_line(command[len(SERVER_MODULE) :])
     return tritonserver_args(options)

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from csm_triton import GenerationRequest, Generator, Segment, load_csm_1b
-from csm_triton.checkpoint import read_state_dict
-from csm_triton.engine import Engine, EngineRequest, StepResult
-from csm_triton.model import CpuLinear, use_cpu_linear
+from csm_triton.engine.engine import Engine, EngineRequest, StepResult
+from csm_triton.model.checkpoint import read_state_dict
+from csm_triton.model.model import CpuLinear, use_cpu_linear
 from triton_tensors import LONG_TEXTS
 
 

@@ -18,9 +18,9 @@ import psutil
 import pytest
 
 from csm_triton import GenerationRequest, Generator
-from csm_triton.engine_client import ChunkOut, EngineClient, EngineUnavailable, Lost, Refused, WorkerSettings
-from csm_triton.pacing import ChunkPlan
-from csm_triton.serving import ServingConfig
+from csm_triton.engine.pacing import ChunkPlan
+from csm_triton.triton.engine_client import ChunkOut, EngineClient, EngineUnavailable, Lost, Refused, WorkerSettings
+from csm_triton.triton.serving import ServingConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,8 @@ import torch
 from moshi.models import loaders
 from safetensors.torch import load_file, save_file
 
-from csm_triton.checkpoint import load_model, read_state_dict, resolve
-from csm_triton.config import TINY, ModelConfig
+from csm_triton.model.checkpoint import load_model, read_state_dict, resolve
+from csm_triton.model.config import TINY, ModelConfig
 from export.fetch import DEFAULT_MIMI_REPO, DEFAULT_REPO, DEFAULT_TOKENIZER_REPO, MissingFile, fetch
 from export.tiny import make_tiny, random_weights
 

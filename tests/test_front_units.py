@@ -15,37 +15,43 @@ from pathlib import Path
 import pytest
 import pytriton
 
-from csm_triton import control, server
-from csm_triton.server import PROJECT_ROOT
+from csm_triton.tools import server
+from csm_triton.tools.server import PROJECT_ROOT
+from csm_triton.triton import control
 
 # triton_python_backend_utils.py, as the python backend ships it: importable outside a stub (the
 # stub adds its classes, which these tests do not use).
 BACKEND_UTILS = Path(pytriton.__file__).parent / "tritonserver" / "backends" / "python"
-CSM_MODEL = PROJECT_ROOT / "model_repository" / "csm" / "1"
-FRONT_MODULES = {"csm_triton.bls", "csm_triton.parameters", "unary_front", "stream_watch", "sentences"}
+FRONT_MODULES = {
+    "csm_triton.triton.csm",
+    "csm_triton.triton.text_stream_tts",
+    "csm_triton.triton.bls",
+    "csm_triton.triton.parameters",
+    "csm_triton.triton.unary_front",
+    "csm_triton.triton.stream_watch",
+    "csm_triton.triton.sentences",
+}
 
 
 @pytest.fixture(scope="module")
 def front_path() -> Iterator[None]:
-    """The python backend's utils and csm's model directory on sys.path, as in csm's stub."""
-    paths = [str(BACKEND_UTILS), str(CSM_MODEL)]
-    sys.path[:0] = paths
+    """The python backend's utils on sys.path, as in csm's stub."""
+    sys.path.insert(0, str(BACKEND_UTILS))
     try:
         yield
     finally:
-        for path in paths:
-            sys.path.remove(path)
+        sys.path.remove(str(BACKEND_UTILS))
 
 
 @pytest.fixture(scope="module")
 def bls(front_path):
-    from csm_triton import bls
+    from csm_triton.triton import bls
 
     return bls
 
 
 def test_the_fronts_modules_import_no_torch() -> None:
-    paths = [BACKEND_UTILS, CSM_MODEL, PROJECT_ROOT / "model_repository" / "text_stream_tts" / "1"]
+    paths = [BACKEND_UTILS]
     script = (
         f"import importlib, sys; sys.path[:0] = {[str(path) for path in paths]!r}\n"
         f"for name in {sorted(FRONT_MODULES)!r}: importlib.import_module(name)\n"
@@ -122,7 +128,7 @@ def parameters(**values: str) -> dict[str, dict[str, str]]:
 
 
 def test_parameters_take_their_fields_types() -> None:
-    from csm_triton.parameters import typed_parameters
+    from csm_triton.triton.parameters import typed_parameters
 
     values = typed_parameters(Example, parameters(name="y", count="3", seconds="0.5", enabled="true", extra='{"a": 1}'))
     assert values == {"name": "y", "count": 3, "seconds": 0.5, "enabled": True, "extra": '{"a": 1}'}
@@ -139,14 +145,14 @@ def test_parameters_take_their_fields_types() -> None:
     ],
 )
 def test_bad_parameters_are_refused_naming_the_key(given: dict[str, str], message: str) -> None:
-    from csm_triton.parameters import typed_parameters
+    from csm_triton.triton.parameters import typed_parameters
 
     with pytest.raises(ValueError, match=message):
         typed_parameters(Example, parameters(**given), positive=("count", "seconds"))
 
 
 def test_the_deadline_grows_with_the_audio_asked_for(front_path) -> None:
-    from unary_front import Settings
+    from csm_triton.triton.unary_front import Settings
 
     settings = Settings.from_parameters(parameters(first_audio_timeout_s="60", max_real_time_factor="20"))
     deadline = settings.deadline(10_000)
@@ -168,7 +174,7 @@ def test_the_deadline_grows_with_the_audio_asked_for(front_path) -> None:
     ],
 )
 def test_the_watch_finds_the_repository_api_on_the_servers_command_line(front_path, args: list[str], url: str | None) -> None:
-    from stream_watch import ServerControl
+    from csm_triton.triton.stream_watch import ServerControl
 
     control = ServerControl.of_server(args)
     assert (control.url if control else None) == url

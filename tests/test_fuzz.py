@@ -24,8 +24,8 @@ from test_triton_stream import stream_model_processes, wait_for_idle_server
 from tritonclient.utils import InferenceServerException
 
 from csm_triton.request import STANDARD_SAMPLE_RATES
-from csm_triton.server import TritonServer
-from csm_triton.serving import INPUTS
+from csm_triton.tools.server import TritonServer
+from csm_triton.triton.serving import INPUTS
 from triton_tensors import request, scalar, tensors, vector
 
 logger = logging.getLogger(__name__)

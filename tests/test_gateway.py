@@ -29,7 +29,7 @@ import uvicorn
 from test_metrics import scrape, series, settled
 
 from csm_client import CSMClient, CSMError, Segment
-from csm_triton.server import ServerOptions, TritonServer, model_repository_with
+from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
 from gateway import GatewayConfig, create_app
 from gateway.audio import FORMATS, SAMPLE_RATE, pcm16, wav_bytes
 from gateway.config import OPENAI_VOICES
@@ -471,7 +471,7 @@ def test_voice_names_are_unique_uploads_bounded_and_voices_kept_in_voices_dir(tr
 
 
 def encodes(triton: TritonServer) -> int:
-    """Clips csm_stream has Mimi-encoded so far, as its log says (csm_triton/prompt.py)."""
+    """Clips csm_stream has Mimi-encoded so far, as its log says (csm_triton/engine/prompt.py)."""
     return triton.log_file.read_text(errors="replace").count(": Mimi-encoded ")
 
 

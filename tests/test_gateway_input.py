@@ -74,7 +74,7 @@ def peak_growth(process: psutil.Process, action: Callable[[], Any]) -> tuple[Any
 
 def processes(server: MakeServe) -> dict[str, psutil.Process]:
     stub = server.stub("csm_stream")
-    [engine] = [child for child in stub.children() if "csm_triton.engine_worker" in child.cmdline()]
+    [engine] = [child for child in stub.children() if "csm_triton.triton.engine_worker" in child.cmdline()]
     return {"gateway": server.gateway(), "tritonserver": server.tritonserver(), "stub": stub, "engine": engine}
 
 

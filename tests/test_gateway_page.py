@@ -21,7 +21,7 @@ import soundfile
 from test_gateway import SAMPLES_PER_FRAME, free_port, running, settle
 from test_metrics import series, settled
 
-from csm_triton.server import TritonServer
+from csm_triton.tools.server import TritonServer
 from gateway import GatewayConfig
 from gateway.audio import wav_bytes
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from csm_triton import GenerationRequest, Generator, Segment, load_csm_1b, preset
-from csm_triton.request import SAMPLES_PER_FRAME, STANDARD_SAMPLE_RATES, RequestLimits
+from csm_triton.model.config import SAMPLES_PER_FRAME
+from csm_triton.request import STANDARD_SAMPLE_RATES, RequestLimits
 from triton_tensors import LONG_TEXTS
 
 

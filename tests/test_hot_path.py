@@ -18,11 +18,11 @@ from test_conformance import FRAMES, assert_same_frames, prompts, random_pair  #
 from test_engine import run_logged
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from csm_triton.checkpoint import read_state_dict
-from csm_triton.config import TINY, ModelConfig
-from csm_triton.engine import Engine, EngineRequest
-from csm_triton.model import CSM, CpuLinear, compile_hot_path, use_cpu_linear
-from csm_triton.sampling import Sampler, token_hashes
+from csm_triton.engine.engine import Engine, EngineRequest
+from csm_triton.model.checkpoint import read_state_dict
+from csm_triton.model.config import TINY, ModelConfig
+from csm_triton.model.model import CSM, CpuLinear, compile_hot_path, use_cpu_linear
+from csm_triton.model.sampling import Sampler, token_hashes
 from hf_reference import hf_generate
 
 MAX_TOPK = 64

@@ -8,9 +8,9 @@ import logging
 import pytest
 import torch
 
-from csm_triton.config import CSM_1B, TINY
-from csm_triton.model import CSM, kv_cache_bytes_per_slot, slots_within_budget
-from csm_triton.serving import ServingConfig
+from csm_triton.model.config import CSM_1B, TINY
+from csm_triton.model.model import CSM, kv_cache_bytes_per_slot, slots_within_budget
+from csm_triton.triton.serving import ServingConfig
 
 CSM_1B_SLOT_BYTES_BF16 = 67_239_936  # 64.125 MiB
 
@@ -54,7 +54,7 @@ def test_the_budget_bounds_the_slots(budget_mb: int, slots: int, expected: int) 
 
 
 def test_the_bytes_a_slot_and_the_slots_chosen_are_logged(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="csm_triton.model"):
+    with caplog.at_level(logging.INFO, logger="csm_triton.model.model"):
         slots_within_budget(8, 300, CSM_1B, torch.bfloat16)
     assert f"{CSM_1B_SLOT_BYTES_BF16} bytes" in caplog.text and "; 4 slots" in caplog.text
 

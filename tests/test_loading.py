@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from csm_triton import load_csm_1b
-from csm_triton.checkpoint import read_state_dict
-from csm_triton.config import CSM_1B, FLAVORS, ModelConfig
+from csm_triton.model.checkpoint import read_state_dict
+from csm_triton.model.config import CSM_1B, FLAVORS, ModelConfig
 
 
 def codes_of(path: Path) -> torch.Tensor:

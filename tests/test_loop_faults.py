@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from csm_triton import GenerationRequest, Generator, load_csm_1b
-from csm_triton.graphs import DeviceFailed
-from csm_triton.pacing import ChunkPlan
-from csm_triton.streaming import Chunk, LoopFailed
+from csm_triton.engine.graphs import DeviceFailed
+from csm_triton.engine.pacing import ChunkPlan
+from csm_triton.engine.streaming import Chunk, LoopFailed
 
 SLOTS = 2
 

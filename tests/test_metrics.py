@@ -1,4 +1,4 @@
-"""csm_stream's own Prometheus metrics (model_repository/csm_stream/1/csm_metrics.py): the real
+"""csm_stream's own Prometheus metrics (csm_triton/triton/stream_metrics.py): the real
 server's metrics port is scraped before and after requests whose frame counts are known from the
 in-process generator, and every metric must have moved by exactly what those requests did.
 
@@ -19,12 +19,12 @@ from test_triton_stream import Streams, wait_for_idle_server
 
 from conftest import SERVER_SLOTS
 from csm_triton import GenerationRequest, Generator
-from csm_triton.request import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
-from csm_triton.server import TritonServer
+from csm_triton.model.config import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from csm_triton.tools.server import TritonServer
 from triton_tensors import long_prompt, request, scalar, vector
 
 FRAME_S = FRAME_MS / 1000
-REPORT_INTERVAL_S = 0.5  # METRICS_INTERVAL_S of csm_stream's model.py
+REPORT_INTERVAL_S = 0.5  # METRICS_INTERVAL_S of csm_triton/triton/csm_stream.py
 
 
 def series(name: str, **labels: str) -> str:

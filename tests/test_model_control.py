@@ -26,10 +26,9 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import tiny_server
 from csm_triton import Generator
-from csm_triton.config import ModelConfig
-from csm_triton.model import kv_cache_bytes_per_slot
-from csm_triton.request import MIB
-from csm_triton.server import PROJECT_ROOT, TritonServer
+from csm_triton.model.config import MIB, ModelConfig
+from csm_triton.model.model import kv_cache_bytes_per_slot
+from csm_triton.tools.server import PROJECT_ROOT, TritonServer
 from triton_tensors import request, tensors
 
 # csm forwards every request to csm_stream: load csm_stream first, unload it last.
@@ -169,7 +168,7 @@ def test_csm_stream_runs_in_a_packed_environment(
     # maps torch from the packed environment. (That python3 finds its libpython by the RPATH it was
     # built with while that path exists, as here, else by the stub's LD_LIBRARY_PATH: the same file.)
     [stub] = stubs(server, "csm_stream")
-    [engine] = [process for process in stub.children() if "csm_triton.engine_worker" in process.cmdline()]
+    [engine] = [process for process in stub.children() if "csm_triton.triton.engine_worker" in process.cmdline()]
     assert Path(engine.exe()).resolve() == (packed_env / "bin" / "python3").resolve()
     libpython = packed_env / "lib" / sysconfig.get_config_var("INSTSONAME")
     assert [path for path in mapped_files(stub) if "libpython" in path] == [str(libpython)]

@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from csm_triton.config import TINY
-from csm_triton.pacing import ChunkPlan
+from csm_triton.engine.pacing import ChunkPlan
+from csm_triton.model.config import TINY
 from csm_triton.request import (
     API_NAMES,
     MAX_RESAMPLING_FILTER,
@@ -25,8 +25,8 @@ from csm_triton.request import (
     audio_positions,
     resampling_filter_elements,
 )
-from csm_triton.server import PROJECT_ROOT
-from csm_triton.serving import INPUTS, ServingConfig, read_chunking, read_request
+from csm_triton.tools.server import PROJECT_ROOT
+from csm_triton.triton.serving import INPUTS, ServingConfig, read_chunking, read_request
 from triton_tensors import request, scalar, vector
 
 LIMITS = RequestLimits.for_model(TINY)
@@ -522,6 +522,7 @@ def test_limit_parameters_are_read_from_config_pbtxt() -> None:
 
 def test_serving_and_request_import_without_torch() -> None:
     code = (
-        "import sys, csm_triton.serving, csm_triton.request; print(sorted(m for m in ('torch', 'torchaudio', 'moshi') if m in sys.modules))"
+        "import sys, csm_triton.triton.serving, csm_triton.request\n"
+        "print(sorted(m for m in ('torch', 'torchaudio', 'moshi') if m in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

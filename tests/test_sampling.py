@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csm_triton.sampling import PRESETS, Sampler, preset, uniform_noise
+from csm_triton.model.sampling import PRESETS, Sampler, preset, uniform_noise
 
 VOCAB = 2051
 

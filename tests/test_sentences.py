@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from sentences import SentenceSplitter, split_sentences
+from csm_triton.triton.sentences import SentenceSplitter, split_sentences
 
 STORY = (
     "Hello there! How are you today? I'm fine. "

@@ -20,8 +20,8 @@ from test_metrics import scrape, series, settled
 from test_model_control import stubs
 from test_triton_stream import wait_for_idle_server
 
-from csm_triton.server import ServerOptions, TritonServer, model_repository_with
-from sentences import split_sentences
+from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
+from csm_triton.triton.sentences import split_sentences
 from triton_tensors import scalar, tensors, vector
 
 MODEL = "text_stream_tts"

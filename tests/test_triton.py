@@ -15,8 +15,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from csm_triton import Generator, Segment
-from csm_triton.request import SAMPLES_PER_FRAME
-from csm_triton.server import TritonServer
+from csm_triton.model.config import SAMPLES_PER_FRAME
+from csm_triton.tools.server import TritonServer
 from triton_tensors import long_prompt, request, scalar, tensors, vector
 
 MODEL = "csm"
@@ -79,7 +79,7 @@ def with_context_codes(turns: list[tuple[int, str, np.ndarray]], text: str = "An
 
 
 def encodes(server: TritonServer) -> int:
-    """Clips csm_stream has Mimi-encoded so far, as its log says (csm_triton/prompt.py)."""
+    """Clips csm_stream has Mimi-encoded so far, as its log says (csm_triton/engine/prompt.py)."""
     return server.log_file.read_text(errors="replace").count(": Mimi-encoded ")
 
 

@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 from test_triton_stream import Streams, gauges, stream_model_processes, wait_for_idle_server
 
-from csm_triton.server import ServerOptions, TritonServer, model_repository_with
+from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
 from triton_tensors import request, scalar, tensors
 
 STORM_STREAMS = 200
@@ -213,7 +213,7 @@ def test_a_killed_tritonserver_leaves_none_of_the_models_processes_behind(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> None:
     """The python backend leaves its stubs running when tritonserver dies; ours are killed by
-    their watches (csm_triton/orphan.py), and csm_stream's engine goes with its stub."""
+    their watches (csm_triton/triton/orphan.py), and csm_stream's engine goes with its stub."""
     server = serve(tmp_path_factory.mktemp("orphans"), tiny_model_dir)
     kinds = {"triton_python_backend_stub": "stub", "engine_worker": "engine", "csm-orphan-watch": "watch"}
     processes = {}  # the long-lived ones: a watch's subshells come and go

@@ -19,8 +19,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from csm_triton import Generator
-from csm_triton.request import SAMPLES_PER_FRAME
-from csm_triton.server import ServerOptions, TritonServer, model_repository_with
+from csm_triton.model.config import SAMPLES_PER_FRAME
+from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
 from triton_tensors import chunk_sizes, request, scalar, tensors, vector
 
 STREAM_MODEL = "csm_stream"
@@ -53,7 +53,7 @@ class Streams:
         self.received: dict[str, Received] = {}
 
     def send(self, request_id: str, arrays: dict[str, np.ndarray], parameters: dict[str, str | bool] | None = None) -> None:
-        """Starts a request; `parameters` are its Triton request parameters (csm_triton/bls.py's control protocol)."""
+        """Starts a request; `parameters` are its Triton request parameters (csm_triton/triton/bls.py's control protocol)."""
         client = self.clients[request_id] = grpcclient.InferenceServerClient(self.url)
         client.start_stream(callback=functools.partial(self._on_response, request_id))
         self.received[request_id] = Received(time.monotonic())
@@ -155,7 +155,7 @@ def test_chunks_arrive_as_frames_are_generated_and_join_to_the_unary_audio(
 
 
 def test_by_default_chunks_start_short_and_end_on_decoder_passes(streaming: Streams, generator: Generator) -> None:
-    """No chunk sizes sent: the adaptive schedule (csm_triton/pacing.py). The first chunk holds 2
+    """No chunk sizes sent: the adaptive schedule (csm_triton/engine/pacing.py). The first chunk holds 2
     frames; each later one ends where the stream has a whole number of 4-frame decoder passes (the
     fixed 2/12 cut would end at 14 frames), holds at most 12, and the chunks join to the one-shot decode."""
     streaming.send("a", request("Paced for its listener.", 0, MAX_AUDIO_LENGTH_MS=scalar(4000, np.int32)))

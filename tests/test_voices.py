@@ -1,4 +1,4 @@
-"""csm_stream's voice library (csm_triton/voices.py): a voices_dir of reference clips with their
+"""csm_stream's voice library (csm_triton/triton/voices.py): a voices_dir of reference clips with their
 transcripts and speaker ids, each Mimi-encoded once at load; a request's VOICE names one (never a
 path) and gets its clip as its first context segment. Against a real tritonserver on the tiny model."""
 
@@ -19,8 +19,8 @@ from tritonclient.utils import InferenceServerException
 from csm_client import CSMClient
 from csm_triton import Generator, Segment
 from csm_triton.request import RequestLimits
-from csm_triton.server import ServerOptions, TritonServer, model_repository_with
-from csm_triton.voices import read_voices
+from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
+from csm_triton.triton.voices import read_voices
 from gateway.audio import pcm16
 from gateway.config import GatewayConfig
 from triton_tensors import request, tensors, vector

@@ -21,7 +21,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from typing_extensions import Unpack  # typing.Unpack needs Python 3.11; NVIDIA's container has 3.10
 
-from csm_triton.control import PROBE, SILENCE_PROBE_S, stream_model_gone
+from csm_triton.triton.control import PROBE, SILENCE_PROBE_S, stream_model_gone
 
 from .segment import SAMPLE_RATE, context_arrays
 
@@ -172,7 +172,7 @@ def _is_final(result: Any) -> bool:
 
 def _lost(model: str, answer: str | None) -> CSMError | None:
     """The error that ends a silent stream when a PROBE's answer shows its stream model's process
-    dead or unloaded since: its streams never end otherwise (csm_triton/control.py says why)."""
+    dead or unloaded since: its streams never end otherwise (csm_triton/triton/control.py says why)."""
     if not stream_model_gone(answer):
         return None
     return CSMError(f"{model}'s process died and this stream was lost; retry it ({answer})", LOST_STATUS)

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from csm_triton.request import SAMPLE_RATE, code_frames, mono_samples
+from csm_triton.model.config import SAMPLE_RATE
 from csm_triton.request import Segment as Segment  # the client's segments are the server's
+from csm_triton.request import code_frames, mono_samples
 
 logger = logging.getLogger(__name__)
 

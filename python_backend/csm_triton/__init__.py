@@ -1,8 +1,17 @@
-"""CSM-1B inference: the model, the batching engine and the design document's Python API.
+"""CSM-1B inference: the model, the batching engine, the Triton side and the design document's
+Python API.
+
+One subpackage a layer, each importing only those below it:
+
+- `model`: hyperparameters and audio facts, the transformer, sampling, checkpoints, Mimi.
+- `request`: the request contract (the request record, every bound on it); torch-free.
+- `engine`: slots, frame graphs, prompts, pacing, the serving loop and the Python API (`Generator`).
+- `triton`: what the python-backend models of model_repository/ run, csm_stream's engine process.
+- `tools`: starting tritonserver, packing an environment; outside the runtime.
 
 The names below load on first use (PEP 562), so that the torch-free modules of this package
-(`config`, `request`, `serving`, ...) can be imported by the Triton models that hold no weights without
-importing torch.
+(`model.config`, `request`, `triton.serving`, ...) can be imported by the Triton models that hold
+no weights without importing torch.
 """
 
 from __future__ import annotations
@@ -12,19 +21,19 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "GenerationRequest": "request",
-    "Generator": "generator",
-    "load_csm_1b": "generator",
+    "Generator": "engine.generator",
+    "load_csm_1b": "engine.generator",
     "Segment": "request",
-    "PRESETS": "sampling",
-    "preset": "sampling",
+    "PRESETS": "model.sampling",
+    "preset": "model.sampling",
 }
 
 __all__ = ["GenerationRequest", "Generator", "PRESETS", "Segment", "load_csm_1b", "preset"]
 
 if TYPE_CHECKING:
-    from .generator import Generator, load_csm_1b
+    from .engine.generator import Generator, load_csm_1b
+    from .model.sampling import PRESETS, preset
     from .request import GenerationRequest, Segment
-    from .sampling import PRESETS, preset
 
 
 def __getattr__(name: str):

@@ -1,8 +1,9 @@
 """What one request to CSM is, and every bound on it, checked before any work is done on it.
 
-Torch-free (numpy only), so that `serving.py`, which reads Triton's input arrays, and the client
-(csm_client) use it without torch. The Triton models and the
-in-process API share one set of checks (`RequestLimits.check`); `names` says how the caller's API
+The contract layer: it imports only the model's config (the model's facts, the audio constants),
+and both the engine and the Triton side import it. Torch-free (numpy only), so that
+`triton/serving.py`, which reads Triton's input arrays, and the client (csm_client) use it without
+torch. The Triton models and the in-process API share one set of checks (`RequestLimits.check`); `names` says how the caller's API
 names each field, so that every message starts with the name the caller used (`TOPK: ...` over
 Triton, `topk: ...` in process) and says the allowed range.
 """
@@ -16,16 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import ModelConfig
+from .model.config import FRAME_MS, MIB, SAMPLE_RATE, SAMPLES_PER_FRAME, ModelConfig
 
-SAMPLE_RATE = 24_000  # Mimi's rate: the audio generated, and the rate context audio is resampled to
-SAMPLES_PER_FRAME = 1920  # one Mimi frame at 12.5 Hz
-FRAME_MS = 80
 # Default chunking of a stream: a short first chunk for a fast first audio, then about a second of
 # audio per chunk, which keeps the decoder's per-call cost small against the audio it makes.
 FIRST_CHUNK_FRAMES = 2
 CHUNK_FRAMES = 12
-MIB = 1 << 20
 INT32_MAX = 2**31 - 1
 
 STANDARD_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)

@@ -24,7 +24,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .request import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, FRAME_MS
+from ..model.config import FRAME_MS
+from ..request import CHUNK_FRAMES, FIRST_CHUNK_FRAMES
 
 FRAME_S = FRAME_MS / 1000
 PASS_FRAMES = 4  # frames a decoder pass advances a stream by (see ServingLoop)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .pacing import ChunkPlan
+from ..engine.pacing import ChunkPlan
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class _Worker:
         self, python: str, settings: WorkerSettings, start_timeout_s: float, heartbeat_timeout_s: float, on_message: Callable[[Any], None]
     ) -> None:
         ours, theirs = Pipe(duplex=True)
-        command = [python, "-m", "csm_triton.engine_worker", str(theirs.fileno()), settings.instance_name]
+        command = [python, "-m", "csm_triton.triton.engine_worker", str(theirs.fileno()), settings.instance_name]
         self.process = subprocess.Popen(command, pass_fds=[theirs.fileno()])
         theirs.close()
         self.channel = Channel(ours)

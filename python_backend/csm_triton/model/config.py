@@ -1,7 +1,9 @@
-"""Model hyperparameters: one dataclass per transformer, named presets, and the CSM config.
+"""Model hyperparameters: one dataclass per transformer, named presets, and the CSM config; and
+the facts of the audio the model speaks in (Mimi's rate and frame).
 
 `config.json` of a staged model names flavors (`"backbone_flavor": "llama-1B"`) as Sesame's
 checkpoint does, or gives an explicit architecture (`"backbone": {...}`) for small test models.
+Torch-free: the request contract (csm_triton.request), the Triton stubs and the client import it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+SAMPLE_RATE = 24_000  # Mimi's rate: the audio generated, and the rate context audio is resampled to
+SAMPLES_PER_FRAME = 1920  # one Mimi frame at 12.5 Hz
+FRAME_MS = 80
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ and only the reading thread is left waiting for the callee. csm_stream itself se
 request's error after its first response as a final response holding the ERROR output, which
 `DecoupledCall` asks for and raises.
 
-The control protocol (csm_triton/control.py: FORWARD_ID, CANCEL, PROBE) travels in BLS request
+The control protocol (csm_triton/triton/control.py: FORWARD_ID, CANCEL, PROBE) travels in BLS request
 parameters (`pb_utils.InferenceRequest(parameters=...)`, read by csm_stream with
 `request.parameters()`). A front forwards each request with a FORWARD_ID, and CANCELs it by that id
 when its own request ends early; a CANCEL can overtake the request it names (a front sends them
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from csm_triton.control import CANCEL, FORWARD_ID, PROBE, SILENCE_PROBE_S, STUB_DEAD, stream_model_gone
+from .control import CANCEL, FORWARD_ID, PROBE, SILENCE_PROBE_S, STUB_DEAD, stream_model_gone
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, TransformerConfig
-from .request import MIB
+from .config import MIB, ModelConfig, TransformerConfig
 from .sampling import Sampler
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """A watch over csm_stream, kept by the csm model: tritonserver 2.51 does not restart the stub process
 of a decoupled python model that dies (kill -9, the OOM killer): the model stays READY, every new
 request fails within a second with "Stub process '...' is not healthy", and the requests it had get
-nothing ever again (csm_triton/control.py says why; callers end those themselves by probing).
+nothing ever again (csm_triton/triton/control.py says why; callers end those themselves by probing).
 
 The watch sends csm_stream a PROBE every `interval_s`. When the answer shows its stub dead, or no
 answer comes for `probe_timeout_s` (a busy csm_stream answers late, so this bound is long), it
@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from csm_triton import bls
-from csm_triton.control import PROBE, STUB_DEAD
+from . import bls
+from .control import PROBE, STUB_DEAD
 
 logger = logging.getLogger("csm_triton.triton.watch")
 
@@ -106,7 +106,7 @@ def server_args() -> list[str]:
 
 def _admin_headers(args: Sequence[str]) -> dict[str, str]:
     """The header that `--http-restricted-api=<apis>:<header>=<key>` asks of model-repository calls
-    (csm_triton/server.py restricts them so; README "Admin endpoints")."""
+    (csm_triton/tools/server.py restricts them so; README "Admin endpoints")."""
     apis, _, key_value = _flag(args, "--http-restricted-api", "").partition(":")
     header, _, key = key_value.partition("=")
     return {header: key} if "model-repository" in apis.split(",") and header else {}

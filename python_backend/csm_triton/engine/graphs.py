@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import CSM
-from .request import MIB
-from .sampling import Sampler
+from ..model.config import MIB
+from ..model.model import CSM
+from ..model.sampling import Sampler
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ same flags: the admin APIs behind a key header, and explicit model control with 
 models loaded at startup (`startup_models`), unless the caller passes its own --model-control-mode. The key is
 $CSM_ADMIN_KEY, or a new random one written to --admin-key-file (mode 0600).
 
-  python -m csm_triton.server [--model-repository DIR] [--http-port N] [--grpc-port N] [--metrics-port N]
+  python -m csm_triton.tools.server [--model-repository DIR] [--http-port N] [--grpc-port N] [--metrics-port N]
                               [--admin-key-file FILE] [tritonserver arguments ...]
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]  # python_backend/csm_triton/tools/server.py
 
 ADMIN_KEY_ENV = "CSM_ADMIN_KEY"
 DEFAULT_ADMIN_KEY_FILE = PROJECT_ROOT / "build" / "admin-key"

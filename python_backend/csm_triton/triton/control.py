@@ -18,8 +18,8 @@ the OOM killer), nothing in tritonserver can send the final response of the stre
 neither an unload nor a reload does: those streams stay open and silent for good. So a caller
 waiting for csm_stream's next response asks, after `SILENCE_PROBE_S` of silence, whether
 csm_stream's process still lives; the answer `stream_model_gone` recognises means its stream is
-lost. The csm front's watch (model_repository/csm/1/stream_watch.py) unloads and loads csm_stream
-after such a death, and a caller probing at least once in that window sees the model unloaded too.
+lost. The csm front's watch (stream_watch.py) unloads and loads csm_stream after such a death,
+and a caller probing at least once in that window sees the model unloaded too.
 """
 
 from __future__ import annotations

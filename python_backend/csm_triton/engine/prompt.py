@@ -19,8 +19,8 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 
-from .codec import MimiCodec, resample
-from .request import Segment, audio_positions
+from ..model.codec import MimiCodec, resample
+from ..request import Segment, audio_positions
 
 logger = logging.getLogger(__name__)
 

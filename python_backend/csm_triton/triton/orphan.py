@@ -28,7 +28,7 @@ while :; do
   if [ -n "$own" ] && [ "$own" != "$1" ]; then exit 0; fi
   if [ -n "$stub" ] && [ "$stub" != "$2" ]; then break; fi
 done
-echo "csm_triton.orphan: tritonserver (pid $2) is gone; killing $3's process ($1)" >&2
+echo "csm_triton.triton.orphan: tritonserver (pid $2) is gone; killing $3's process ($1)" >&2
 kill -9 "$1"
 """
 

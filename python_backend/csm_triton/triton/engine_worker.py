@@ -2,7 +2,7 @@
 model and its serving loop, then serves the Triton stub's messages until told to close or until
 the stub is gone.
 
-  python -m csm_triton.engine_worker <fd of its end of the socket pair> <Triton model instance name>
+  python -m csm_triton.triton.engine_worker <fd of its end of the socket pair> <Triton model instance name>
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
-from .config import ModelConfig
+from ..engine.generator import Generator, load_csm_1b
+from ..engine.prompt import codes_cache_bytes
+from ..engine.streaming import Busy, Chunk, LoopFailed, Stream
+from ..model import checkpoint
+from ..model.config import ModelConfig
+from ..model.model import slots_within_budget
+from ..request import Segment
 from .engine_client import HEARTBEAT_S, Cancel, Channel, ChunkOut, Close, Heartbeat, Ready, Refused, StartFailed, Submit, WorkerSettings
-from .generator import Generator, load_csm_1b
-from .model import slots_within_budget
-from .prompt import codes_cache_bytes
-from .request import Segment
 from .serving import COMPILE, ServingConfig
-from .streaming import Busy, Chunk, LoopFailed, Stream
 from .voices import VoiceClip, read_voices
 
-logger = logging.getLogger("csm_triton.engine_worker")
+logger = logging.getLogger("csm_triton.triton.engine_worker")
 
 PR_SET_PDEATHSIG = 1
 TRIM_INTERVAL_S = 30.0

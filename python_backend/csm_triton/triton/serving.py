@@ -1,10 +1,11 @@
 """The Triton model's contract: its settings, and requests read from named input arrays.
 
 Torch-free and free of `triton_python_backend_utils`, so that reading is testable outside a server
-and `model.py` stays a thin adapter. Every input is checked for its type and shape before any of
-its values is read, and all of them together for their size; the values are then checked by the
-shared `RequestLimits.check`. Every error is a ValueError whose message starts with the tensor's
-name, which the model returns as INVALID_ARG for that request alone.
+and the csm_stream model (csm_stream.py) only passes tensors on. Every input is checked for its
+type and shape before any of its values is read, and all of them together for their size; the
+values are then checked by the shared `RequestLimits.check`. Every error is a ValueError whose
+message starts with the tensor's name, which the model returns as INVALID_ARG for that request
+alone.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .config import ModelConfig
-from .pacing import ChunkPlan, chunk_plan
-from .request import (
+from ..engine.pacing import ChunkPlan, chunk_plan
+from ..model.config import SAMPLE_RATE, ModelConfig
+from ..request import (
     CHUNK_FRAMES,
     FIRST_CHUNK_FRAMES,
-    SAMPLE_RATE,
     GenerationRequest,
     RequestLimits,
     Segment,
@@ -101,7 +101,7 @@ class ServingConfig:
     prefill_chunk: int = 0  # prompt positions prefilled per step at most; 0: load_csm_1b's default
     compile: str = "auto"  # the frame step's pieces torch.compile'd before capture: "auto" (on CUDA), "on" or "off"
     kv_cache_memory_mb: int = 0  # MiB the KV caches of all slots may take; 0: no bound
-    voices_dir: str = ""  # the voice library (csm_triton/voices.py); "": none
+    voices_dir: str = ""  # the voice library (csm_triton/triton/voices.py); "": none
     codes_cache_mb: int = 64  # MiB of context audio's Mimi codes kept (prompt.CodesCache); 0: none; CSM_CODES_CACHE_MB overrides
     max_waiting_requests: int = 32  # requests waiting for a slot at most; more are refused as busy
     stall_timeout_s: float = 120.0  # a serving-loop round longer than this: the engine is hung

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .request import RequestLimits, mono_samples
+from ..request import RequestLimits, mono_samples
 
 MANIFEST = "voices.json"
 VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # no path separators: a name, never a path

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.model import CSM, compile_hot_path
+from ..model.sampling import Sampler
 from .graphs import FrameGraphs, SlotStart
-from .model import CSM, compile_hot_path
-from .sampling import Sampler
 
 logger = logging.getLogger(__name__)
 

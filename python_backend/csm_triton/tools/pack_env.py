@@ -2,7 +2,7 @@
 csm_stream brings its own torch, moshi and this project to a server whose own Python, or whose
 other models, need other packages.
 
-  python -m csm_triton.pack_env --out build/csm-env   (`make pack-env` then installs the packages)
+  python -m csm_triton.tools.pack_env --out build/csm-env   (`make pack-env` then installs the packages)
 
 With EXECUTION_ENV_PATH set, the python backend runs `source <env>/bin/activate` and starts its
 stub with `<env>/lib` first on LD_LIBRARY_PATH. The stub embeds whichever libpython it finds there,

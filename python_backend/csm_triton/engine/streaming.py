@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .codec import StreamingDecoder
+from ..model.codec import StreamingDecoder
 from .engine import Engine, EngineRequest
 from .graphs import DeviceFailed
 from .pacing import ADAPTIVE, FRAME_S, PASS_FRAMES, ChunkPlan, Playback, Smoothed, cannot_wait, pass_jobs

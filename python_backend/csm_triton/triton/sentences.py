@@ -1,8 +1,7 @@
 """Cutting text that streams out of an LLM into sentences to speak, one at a time.
 
-Pure Python, no Triton and no torch: the text_stream_tts model imports it from beside its model.py
-(the python backend puts the model's version directory on sys.path) and the unit tests import it
-directly. A sentence goes out as soon as it is known to be complete, so that speech can start
+Pure Python, no Triton and no torch: the text_stream_tts model (text_stream_tts.py) imports it and
+the unit tests import it directly. A sentence goes out as soon as it is known to be complete, so that speech can start
 while the LLM is still writing; a long clause without a full stop goes out at `max_chars` so that
 neither the wait for it nor its audio grows without bound.
 """

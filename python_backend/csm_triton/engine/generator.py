@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .codec import MimiCodec, StreamingDecoder
+from ..model import checkpoint
+from ..model.codec import MimiCodec, StreamingDecoder
+from ..model.config import SAMPLE_RATE
+from ..request import GenerationRequest, RequestLimits, Segment, check_chunking
 from .engine import Engine, EngineRequest
 from .pacing import ADAPTIVE, ChunkPlan, chunk_plan
 from .prompt import CodesCache, PromptBuilder, TextTokenizer
-from .request import SAMPLE_RATE, GenerationRequest, RequestLimits, Segment, check_chunking
 from .streaming import STALL_TIMEOUT_S, Chunk, LoopStats, ServingLoop, Stream
 
 logger = logging.getLogger(__name__)

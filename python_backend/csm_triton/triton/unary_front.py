@@ -1,10 +1,10 @@
 """The unary front over csm_stream: each request forwarded on a thread of its own (a decoupled BLS
-call, csm_triton/bls.py) and answered with csm_stream's chunks joined.
+call, csm_triton/triton/bls.py) and answered with csm_stream's chunks joined.
 
 Every request ends with exactly one final response, sent by its own thread: the joined audio, or
 an error when csm_stream refuses or fails it, when the client cancels (CANCELLED), when the
 request's deadline passes, or when csm_stream's process has died (UNAVAILABLE: the call's probe
-finds it, csm_triton/control.py). On the client's cancel and the deadline csm_stream is told to
+finds it, csm_triton/triton/control.py). On the client's cancel and the deadline csm_stream is told to
 stop the stream (a CANCEL control request), so that its slot is freed. At most `max_inflight`
 requests are forwarded at once; past them a request is refused at once.
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from csm_triton import bls
-from csm_triton.parameters import typed_parameters
+from . import bls
+from .parameters import typed_parameters
 
 logger = logging.getLogger("csm_triton.triton.unary")
 

@@ -4,9 +4,6 @@ The threads that serve requests only record what happened, under a lock: every p
 call is a round trip to the tritonserver process, so the reporter thread passes the records on,
 with the engine's running totals and the serving loop's gauges, a few times a second.
 
-Named csm_metrics rather than metrics: the python-backend stub appends the model directory to
-sys.path after site-packages, where an installed package called `metrics` would shadow it.
-
 Every series carries model="csm_stream". All metrics of one family must have the same label
 names: tritonserver 2.51 aborts (boost lock_exception) on a second set, so `field` is "" on the
 rejections that have none.
@@ -19,9 +16,9 @@ import threading
 
 import triton_python_backend_utils as pb_utils
 
-from csm_triton.engine_client import Heartbeat
-from csm_triton.request import FRAME_MS
-from csm_triton.serving import INPUTS
+from ..model.config import FRAME_MS
+from .engine_client import Heartbeat
+from .serving import INPUTS
 
 MODEL = {"model": "csm_stream"}
 FRAME_S = FRAME_MS / 1000
