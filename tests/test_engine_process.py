@@ -191,6 +191,11 @@ def test_a_load_failure_is_passed_back_with_the_workers_message(tiny_model_dir: 
         start(tiny_model_dir, [], kv_cache_memory_mb="1")
 
 
+def test_an_engine_without_a_staged_model_fails_to_start_saying_how_to_stage_one(tmp_path: Path) -> None:
+    with pytest.raises(EngineUnavailable, match=r"no model is staged: .*`make export`.*`make export-tiny`"):
+        start(tmp_path / "no-tiny-model", [])
+
+
 def test_the_engine_dies_with_its_stub(tiny_model_dir: Path) -> None:
     """A stub killed outright leaves no engine process holding the GPU behind it."""
     stub = textwrap.dedent(

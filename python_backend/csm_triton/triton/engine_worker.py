@@ -47,6 +47,13 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
     root = Path(settings.project_root)
     weights, staged = config.weights_dir(root)
     if not staged:
+        if not (weights / checkpoint.CONFIG_FILE).exists():
+            raise FileNotFoundError(
+                f"no model is staged: no real weights in {config.model_dir!r} and no small random-weight model in {str(weights)!r}. "
+                "Stage CSM-1B with `make export` (python -m export fetch --out models/csm-1b), or the small model with "
+                f"`make export-tiny` (python -m export tiny --out {weights}), or point the model_dir parameter of config.pbtxt "
+                "at a staged directory."
+            )
         logger.warning(
             "no real weights staged in %s: serving the small random-weight model in %s, which speaks noise. "
             "Stage CSM-1B with `make export` (python -m export fetch --out models/csm-1b), or point the "
@@ -54,10 +61,6 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
             config.model_dir,
             weights,
         )
-        if not (weights / "config.json").exists():
-            from export.tiny import make_tiny
-
-            make_tiny(weights)
     device = _device(config, settings)
     dtype = getattr(torch, config.dtype) if config.dtype != "auto" else None
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
