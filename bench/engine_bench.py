@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from csm_client.contract import FRAME_MS
 from csm_triton import GenerationRequest, Generator, load_csm_1b
 from csm_triton.engine.engine import Engine, EngineRequest
-from csm_triton.model.config import CSM_1B, FRAME_MS
+from csm_triton.model.config import CSM_1B
 from csm_triton.model.model import use_cpu_linear
 from export.tiny import make_tiny
 

@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 
 from csm_client import CSMClient, Segment
-from csm_triton.model.config import FRAME_MS, SAMPLE_RATE
+from csm_client.contract import FRAME_MS, SAMPLE_RATE
 from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
 from export.tiny import make_tiny
 

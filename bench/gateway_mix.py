@@ -25,9 +25,10 @@ import httpx
 import numpy as np
 import soundfile
 
+from csm_client.contract import SAMPLE_RATE
+
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 SPEEDS = (0.5, 1.0, 1.5, 4.0)
-SAMPLE_RATE = 24_000
 TEXTS = ("Hello there.", "The weather is lovely today, isn't it?", "Let me tell you a short story about a lighthouse keeper.")
 
 

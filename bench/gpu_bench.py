@@ -29,13 +29,14 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from csm_client.contract import FRAME_MS
 from csm_triton.engine.engine import Engine, EngineRequest
 from csm_triton.engine.generator import CUDA_PREFILL_CHUNK
 from csm_triton.engine.graphs import bucket
 from csm_triton.engine.pacing import ChunkPlan
 from csm_triton.engine.streaming import Chunk, ServingLoop, Stream
 from csm_triton.model.codec import MimiCodec, StreamingDecoder
-from csm_triton.model.config import CSM_1B, FRAME_MS, TINY, ModelConfig
+from csm_triton.model.config import CSM_1B, TINY, ModelConfig
 from csm_triton.model.model import CSM
 from export.staging import cast_tensors
 from export.tiny import INIT_STD, random_mimi

@@ -21,8 +21,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from csm_client import CSMClient
+from csm_client.contract import FRAME_MS, SAMPLE_RATE
 from csm_triton import load_csm_1b
-from csm_triton.model.config import FRAME_MS, SAMPLE_RATE
 from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
 from export.tiny import make_tiny
 

@@ -21,7 +21,7 @@ import torch
 from tritonclient.utils import InferenceServerException
 
 from csm_client import AsyncCSMClient, CSMClient, CSMError, RemoteGenerator
-from csm_triton.model.config import SAMPLES_PER_FRAME
+from csm_client.contract import SAMPLES_PER_FRAME
 from triton_tensors import chunk_sizes
 
 TEXT = "Streaming from Sesame."

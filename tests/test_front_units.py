@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import pytriton
 
+from csm_client import control
 from csm_triton.tools import server
 from csm_triton.tools.server import PROJECT_ROOT
-from csm_triton.triton import control
 
 # triton_python_backend_utils.py, as the python backend ships it: importable outside a stub (the
 # stub adds its classes, which these tests do not use).

@@ -23,9 +23,8 @@ from hypothesis import strategies as st
 from test_triton_stream import stream_model_processes, wait_for_idle_server
 from tritonclient.utils import InferenceServerException
 
-from csm_triton.request import STANDARD_SAMPLE_RATES
+from csm_client.contract import INPUTS, STANDARD_SAMPLE_RATES
 from csm_triton.tools.server import TritonServer
-from csm_triton.triton.serving import INPUTS
 from triton_tensors import request, scalar, tensors, vector
 
 logger = logging.getLogger(__name__)

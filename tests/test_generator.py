@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from csm_client.contract import SAMPLES_PER_FRAME, STANDARD_SAMPLE_RATES
 from csm_triton import GenerationRequest, Generator, Segment, load_csm_1b, preset
-from csm_triton.model.config import SAMPLES_PER_FRAME
-from csm_triton.request import STANDARD_SAMPLE_RATES, RequestLimits
+from csm_triton.request import RequestLimits
 from triton_tensors import LONG_TEXTS
 
 

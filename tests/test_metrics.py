@@ -18,8 +18,8 @@ import pytest
 from test_triton_stream import Streams, wait_for_idle_server
 
 from conftest import SERVER_SLOTS
+from csm_client.contract import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from csm_triton import GenerationRequest, Generator
-from csm_triton.model.config import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from csm_triton.tools.server import TritonServer
 from triton_tensors import long_prompt, request, scalar, vector
 

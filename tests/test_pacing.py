@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from csm_client.contract import SAMPLES_PER_FRAME
 from csm_triton import GenerationRequest, Generator
 from csm_triton.engine.engine import Engine
 from csm_triton.engine.pacing import ADAPTIVE, FRAME_S, PASS_FRAMES, PRESSING_S, SAFETY_S, ChunkPlan, Playback, chunk_plan, pass_jobs
 from csm_triton.engine.streaming import Chunk, ServingLoop, Stream
 from csm_triton.model import checkpoint
 from csm_triton.model.codec import StreamingDecoder
-from csm_triton.model.config import SAMPLES_PER_FRAME
 
 
 def test_the_first_chunk_has_its_size_whatever_the_slack() -> None:

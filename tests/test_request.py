@@ -13,20 +13,12 @@ import sys
 import numpy as np
 import pytest
 
+from csm_client.contract import INPUTS, MAX_RESAMPLING_FILTER, STANDARD_SAMPLE_RATES, resampling_filter_elements
 from csm_triton.engine.pacing import ChunkPlan
 from csm_triton.model.config import TINY
-from csm_triton.request import (
-    API_NAMES,
-    MAX_RESAMPLING_FILTER,
-    STANDARD_SAMPLE_RATES,
-    GenerationRequest,
-    RequestLimits,
-    Segment,
-    audio_positions,
-    resampling_filter_elements,
-)
+from csm_triton.request import API_NAMES, GenerationRequest, RequestLimits, Segment, audio_positions
 from csm_triton.tools.server import PROJECT_ROOT
-from csm_triton.triton.serving import INPUTS, ServingConfig, read_chunking, read_request
+from csm_triton.triton.serving import ServingConfig, read_chunking, read_request
 from triton_tensors import request, scalar, vector
 
 LIMITS = RequestLimits.for_model(TINY)

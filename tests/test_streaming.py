@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
+from csm_client.contract import SAMPLE_RATE, SAMPLES_PER_FRAME
 from csm_triton import GenerationRequest, Generator, Segment
 from csm_triton.engine.streaming import Chunk
-from csm_triton.model.config import SAMPLE_RATE, SAMPLES_PER_FRAME
 from triton_tensors import chunk_sizes
 
 

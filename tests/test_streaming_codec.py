@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from csm_client.contract import SAMPLES_PER_FRAME
 from csm_triton.model.codec import MimiCodec, StreamingDecoder
-from csm_triton.model.config import SAMPLES_PER_FRAME
 
 TOLERANCE = 1e-4
 CODEBOOKS = 32

@@ -14,8 +14,8 @@ import tritonclient.grpc.aio as grpcclient_aio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from csm_client.contract import SAMPLES_PER_FRAME
 from csm_triton import Generator, Segment
-from csm_triton.model.config import SAMPLES_PER_FRAME
 from csm_triton.tools.server import TritonServer
 from triton_tensors import long_prompt, request, scalar, tensors, vector
 

@@ -18,8 +18,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from csm_client.contract import SAMPLES_PER_FRAME
 from csm_triton import Generator
-from csm_triton.model.config import SAMPLES_PER_FRAME
 from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
 from triton_tensors import chunk_sizes, request, scalar, tensors, vector
 

@@ -1,11 +1,14 @@
 """Client for CSM-1B served by Triton: `CSMClient` / `AsyncCSMClient` (numpy), `RemoteGenerator`
 (the design document's Generator over the network) and the `csm-say` command.
 
-Needs only numpy and tritonclient; not the model stack.
+Needs only numpy, tritonclient and soundfile (its own distribution, csm-client); not the model stack.
+`contract` holds what the client, the gateway and the server share: the tensors, their defaults and
+bounds, the audio's facts.
 """
 
 from .client import AsyncCSMClient, CSMClient, CSMError, build_inputs, request_arrays
+from .contract import SAMPLE_RATE
 from .remote import RemoteGenerator
-from .segment import SAMPLE_RATE, Segment
+from .segment import Segment
 
 __all__ = ["SAMPLE_RATE", "AsyncCSMClient", "CSMClient", "CSMError", "RemoteGenerator", "Segment", "build_inputs", "request_arrays"]

@@ -25,7 +25,8 @@ import numpy
 import soundfile
 
 from .client import DEFAULT_STREAM_MODEL, CSMClient, CSMError
-from .segment import SAMPLE_RATE, Segment
+from .contract import FRAME_MS, INPUTS, SAMPLE_RATE
+from .segment import Segment
 
 
 class AppendSegment(argparse.Action):
@@ -57,16 +58,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--context-codes", dest="segments", nargs=3, metavar=("NPY", "TEXT", "SPEAKER"), action=AppendSegment, const="codes",
         help="an earlier turn with the Mimi codes the server returned for it ([frames, 32] in a .npy file); repeatable",
     )  # fmt: skip
-    parser.add_argument("--temperature", type=float, help="sampling temperature (server default 0.9)")
-    parser.add_argument("--topk", type=int, help="top-k sampling (server default 50)")
-    parser.add_argument("--max-ms", type=int, help="longest audio to generate, in ms (server default 10000)")
+    parser.add_argument("--temperature", type=float, help=f"sampling temperature (server default {INPUTS['TEMPERATURE'].default})")
+    parser.add_argument("--topk", type=int, help=f"top-k sampling (server default {INPUTS['TOPK'].default})")
+    parser.add_argument(
+        "--max-ms", type=int, help=f"longest audio to generate, in ms (server default {INPUTS['MAX_AUDIO_LENGTH_MS'].default})"
+    )
     parser.add_argument("--seed", type=int, help="sampling seed, for repeatable output")
     parser.add_argument("--url", help="server address (default localhost:8001 for gRPC, localhost:8000 for HTTP)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--model-name", default="csm")
     parser.add_argument("--stream", action="store_true", help="write the WAV as the audio arrives, and report latency (gRPC only)")
-    parser.add_argument("--first-chunk-frames", type=int, help="with --stream: frames of 80 ms in the first chunk (server default 2)")
-    parser.add_argument("--chunk-frames", type=int, help="with --stream: frames of 80 ms in each later chunk (server default 12)")
+    parser.add_argument(
+        "--first-chunk-frames",
+        type=int,
+        help=f"with --stream: frames of {FRAME_MS} ms in the first chunk (server default {INPUTS['FIRST_CHUNK_FRAMES'].default})",
+    )
+    parser.add_argument(
+        "--chunk-frames",
+        type=int,
+        help=f"with --stream: frames of {FRAME_MS} ms in each later chunk "
+        f"(server default: adaptive, up to {INPUTS['CHUNK_FRAMES'].default})",
+    )
     parser.add_argument("--stream-model-name", default=DEFAULT_STREAM_MODEL)
     parser.add_argument("-o", "--output", type=Path, required=True, help="WAV file to write")
     parser.add_argument("-v", "--verbose", action="store_true", help="log requests")

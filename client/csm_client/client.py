@@ -15,15 +15,17 @@ import queue
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import ModuleType
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
-from typing_extensions import Unpack  # typing.Unpack needs Python 3.11; NVIDIA's container has 3.10
 
-from csm_triton.triton.control import PROBE, SILENCE_PROBE_S, stream_model_gone
+from .contract import INPUTS, SAMPLE_RATE
+from .control import PROBE, SILENCE_PROBE_S, stream_model_gone
+from .segment import context_arrays
 
-from .segment import SAMPLE_RATE, context_arrays
+if TYPE_CHECKING:  # annotations only: typing.Unpack needs Python 3.11 (NVIDIA's container has 3.10)
+    from typing_extensions import Unpack
 
 logger = logging.getLogger(__name__)
 
@@ -86,21 +88,23 @@ def request_arrays(
     clip becomes the first context segment)."""
     if not isinstance(text, str):
         raise ValueError(f"text: must be a string, got {type(text).__name__}")
-    arrays = {"TEXT": np.array([[text.encode("utf-8")]], dtype=np.object_), "SPEAKER": np.array([[speaker]], dtype=np.int32)}
+    arrays = {
+        "TEXT": np.array([[text.encode("utf-8")]], dtype=INPUTS["TEXT"].dtype),
+        "SPEAKER": np.array([[speaker]], dtype=INPUTS["SPEAKER"].dtype),
+    }
     arrays.update(context_arrays(context))
     optional = {
-        "TEMPERATURE": (temperature, np.float32),
-        "TOPK": (topk, np.int32),
-        "MAX_AUDIO_LENGTH_MS": (max_audio_length_ms, np.int32),
-        "SEED": (seed, np.int64),
-        "FIRST_CHUNK_FRAMES": (first_chunk_frames, np.int32),
-        "CHUNK_FRAMES": (chunk_frames, np.int32),
+        "TEMPERATURE": temperature,
+        "TOPK": topk,
+        "MAX_AUDIO_LENGTH_MS": max_audio_length_ms,
+        "SEED": seed,
+        "FIRST_CHUNK_FRAMES": first_chunk_frames,
+        "CHUNK_FRAMES": chunk_frames,
+        "VOICE": None if voice is None else voice.encode("utf-8"),
     }
-    for name, (value, dtype) in optional.items():
+    for name, value in optional.items():
         if value is not None:
-            arrays[name] = np.array([[value]], dtype=dtype)
-    if voice is not None:
-        arrays["VOICE"] = np.array([[voice.encode("utf-8")]], dtype=np.object_)
+            arrays[name] = np.array([[value]], dtype=INPUTS[name].dtype)
     return arrays
 
 
@@ -172,7 +176,7 @@ def _is_final(result: Any) -> bool:
 
 def _lost(model: str, answer: str | None) -> CSMError | None:
     """The error that ends a silent stream when a PROBE's answer shows its stream model's process
-    dead or unloaded since: its streams never end otherwise (csm_triton/triton/control.py says why)."""
+    dead or unloaded since: its streams never end otherwise (control.py says why)."""
     if not stream_model_gone(answer):
         return None
     return CSMError(f"{model}'s process died and this stream was lost; retry it ({answer})", LOST_STATUS)

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .client import DEFAULT_STREAM_MODEL, DEFAULT_TIMEOUT_S, CSMClient
-from .segment import SAMPLE_RATE
+from .contract import INPUTS, SAMPLE_RATE
 
 if TYPE_CHECKING:
     import torch
@@ -40,9 +40,9 @@ class RemoteGenerator:
         text: str,
         speaker: int,
         context: Sequence[Any],
-        temperature: float = 0.9,
-        topk: int = 50,
-        max_audio_length_ms: int = 10_000,
+        temperature: float = INPUTS["TEMPERATURE"].default,
+        topk: int = INPUTS["TOPK"].default,
+        max_audio_length_ms: int = INPUTS["MAX_AUDIO_LENGTH_MS"].default,
         seed: int | None = None,
     ) -> torch.Tensor:
         """Speak `text` as `speaker` after `context`: mono float32 audio [samples] at 24 kHz."""
@@ -58,9 +58,9 @@ class RemoteGenerator:
         text: str,
         speaker: int,
         context: Sequence[Any],
-        temperature: float = 0.9,
-        topk: int = 50,
-        max_audio_length_ms: int = 10_000,
+        temperature: float = INPUTS["TEMPERATURE"].default,
+        topk: int = INPUTS["TOPK"].default,
+        max_audio_length_ms: int = INPUTS["MAX_AUDIO_LENGTH_MS"].default,
         seed: int | None = None,
     ) -> torch.Tensor:
         """The sampled Mimi codes [frames, 32] (int64, as in process)."""
@@ -77,9 +77,9 @@ class RemoteGenerator:
         text: str,
         speaker: int,
         context: Sequence[Any],
-        temperature: float = 0.9,
-        topk: int = 50,
-        max_audio_length_ms: int = 10_000,
+        temperature: float = INPUTS["TEMPERATURE"].default,
+        topk: int = INPUTS["TOPK"].default,
+        max_audio_length_ms: int = INPUTS["MAX_AUDIO_LENGTH_MS"].default,
         seed: int | None = None,
         first_chunk_frames: int | None = None,
         chunk_frames: int | None = None,

@@ -1,7 +1,7 @@
-"""Conversation segments on the client side: their packing into the model's context tensors.
+"""Conversation segments: the record of one turn, shared by the client and the server's in-process
+API (csm_triton.request imports it), and its packing into the model's context tensors.
 
-The segments are the server's own `csm_triton.Segment` (csm_triton.request is torch-free, numpy
-only), so the client installs with numpy and tritonclient alone; torch is imported only when
+Numpy only, so the client installs with numpy and tritonclient alone; torch is imported only when
 resampling is needed.
 """
 
@@ -9,15 +9,104 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from csm_triton.model.config import SAMPLE_RATE
-from csm_triton.request import Segment as Segment  # the client's segments are the server's
-from csm_triton.request import code_frames, mono_samples
+from .contract import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
+
+
+def whole_number(value: Any, label: str) -> int:
+    """An int (a numpy integer too, never a bool) as a Python int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{label} must be an integer, got {value!r}")
+    return int(value)
+
+
+def mono_samples(audio: Any, label: str) -> np.ndarray:
+    """[T], [1, T] or [T, 1] finite floating-point samples, a numpy array or a torch tensor on any
+    device (converted without importing torch), as contiguous float32 numpy [T] (not copied
+    when it is that already). More channels are refused, never mixed down silently."""
+    if hasattr(audio, "detach"):
+        if not audio.is_floating_point():
+            raise ValueError(f"{label} must hold floating-point samples, got {audio.dtype}")
+        audio = audio.detach().float().cpu().numpy()
+    audio = np.asarray(audio)
+    if audio.ndim == 2 and 1 in audio.shape:
+        audio = audio.reshape(-1)
+    if audio.ndim != 1:
+        raise ValueError(
+            f"{label} must be mono audio of shape [samples], got shape {list(audio.shape)} "
+            "(multi-channel audio is not supported; mix it down first)"
+        )
+    if not np.issubdtype(audio.dtype, np.floating):
+        raise ValueError(f"{label} must hold floating-point samples, got {audio.dtype}")
+    if not np.isfinite(audio).all():
+        raise ValueError(f"{label} has samples that are not finite (NaN or infinity)")
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def code_frames(codes: Any, label: str) -> np.ndarray:
+    """Mimi codes [frames, codebooks] of integers, a numpy array or a torch tensor on any device
+    (converted without importing torch), as numpy (not copied when it is one already). Their
+    values and codebook count are the request limits' to check (RequestLimits.check)."""
+    if hasattr(codes, "detach"):
+        codes = codes.detach().cpu().numpy()
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"{label} must be Mimi codes of shape [frames, codebooks], got shape {list(codes.shape)}")
+    if codes.dtype == np.bool_ or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"{label} must hold integer codes, got {codes.dtype}")
+    if not len(codes):
+        raise ValueError(f"{label} must hold at least one frame; leave codes=None for a segment without them")
+    return codes
+
+
+@dataclass
+class Segment:
+    """One turn of the conversation: its speaker, its text and, optionally, its audio or the Mimi
+    codes of its audio.
+
+    Both the design document's form, `Segment(text=..., speaker=..., is_audio=False)`, and
+    Sesame's, `Segment(speaker=..., text=..., audio=tensor)`, are accepted. Audio (numpy or torch)
+    is kept as float32 numpy at its own `sample_rate` (default 24 kHz): it is resampled to Mimi's
+    rate only when the prompt is built, once the request has been checked. `codes` ([frames, 32]
+    integers, e.g. the AUDIO_CODES the server returned for that turn) stand for the audio and are
+    used as they are, never encoded; a segment holds audio or codes, not both.
+    """
+
+    speaker: int
+    text: str
+    audio: Any = None  # np.ndarray [samples] float32 once constructed
+    is_audio: bool | None = None
+    sample_rate: int = SAMPLE_RATE
+    codes: Any = None  # np.ndarray [frames, 32] of integers once constructed
+
+    def __post_init__(self) -> None:
+        if self.audio is not None and self.codes is not None:
+            raise ValueError("segment: both audio and codes were given; a segment holds one of them")
+        has_audio = self.audio is not None or self.codes is not None
+        if self.is_audio is None:
+            self.is_audio = has_audio
+        if self.is_audio and not has_audio:
+            raise ValueError("segment: is_audio=True but no audio was given")
+        if not self.is_audio and has_audio:
+            raise ValueError(f"segment: {'audio' if self.audio is not None else 'codes'} given with is_audio=False")
+        if self.codes is not None:
+            self.codes = code_frames(self.codes, "segment codes:")
+        self.speaker = whole_number(self.speaker, "segment speaker:")
+        if not isinstance(self.text, str):
+            raise ValueError(f"segment text: must be a string, got {type(self.text).__name__}")
+        self.sample_rate = whole_number(self.sample_rate, "segment sample_rate:")
+        if self.sample_rate < 1:
+            raise ValueError(f"segment sample_rate: must be a positive number of samples a second, got {self.sample_rate}")
+        if self.audio is not None:
+            self.audio = mono_samples(self.audio, "segment audio:")
+            if not len(self.audio):
+                raise ValueError("segment audio: must hold at least one sample; leave audio=None for a text-only segment")
 
 
 def resample(audio: np.ndarray, sample_rate: int, new_rate: int) -> np.ndarray:

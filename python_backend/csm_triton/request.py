@@ -1,11 +1,13 @@
 """What one request to CSM is, and every bound on it, checked before any work is done on it.
 
-The contract layer: it imports only the model's config (the model's facts, the audio constants),
-and both the engine and the Triton side import it. Torch-free (numpy only), so that
-`triton/serving.py`, which reads Triton's input arrays, and the client (csm_client) use it without
-torch. The Triton models and the in-process API share one set of checks (`RequestLimits.check`); `names` says how the caller's API
-names each field, so that every message starts with the name the caller used (`TOPK: ...` over
-Triton, `topk: ...` in process) and says the allowed range.
+The contract layer: the facts it shares with callers outside the server (audio constants, default
+chunking and limits, the Segment record) come from the light client's distribution
+(csm_client.contract and .segment); it imports only them and the model's config, and both the engine
+and the Triton side import it. Torch-free (numpy only), so that `triton/serving.py`, which reads
+Triton's input arrays, uses it without torch. The Triton models and the in-process API share one
+set of checks (`RequestLimits.check`); `names` says how the caller's API names each field, so that
+every message starts with the name the caller used (`TOPK: ...` over Triton, `topk: ...` in
+process) and says the allowed range.
 """
 
 from __future__ import annotations
@@ -17,26 +19,29 @@ from typing import Any
 
 import numpy as np
 
-from .model.config import FRAME_MS, MIB, SAMPLE_RATE, SAMPLES_PER_FRAME, ModelConfig
+from csm_client.contract import (
+    AUDIO_NUM_CODEBOOKS,
+    AUDIO_VOCAB_SIZE,
+    FRAME_MS,
+    INPUTS,
+    INT32_MAX,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_AUDIO_LENGTH_MS,
+    MAX_CONTEXT_SAMPLE_RATE,
+    MAX_CONTEXT_SEGMENTS,
+    MAX_CONTEXT_TEXT_BYTES,
+    MAX_REQUEST_BYTES,
+    MAX_TEXT_BYTES,
+    MIN_CONTEXT_SAMPLE_RATE,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    check_range,
+    check_sample_rate,
+)
+from csm_client.segment import Segment, whole_number
 
-# Default chunking of a stream: a short first chunk for a fast first audio, then about a second of
-# audio per chunk, which keeps the decoder's per-call cost small against the audio it makes.
-FIRST_CHUNK_FRAMES = 2
-CHUNK_FRAMES = 12
-INT32_MAX = 2**31 - 1
-
-STANDARD_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
-
-MAX_RESAMPLING_FILTER = 1_000_000
-"""Elements of torchaudio's resampling filter that a context sample rate may need.
-
-torchaudio builds its sinc filter from the two rates reduced by their gcd, [new/g, 2*width + orig/g],
-and holds about five float32 copies of it while building it. Measured (torchaudio 2.9.1, 1 s of
-audio, peak RSS): 8235 Hz, 0.9M elements, +17 MiB; 9496 Hz, 3.6M, +69 MiB; 9548 Hz, 14.4M, +234
-MiB and 0.35 s; 12007 Hz would need 289M elements (~6 GB, seen taking 10 s). Every standard rate
-needs at most 51,520 (11025 Hz), which resamples in ~1 ms a second of audio. The rest of the cost
-grows with the audio, which the prompt bounds: the longest context audio at 48 kHz (163.6 s) takes
-+265 MiB and 0.16 s."""
+from .model.config import ModelConfig
 
 # How each field is named by the in-process API (GenerationRequest's and Segment's fields): the
 # words a message about it starts with. serving.TRITON_NAMES names the same fields as Triton inputs.
@@ -74,109 +79,10 @@ def audio_positions(samples: int, sample_rate: int) -> int:
     return frames_of(resampled_length(samples, sample_rate)) + 1
 
 
-def resampling_filter_elements(sample_rate: int) -> int:
-    """Elements of the filter torchaudio builds to resample `sample_rate` to 24 kHz (its
-    `_get_sinc_resample_kernel`: lowpass_filter_width 6, rolloff 0.99)."""
-    gcd = math.gcd(sample_rate, SAMPLE_RATE)
-    orig, new = sample_rate // gcd, SAMPLE_RATE // gcd
-    width = math.ceil(6 * orig / (min(orig, new) * 0.99))
-    return new * (2 * width + orig)
-
-
-def whole_number(value: Any, label: str) -> int:
-    """An int (a numpy integer too, never a bool) as a Python int."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{label} must be an integer, got {value!r}")
-    return int(value)
-
-
 def real_number(value: Any, label: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{label} must be a number, got {value!r}")
     return float(value)
-
-
-def mono_samples(audio: Any, label: str) -> np.ndarray:
-    """[T], [1, T] or [T, 1] finite floating-point samples, a numpy array or a torch tensor on any
-    device (converted without importing torch), as contiguous float32 numpy [T] (not copied
-    when it is that already). More channels are refused, never mixed down silently."""
-    if hasattr(audio, "detach"):
-        if not audio.is_floating_point():
-            raise ValueError(f"{label} must hold floating-point samples, got {audio.dtype}")
-        audio = audio.detach().float().cpu().numpy()
-    audio = np.asarray(audio)
-    if audio.ndim == 2 and 1 in audio.shape:
-        audio = audio.reshape(-1)
-    if audio.ndim != 1:
-        raise ValueError(
-            f"{label} must be mono audio of shape [samples], got shape {list(audio.shape)} "
-            "(multi-channel audio is not supported; mix it down first)"
-        )
-    if not np.issubdtype(audio.dtype, np.floating):
-        raise ValueError(f"{label} must hold floating-point samples, got {audio.dtype}")
-    if not np.isfinite(audio).all():
-        raise ValueError(f"{label} has samples that are not finite (NaN or infinity)")
-    return np.ascontiguousarray(audio, dtype=np.float32)
-
-
-def code_frames(codes: Any, label: str) -> np.ndarray:
-    """Mimi codes [frames, codebooks] of integers, a numpy array or a torch tensor on any device
-    (converted without importing torch), as numpy (not copied when it is one already). Their
-    values and codebook count are the request limits' to check (RequestLimits.check)."""
-    if hasattr(codes, "detach"):
-        codes = codes.detach().cpu().numpy()
-    codes = np.asarray(codes)
-    if codes.ndim != 2:
-        raise ValueError(f"{label} must be Mimi codes of shape [frames, codebooks], got shape {list(codes.shape)}")
-    if codes.dtype == np.bool_ or not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"{label} must hold integer codes, got {codes.dtype}")
-    if not len(codes):
-        raise ValueError(f"{label} must hold at least one frame; leave codes=None for a segment without them")
-    return codes
-
-
-@dataclass
-class Segment:
-    """One turn of the conversation: its speaker, its text and, optionally, its audio or the Mimi
-    codes of its audio.
-
-    Both the design document's form, `Segment(text=..., speaker=..., is_audio=False)`, and
-    Sesame's, `Segment(speaker=..., text=..., audio=tensor)`, are accepted. Audio (numpy or torch)
-    is kept as float32 numpy at its own `sample_rate` (default 24 kHz): it is resampled to Mimi's
-    rate only when the prompt is built, once the request has been checked. `codes` ([frames, 32]
-    integers, e.g. the AUDIO_CODES the server returned for that turn) stand for the audio and are
-    used as they are, never encoded; a segment holds audio or codes, not both.
-    """
-
-    speaker: int
-    text: str
-    audio: Any = None  # np.ndarray [samples] float32 once constructed
-    is_audio: bool | None = None
-    sample_rate: int = SAMPLE_RATE
-    codes: Any = None  # np.ndarray [frames, 32] of integers once constructed
-
-    def __post_init__(self) -> None:
-        if self.audio is not None and self.codes is not None:
-            raise ValueError("segment: both audio and codes were given; a segment holds one of them")
-        has_audio = self.audio is not None or self.codes is not None
-        if self.is_audio is None:
-            self.is_audio = has_audio
-        if self.is_audio and not has_audio:
-            raise ValueError("segment: is_audio=True but no audio was given")
-        if not self.is_audio and has_audio:
-            raise ValueError(f"segment: {'audio' if self.audio is not None else 'codes'} given with is_audio=False")
-        if self.codes is not None:
-            self.codes = code_frames(self.codes, "segment codes:")
-        self.speaker = whole_number(self.speaker, "segment speaker:")
-        if not isinstance(self.text, str):
-            raise ValueError(f"segment text: must be a string, got {type(self.text).__name__}")
-        self.sample_rate = whole_number(self.sample_rate, "segment sample_rate:")
-        if self.sample_rate < 1:
-            raise ValueError(f"segment sample_rate: must be a positive number of samples a second, got {self.sample_rate}")
-        if self.audio is not None:
-            self.audio = mono_samples(self.audio, "segment audio:")
-            if not len(self.audio):
-                raise ValueError("segment audio: must hold at least one sample; leave audio=None for a text-only segment")
 
 
 @dataclass
@@ -187,9 +93,9 @@ class GenerationRequest:
     text: str
     speaker: int
     context: list[Segment] = field(default_factory=list)
-    temperature: float = 0.9
-    topk: int = 50
-    max_audio_length_ms: int = 10_000
+    temperature: float = INPUTS["TEMPERATURE"].default
+    topk: int = INPUTS["TOPK"].default
+    max_audio_length_ms: int = INPUTS["MAX_AUDIO_LENGTH_MS"].default
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -214,16 +120,11 @@ def _label(names: Mapping[str, str], name: str, index: int | None = None) -> str
     return names[name].format(index=index)
 
 
-def _check_range(value: int, low: int, high: int, label: str, unit: str = "") -> None:
-    if not low <= value <= high:
-        raise ValueError(f"{label} must be in [{low}, {high}]{unit}, got {value}")
-
-
 def check_chunking(first_chunk_frames: int, chunk_frames: int, max_audio_length_ms: int, names: Mapping[str, str] = API_NAMES) -> None:
     """A stream's chunk sizes: from one frame to the longest audio a request may ask for."""
     most = max_audio_length_ms // FRAME_MS
     for name, frames in (("first_chunk_frames", first_chunk_frames), ("chunk_frames", chunk_frames)):
-        _check_range(whole_number(frames, names[name]), 1, most, names[name], f" frames of {FRAME_MS} ms")
+        check_range(whole_number(frames, names[name]), 1, most, names[name], f" frames of {FRAME_MS} ms")
 
 
 # RequestLimits fields that are facts of the model, not deployment parameters.
@@ -236,17 +137,15 @@ class RequestLimits:
     are csm_stream's config.pbtxt parameters of the same names."""
 
     max_positions: int = 2048  # the backbone's max_seq_len: prompt and frames together
-    audio_vocab_size: int = 2051  # TOPK's upper bound; context codes are below it
-    audio_num_codebooks: int = 32  # the codes of a context segment's frame
-    max_text_bytes: int = 4096  # UTF-8 bytes of TEXT
-    max_context_segments: int = 32
-    max_context_text_bytes: int = 4096  # UTF-8 bytes of each context segment's text
-    min_context_sample_rate: int = 8000
-    max_context_sample_rate: int = 48_000
-    # All inputs of one request together; 32 MiB admits the longest context audio that fits the
-    # prompt at 48 kHz (2045 frames: 7.85M samples, 30 MiB of FP32).
-    max_request_bytes: int = 32 * MIB
-    max_audio_length_ms: int = 30_000  # MAX_AUDIO_LENGTH_MS's upper bound
+    audio_vocab_size: int = AUDIO_VOCAB_SIZE  # TOPK's upper bound; context codes are below it
+    audio_num_codebooks: int = AUDIO_NUM_CODEBOOKS  # the codes of a context segment's frame
+    max_text_bytes: int = MAX_TEXT_BYTES
+    max_context_segments: int = MAX_CONTEXT_SEGMENTS
+    max_context_text_bytes: int = MAX_CONTEXT_TEXT_BYTES
+    min_context_sample_rate: int = MIN_CONTEXT_SAMPLE_RATE
+    max_context_sample_rate: int = MAX_CONTEXT_SAMPLE_RATE
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    max_audio_length_ms: int = MAX_AUDIO_LENGTH_MS
 
     def __post_init__(self) -> None:
         for limit in fields(self):
@@ -288,14 +187,14 @@ class RequestLimits:
         """Raise a ValueError naming the first field out of bounds. Costs no more than counting:
         no audio is resampled or encoded and no text tokenized."""
         _check_text(request.text, names["text"], self.max_text_bytes, "max_text_bytes")
-        _check_range(request.speaker, 0, INT32_MAX, names["speaker"])
+        check_range(request.speaker, 0, INT32_MAX, names["speaker"])
         self.check_segment_count(len(request.context), names)
         audio_so_far = 0  # prompt positions of the context audio (and codes) up to the segment checked
         for index, segment in enumerate(request.context):
             has_audio = segment.audio is not None or segment.codes is not None
             label = _label(names, "context.text", index)
             _check_text(segment.text, label, self.max_context_text_bytes, "max_context_text_bytes", may_be_empty=has_audio)
-            _check_range(segment.speaker, 0, INT32_MAX, _label(names, "context.speaker", index))
+            check_range(segment.speaker, 0, INT32_MAX, _label(names, "context.speaker", index))
             if segment.audio is not None:
                 samples, rate = len(segment.audio), segment.sample_rate
                 self.check_sample_rate(rate, _label(names, "context.sample_rate", index))
@@ -306,10 +205,10 @@ class RequestLimits:
                 self._check_codes(segment.codes, audio_so_far, _label(names, "context.codes", index))
         if not (math.isfinite(request.temperature) and request.temperature > 0):
             raise ValueError(f"{names['temperature']} must be a finite number > 0, got {request.temperature}")
-        _check_range(request.topk, 1, self.audio_vocab_size, names["topk"])
-        _check_range(request.max_audio_length_ms, FRAME_MS, self.max_audio_length_ms, names["max_audio_length_ms"])
+        check_range(request.topk, 1, self.audio_vocab_size, names["topk"])
+        check_range(request.max_audio_length_ms, FRAME_MS, self.max_audio_length_ms, names["max_audio_length_ms"])
         if request.seed is not None:
-            _check_range(request.seed, -(2**63), 2**63 - 1, names["seed"], " (a 64-bit integer)")
+            check_range(request.seed, INT64_MIN, INT64_MAX, names["seed"], " (a 64-bit integer)")
 
     def check_segment_count(self, count: int, names: Mapping[str, str] = API_NAMES) -> None:
         if count > self.max_context_segments:
@@ -317,16 +216,7 @@ class RequestLimits:
 
     def check_sample_rate(self, sample_rate: int, label: str) -> None:
         """A context sample rate in range whose resampling to 24 kHz costs little."""
-        _check_range(sample_rate, self.min_context_sample_rate, self.max_context_sample_rate, label, " Hz")
-        elements = resampling_filter_elements(sample_rate)
-        if elements > MAX_RESAMPLING_FILTER:
-            gcd = math.gcd(sample_rate, SAMPLE_RATE)
-            nearest = min(STANDARD_SAMPLE_RATES, key=lambda rate: abs(rate - sample_rate))
-            raise ValueError(
-                f"{label} {sample_rate} Hz is {sample_rate // gcd}:{SAMPLE_RATE // gcd} to Mimi's {SAMPLE_RATE} Hz, "
-                f"whose resampling filter would take {elements:,} elements (at most {MAX_RESAMPLING_FILTER:,}: memory and time "
-                f"grow with it); resample the audio to a standard rate such as {nearest} Hz first"
-            )
+        check_sample_rate(sample_rate, self.min_context_sample_rate, self.max_context_sample_rate, label)
 
     def _check_codes(self, codes: np.ndarray, positions: int, label: str) -> None:
         """A segment's codes: their shape and prompt positions first (counting), then their values."""

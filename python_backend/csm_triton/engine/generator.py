@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from csm_client.contract import SAMPLE_RATE
+
 from ..model import checkpoint
 from ..model.codec import MimiCodec, StreamingDecoder
-from ..model.config import SAMPLE_RATE
 from ..request import GenerationRequest, RequestLimits, Segment, check_chunking
 from .engine import Engine, EngineRequest
 from .pacing import ADAPTIVE, ChunkPlan, chunk_plan

@@ -24,8 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..model.config import FRAME_MS
-from ..request import CHUNK_FRAMES, FIRST_CHUNK_FRAMES
+from csm_client.contract import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, FRAME_MS
 
 FRAME_S = FRAME_MS / 1000
 PASS_FRAMES = 4  # frames a decoder pass advances a stream by (see ServingLoop)

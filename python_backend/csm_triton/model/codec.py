@@ -14,7 +14,7 @@ from moshi.modules.streaming import State, StreamingContainer
 from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 from moshi.utils import compile as moshi_compile
 
-from .config import SAMPLE_RATE, SAMPLES_PER_FRAME
+from csm_client.contract import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 logger = logging.getLogger(__name__)
 

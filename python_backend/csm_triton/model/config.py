@@ -3,7 +3,8 @@ the facts of the audio the model speaks in (Mimi's rate and frame).
 
 `config.json` of a staged model names flavors (`"backbone_flavor": "llama-1B"`) as Sesame's
 checkpoint does, or gives an explicit architecture (`"backbone": {...}`) for small test models.
-Torch-free: the request contract (csm_triton.request), the Triton stubs and the client import it.
+The audio's facts and the codebook count are the wire contract's (csm_client.contract), defined there
+once. Torch-free: the request contract (csm_triton.request) and the Triton stubs import it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SAMPLE_RATE = 24_000  # Mimi's rate: the audio generated, and the rate context audio is resampled to
-SAMPLES_PER_FRAME = 1920  # one Mimi frame at 12.5 Hz
-FRAME_MS = 80
+from csm_client.contract import AUDIO_NUM_CODEBOOKS, AUDIO_VOCAB_SIZE
+
 MIB = 1 << 20
 
 
@@ -77,8 +77,8 @@ class ModelConfig:
     backbone: TransformerConfig
     decoder: TransformerConfig
     text_vocab_size: int = 128_256
-    audio_vocab_size: int = 2051
-    audio_num_codebooks: int = 32
+    audio_vocab_size: int = AUDIO_VOCAB_SIZE
+    audio_num_codebooks: int = AUDIO_NUM_CODEBOOKS
     backbone_flavor: str | None = None
     decoder_flavor: str | None = None
 

@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from csm_client.contract import AUDIO_VOCAB_SIZE  # CSM's Mimi codes and the two special ones: the table a Sampler builds first
+
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # below 2**27: a 32-bit value times it fits in int64 without overflow
 _TOKEN_SALT = 0x9E3779B9
-AUDIO_VOCAB_SIZE = 2051  # CSM's Mimi codes and the two special ones: the table a Sampler builds first
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .control import CANCEL, FORWARD_ID, PROBE, SILENCE_PROBE_S, STUB_DEAD, stream_model_gone
+from csm_client.control import CANCEL, FORWARD_ID, PROBE, SILENCE_PROBE_S, STUB_DEAD, stream_model_gone
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The Triton model's contract: its settings, and requests read from named input arrays.
+"""The Triton model's settings, and requests read from named input arrays (whose table, with every
+other fact the callers share, is the wire contract's: csm_client.contract.INPUTS).
 
 Torch-free and free of `triton_python_backend_utils`, so that reading is testable outside a server
 and the csm_stream model (csm_stream.py) only passes tensors on. Every input is checked for its
@@ -13,49 +14,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
+from csm_client.contract import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, INPUTS, SAMPLE_RATE
+from csm_client.segment import mono_samples
+
 from ..engine.pacing import ChunkPlan, chunk_plan
-from ..model.config import SAMPLE_RATE, ModelConfig
-from ..request import (
-    CHUNK_FRAMES,
-    FIRST_CHUNK_FRAMES,
-    GenerationRequest,
-    RequestLimits,
-    Segment,
-    check_chunking,
-    mono_samples,
-)
+from ..model.config import ModelConfig
+from ..request import GenerationRequest, RequestLimits, Segment, check_chunking
 
-
-class Input(NamedTuple):
-    datatype: str  # Triton's
-    dtype: np.dtype  # what `as_numpy()` gives for it
-    is_list: bool  # one entry per context segment (or sample): [1, n] or [n]; else one value: [1] or [1, 1]
-
-
-_BYTES, _INT32, _FP32, _INT64 = np.dtype(object), np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.int64)
-
-INPUTS: dict[str, Input] = {
-    "TEXT": Input("BYTES", _BYTES, False),
-    "SPEAKER": Input("INT32", _INT32, False),
-    "CONTEXT_TEXT": Input("BYTES", _BYTES, True),
-    "CONTEXT_SPEAKER": Input("INT32", _INT32, True),
-    "CONTEXT_AUDIO": Input("FP32", _FP32, True),
-    "CONTEXT_AUDIO_LENGTHS": Input("INT32", _INT32, True),
-    "CONTEXT_SAMPLE_RATE": Input("INT32", _INT32, False),
-    "CONTEXT_CODES": Input("INT32", _INT32, True),
-    "CONTEXT_CODES_LENGTHS": Input("INT32", _INT32, True),
-    "TEMPERATURE": Input("FP32", _FP32, False),
-    "TOPK": Input("INT32", _INT32, False),
-    "MAX_AUDIO_LENGTH_MS": Input("INT32", _INT32, False),
-    "SEED": Input("INT64", _INT64, False),
-    "FIRST_CHUNK_FRAMES": Input("INT32", _INT32, False),
-    "CHUNK_FRAMES": Input("INT32", _INT32, False),
-    "VOICE": Input("BYTES", _BYTES, False),
-}
+_BYTES = np.dtype(object)
 
 # The request's fields as Triton inputs name them (see request.API_NAMES): the words a message
 # about each starts with. A context segment's fields name their segment; the sample rate is one

@@ -16,7 +16,8 @@ import threading
 
 import triton_python_backend_utils as pb_utils
 
-from ..model.config import FRAME_MS
+from csm_client.contract import FRAME_MS
+
 from .engine_client import Heartbeat
 from .serving import INPUTS
 

@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from csm_client.control import PROBE, STUB_DEAD
+
 from . import bls
-from .control import PROBE, STUB_DEAD
 
 logger = logging.getLogger("csm_triton.triton.watch")
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..request import RequestLimits, mono_samples
+from csm_client.segment import mono_samples
+
+from ..request import RequestLimits
 
 MANIFEST = "voices.json"
 VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # no path separators: a name, never a path

@@ -1,6 +1,6 @@
 """The control requests csm_stream answers at once, and what their answers mean: shared by the fronts
-inside Triton (bls.py) and by clients outside it (csm_client), so it imports neither torch nor
-the python backend's utilities.
+inside Triton (csm_triton/triton/bls.py) and by clients outside it, so it lives in the light client's
+distribution and imports neither torch nor the python backend's utilities.
 
 A control request is an ordinary csm_stream request (TEXT and SPEAKER, which it ignores) whose
 parameters ask for something other than speech:
@@ -18,7 +18,7 @@ the OOM killer), nothing in tritonserver can send the final response of the stre
 neither an unload nor a reload does: those streams stay open and silent for good. So a caller
 waiting for csm_stream's next response asks, after `SILENCE_PROBE_S` of silence, whether
 csm_stream's process still lives; the answer `stream_model_gone` recognises means its stream is
-lost. The csm front's watch (stream_watch.py) unloads and loads csm_stream after such a death,
+lost. The csm front's watch (csm_triton/triton/stream_watch.py) unloads and loads csm_stream after such a death,
 and a caller probing at least once in that window sees the model unloaded too.
 """
 
