@@ -44,7 +44,7 @@ export: setup
 # written to build/gateway-voices-key (README, "The speech gateway", the front door). Both print where.
 GATEWAY_PORT ?= 8080
 serve: setup $(TINY_DIR)/manifest.json
-	GATEWAY_PORT=$(GATEWAY_PORT) $(PYTHON) -m gateway.serve $(SERVE_ARGS)
+	GATEWAY_PORT=$(GATEWAY_PORT) $(PYTHON) -m csm_triton.tools.serve $(SERVE_ARGS)
 
 # csm_stream's own Python environment for the python backend's EXECUTION_ENV_PATH (README: "Beside
 # other models"): a relocatable prefix of this Python with the project (not editable) and its

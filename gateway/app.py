@@ -30,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from csm_client import AsyncCSMClient, CSMError, Segment
-from csm_triton.request import INT32_MAX
+from csm_client.contract import AUDIO_NUM_CODEBOOKS, INPUTS, INT32_MAX, INT64_MAX, SAMPLES_PER_FRAME
 
 from . import audio, clips, request_ids
 from .body import parse_form, parse_model, read_body
@@ -44,9 +44,7 @@ logger = logging.getLogger("gateway")
 STATIC = Path(__file__).parent / "static"
 FORM_FIELDS_BYTES = 64 * 1024  # a voice upload's form fields besides its clip
 Model = TypeVar("Model", bound=BaseModel)
-SAMPLES_PER_FRAME = 1920  # one 80 ms Mimi frame at 24 kHz
-# SPEAKER, CONTEXT_SPEAKER, TOPK, MAX_AUDIO_LENGTH_MS and CONTEXT_CODES are INT32 tensors (INT32_MAX).
-INT64_MAX = 2**63 - 1  # SEED is INT64
+# SPEAKER, CONTEXT_SPEAKER, TOPK, MAX_AUDIO_LENGTH_MS and CONTEXT_CODES are INT32 tensors (INT32_MAX), SEED INT64.
 FP32_MAX = float(np.finfo(np.float32).max)  # TEMPERATURE is FP32
 SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -69,7 +67,9 @@ class VoiceRef(BaseModel):
 
 # One Mimi frame of a turn's codes: csm_stream checks the values (below its audio vocabulary);
 # here they need only fit its INT32 tensor.
-CodeFrame = Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=32, max_length=32)]
+CodeFrame = Annotated[
+    list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=AUDIO_NUM_CODEBOOKS, max_length=AUDIO_NUM_CODEBOOKS)
+]
 
 
 class Turn(BaseModel):
@@ -90,8 +90,8 @@ class Sampling(BaseModel):
 
     seed: int | None = Field(default=None, ge=0, le=INT64_MAX)
     temperature: float | None = Field(default=None, gt=0, le=FP32_MAX, allow_inf_nan=False)
-    topk: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    max_audio_length_ms: int | None = Field(default=None, ge=80, le=INT32_MAX)
+    topk: int | None = Field(default=None, ge=INPUTS["TOPK"].least, le=INT32_MAX)
+    max_audio_length_ms: int | None = Field(default=None, ge=INPUTS["MAX_AUDIO_LENGTH_MS"].least, le=INT32_MAX)
     context: list[Turn] = Field(default_factory=list)
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-SAMPLE_RATE = 24_000
+from csm_client.contract import SAMPLE_RATE
+
 # WAV's size fields for a stream whose length is not known yet: players and decoders (ffmpeg,
 # browsers, libsndfile) read such a file to its end.
 UNKNOWN_SIZE = 0xFFFFFFFF

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from csm_triton.request import RequestLimits
+from csm_client.contract import check_sample_rate
 
 from .config import GatewayConfig
 
@@ -51,9 +51,7 @@ class ClipBounds:
 
     def check_stream(self, rate: int, channels: int) -> None:
         try:
-            RequestLimits(min_context_sample_rate=self.min_rate, max_context_sample_rate=self.max_rate).check_sample_rate(
-                rate, "sample rate"
-            )
+            check_sample_rate(rate, self.min_rate, self.max_rate, "sample rate")
         except ValueError as error:
             raise AudioInputError(str(error)) from None
         if not 1 <= channels <= self.max_channels:

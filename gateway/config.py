@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from csm_triton.request import INT32_MAX
+from csm_client.contract import INT32_MAX, MAX_CONTEXT_SAMPLE_RATE, MAX_CONTEXT_SEGMENTS, MAX_CONTEXT_TEXT_BYTES, MIN_CONTEXT_SAMPLE_RATE
 
 ENV_PREFIX = "CSM_GATEWAY_"
 # OpenAI's built-in voice names. Each maps by default to a plain CSM speaker id, without a reference
@@ -98,16 +98,19 @@ class GatewayConfig:
         default=200_000, metadata={"help": "values in a JSON body at most, counted before parsing as its commas and brackets"}
     )
     max_input_chars: int = field(default=4096, metadata={"help": "longest `input` (OpenAI's limit)"})
-    max_context_turns: int = field(default=32, metadata={"help": "context turns of a request (csm_stream's max_context_segments)"})
+    max_context_turns: int = field(
+        default=MAX_CONTEXT_SEGMENTS, metadata={"help": "context turns of a request (csm_stream's max_context_segments)"}
+    )
     max_context_text_bytes: int = field(
-        default=4096, metadata={"help": "UTF-8 bytes of a context turn's text or a voice's transcript (csm_stream's parameter)"}
+        default=MAX_CONTEXT_TEXT_BYTES,
+        metadata={"help": "UTF-8 bytes of a context turn's text or a voice's transcript (csm_stream's parameter)"},
     )
     max_context_audio_s: float = field(default=160.0, metadata={"help": "context audio of one request, all turns"})
     min_clip_sample_rate: int = field(
-        default=8000, metadata={"help": "lowest sample rate of a clip (csm_stream's min_context_sample_rate)"}
+        default=MIN_CONTEXT_SAMPLE_RATE, metadata={"help": "lowest sample rate of a clip (csm_stream's min_context_sample_rate)"}
     )
     max_clip_sample_rate: int = field(
-        default=48_000, metadata={"help": "highest sample rate of a clip (csm_stream's max_context_sample_rate)"}
+        default=MAX_CONTEXT_SAMPLE_RATE, metadata={"help": "highest sample rate of a clip (csm_stream's max_context_sample_rate)"}
     )
     max_clip_channels: int = field(default=8, metadata={"help": "channels of a clip at most (mixed down to mono)"})
     timeout_s: float = field(default=300.0, metadata={"help": "gRPC deadline of a stream"})

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from csm_triton.request import INT32_MAX
+from csm_client.contract import INT32_MAX
 
 from . import audio, clips
 from .config import GatewayConfig, load_voices

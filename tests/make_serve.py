@@ -46,7 +46,7 @@ class MakeServe:
 
     @property
     def voices_key_file(self) -> Path:
-        """The key that creating and deleting voices takes, written by gateway.serve."""
+        """The key that creating and deleting voices takes, written by csm_triton.tools.serve."""
         return self.folder / "voices-key"
 
     http_url = TritonServer.http_url  # from its options, as a TritonServer's
@@ -111,9 +111,9 @@ class MakeServe:
             return self.process.wait()
 
     def gateway(self) -> psutil.Process:
-        """The `python -m gateway.serve` process (under make), where the gateway runs."""
+        """The `python -m csm_triton.tools.serve` process (under make), where the gateway runs."""
         for process in psutil.Process(self.process.pid).children(recursive=True):
-            if "gateway.serve" in process.cmdline():
+            if "csm_triton.tools.serve" in process.cmdline():
                 return process
         raise AssertionError("make serve runs no gateway")
 

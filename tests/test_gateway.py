@@ -29,6 +29,7 @@ import uvicorn
 from test_metrics import scrape, series, settled
 
 from csm_client import CSMClient, CSMError, Segment
+from csm_client.contract import SAMPLES_PER_FRAME
 from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
 from gateway import GatewayConfig, create_app
 from gateway.audio import FORMATS, SAMPLE_RATE, pcm16, wav_bytes
@@ -36,7 +37,6 @@ from gateway.config import OPENAI_VOICES
 from gateway.connections import uvicorn_config
 from gateway.errors import from_triton
 
-SAMPLES_PER_FRAME = 1920
 TEXT = "Hello from the gateway."
 SHORT = {"seed": 7, "max_audio_length_ms": 800}  # 10 frames: ~0.5 s of the tiny model on 2 cores
 # Encoder delay and padding of the lossy codecs, in samples at 24 kHz: mp3 (LAME) adds up to ~1.6k, aac 1024 + a frame.
@@ -506,7 +506,7 @@ def test_a_conversation_re_encodes_no_earlier_turn_and_a_voice_clip_is_encoded_o
 
 
 def test_make_serve_runs_the_gateway_beside_tritonserver_and_stops_both(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """`python -m gateway.serve` as `make serve` runs it; only `csm` is loaded (it holds no weights, so it
+    """`python -m csm_triton.tools.serve` as `make serve` runs it; only `csm` is loaded (it holds no weights, so it
     loads in seconds): the gateway answers, and its /health says csm_stream is not ready."""
     from test_admin_api import serve_command, wait_for_line, without_admin_key
 
@@ -514,7 +514,7 @@ def test_make_serve_runs_the_gateway_beside_tritonserver_and_stops_both(tmp_path
     options, port, log_file = ServerOptions.on_free_ports(repository), free_port(), tmp_path / "serve.log"
     server_argv = serve_command(options, tmp_path / "admin-key", "--model-control-mode=explicit", "--load-model=csm")[3:]
     key_file = f"--voices-key-file={tmp_path / 'voices-key'}"
-    argv = [sys.executable, "-m", "gateway.serve", "--gateway-port", str(port), key_file, *server_argv]
+    argv = [sys.executable, "-m", "csm_triton.tools.serve", "--gateway-port", str(port), key_file, *server_argv]
     with open(log_file, "w") as log:
         process = subprocess.Popen(argv, env=without_admin_key(), stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -327,5 +327,5 @@ def test_a_voice_is_checked_when_it_is_made_never_at_each_use(fields: dict, para
 
 def test_the_gateway_needs_no_torch() -> None:
     """It holds no model: importing all of it with torch made unimportable works."""
-    code = "import sys; sys.modules['torch'] = sys.modules['torchaudio'] = None; import gateway.app, gateway.serve, gateway.voices"
+    code = "import sys; sys.modules['torch'] = sys.modules['torchaudio'] = None; import gateway.app, gateway.voices, csm_triton.tools.serve"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -9,7 +9,7 @@ Creating and deleting voices takes a key: CSM_GATEWAY_VOICE_KEYS, else a new ran
 start) written to --voices-key-file, as csm_triton.tools.server does the admin key;
 CSM_GATEWAY_OPEN_VOICES=true lets anyone who may speak create and delete voices instead.
 
-  python -m gateway.serve [--gateway-port N] [--voices-key-file FILE] [csm_triton.tools.server arguments ...]
+  python -m csm_triton.tools.serve [--gateway-port N] [--voices-key-file FILE] [csm_triton.tools.server arguments ...]
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import uvicorn
 
-from csm_triton.tools.server import PROJECT_ROOT, parse_command_line, write_new_key
+from gateway.app import create_app
+from gateway.config import ENV_PREFIX, GatewayConfig
+from gateway.connections import uvicorn_config
 
-from .app import create_app
-from .config import ENV_PREFIX, GatewayConfig
-from .connections import uvicorn_config
+from .server import PROJECT_ROOT, parse_command_line, write_new_key
 
 logger = logging.getLogger("gateway")
 DEFAULT_VOICES_KEY_FILE = PROJECT_ROOT / "build" / "gateway-voices-key"
