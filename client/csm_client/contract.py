@@ -78,7 +78,7 @@ INPUTS: dict[str, Tensor] = {
     "CONTEXT_SPEAKER": Tensor("INT32", _INT32, _LIST, least=0),
     "CONTEXT_AUDIO": Tensor("FP32", _FP32, _LIST),
     "CONTEXT_AUDIO_LENGTHS": Tensor("INT32", _INT32, _LIST, least=0),
-    "CONTEXT_SAMPLE_RATE": Tensor("INT32", _INT32, _ONE, default=SAMPLE_RATE, least=MIN_CONTEXT_SAMPLE_RATE),
+    "CONTEXT_SAMPLE_RATE": Tensor("INT32", _INT32, _ONE, default=SAMPLE_RATE),  # within csm_stream's min/max_context_sample_rate
     "CONTEXT_CODES": Tensor("INT32", _INT32, _LIST, least=0),
     "CONTEXT_CODES_LENGTHS": Tensor("INT32", _INT32, _LIST, least=0),
     "TEMPERATURE": Tensor("FP32", _FP32, _ONE, default=0.9),  # finite and > 0

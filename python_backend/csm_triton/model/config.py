@@ -1,10 +1,10 @@
-"""Model hyperparameters: one dataclass per transformer, named presets, and the CSM config; and
-the facts of the audio the model speaks in (Mimi's rate and frame).
+"""Model hyperparameters: one dataclass per transformer, named presets, and the CSM config.
 
 `config.json` of a staged model names flavors (`"backbone_flavor": "llama-1B"`) as Sesame's
 checkpoint does, or gives an explicit architecture (`"backbone": {...}`) for small test models.
-The audio's facts and the codebook count are the wire contract's (csm_client.contract), defined there
-once. Torch-free: the request contract (csm_triton.request) and the Triton stubs import it.
+The audio's facts (Mimi's rate and frame) and CSM-1B's codebooks and audio vocabulary are the wire
+contract's (csm_client.contract), defined there once, as callers see them too. Torch-free: the request
+contract (csm_triton.request) and the Triton stubs import it.
 """
 
 from __future__ import annotations
