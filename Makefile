@@ -72,7 +72,7 @@ browser:
 		|| echo "chromium is not installed: tests/test_gateway_page.py will skip (and fail under CI)"
 
 test: setup browser
-	CHROMIUM=$(CHROMIUM) $(PYTHON) -m pytest -q $(TEST_ARGS)
+	PYTHON_BASE=$(PYTHON_BASE) CHROMIUM=$(CHROMIUM) $(PYTHON) -m pytest -q $(TEST_ARGS)
 
 bench: setup
 	$(PYTHON) bench/engine_bench.py --json docs/engine_bench.json

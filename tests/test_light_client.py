@@ -8,6 +8,7 @@ uv installs them offline from its cache, which `make setup` has filled, at the l
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,15 +32,14 @@ HEAVY = ("torch", "torchaudio", "moshi", "torchtune", "csm_triton")
 def fresh_venv(path: Path, *distributions: str) -> Path:
     """A venv at `path` with `distributions` (folders of this checkout) installed from clean copies,
     as from a fresh clone; returns its bin folder."""
-    uv = shutil.which("uv")
-    assert uv, "uv is not on the PATH (make setup installs it into the base Python)"
+    uv = [os.environ.get("PYTHON_BASE", "python3"), "-m", "uv"]  # as `make setup` runs it
     sources = []
     for distribution in distributions:
         copy = path.parent / f"{path.name}-{distribution}"
         shutil.copytree(ROOT / distribution, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
         sources.append(str(copy))
-    subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(path)], check=True, timeout=120)
-    install = [uv, "pip", "install", "--quiet", "--offline", "--python", str(path / "bin" / "python"), "--constraint", "requirements.lock"]
+    subprocess.run([*uv, "venv", "--quiet", "--python", sys.executable, str(path)], check=True, timeout=120)
+    install = [*uv, "pip", "install", "--quiet", "--offline", "--python", str(path / "bin" / "python"), "--constraint", "requirements.lock"]
     subprocess.run([*install, *sources], check=True, timeout=300, cwd=ROOT)
     return path / "bin"
 
