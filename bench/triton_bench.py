@@ -2,6 +2,8 @@
 
   overhead:    one gRPC request end to end against the in-process `generate` of the same request.
   concurrency: audio-seconds per wall second with 8 concurrent gRPC clients against 1 client.
+  streams:     audio-seconds per wall second of 4 and of 8 streams at once, through Triton against the
+               same streaming requests in process (issue 19: within 10%).
 
 Starts its own server on the tiny model (CPU).
 Usage: python bench/triton_bench.py [--frames N] [--rounds N] [--json OUT]
@@ -15,6 +17,7 @@ import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sized
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from tqdm import tqdm
 
 from csm_client import CSMClient
 from csm_client.contract import FRAME_MS, SAMPLE_RATE
-from csm_triton import load_csm_1b
+from csm_triton import Generator, load_csm_1b
 from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
 from export.tiny import make_tiny
 
@@ -39,28 +42,56 @@ def median_seconds(call, rounds: int, label: str) -> float:
     return statistics.median(times)
 
 
-def audio_seconds_per_second(url: str, clients: int, requests_each: int, frames: int) -> float:
-    """Each client sends its requests one after another; all clients at once."""
+def audio_seconds_per_second(speak: Callable[[int], Iterable[Sized]], streams: int, requests_each: int) -> float:
+    """`streams` callers at once, each making `requests_each` requests one after another; `speak(index)`
+    makes caller `index`'s request and yields its audio (one piece, or a stream's chunks)."""
 
-    def client_run(index: int) -> float:
-        with CSMClient(url) as client:
-            audio = [client.generate(TEXT, index % 2, max_audio_length_ms=frames * FRAME_MS, seed=index)[0] for _ in range(requests_each)]
-        return sum(len(a) for a in audio) / SAMPLE_RATE
+    def caller(index: int) -> float:
+        return sum(len(piece) for _ in range(requests_each) for piece in speak(index)) / SAMPLE_RATE
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        audio_seconds = sum(pool.map(client_run, range(clients)))
+    with ThreadPoolExecutor(streams) as pool:
+        audio_seconds = sum(pool.map(caller, range(streams)))
     return audio_seconds / (time.perf_counter() - start)
+
+
+def streams_side_by_side(url: str, generator: Generator, max_ms: int, streams: int) -> dict:
+    """The same streaming requests at `streams` at once, in process and through Triton, one after the other."""
+    in_process = audio_seconds_per_second(
+        lambda index: generator.generate_streaming(TEXT, index % 2, [], max_audio_length_ms=max_ms, seed=index), streams, 2
+    )
+    clients = [CSMClient(url) for _ in range(streams)]
+    try:
+        through_triton = audio_seconds_per_second(
+            lambda index: clients[index].stream(TEXT, index % 2, max_audio_length_ms=max_ms, seed=index), streams, 2
+        )
+    finally:
+        for client in clients:
+            client.close()
+    return {
+        "in_process_audio_s_per_s": in_process,
+        "triton_audio_s_per_s": through_triton,
+        "triton_over_in_process": through_triton / in_process,
+    }
 
 
 def run(url: str, model_dir: Path, frames: int, rounds: int) -> dict:
     generator = load_csm_1b(model_dir, device="cpu", slots=8)
     max_ms = frames * FRAME_MS
     in_process = median_seconds(lambda: generator.generate(TEXT, 0, [], max_audio_length_ms=max_ms, seed=1), rounds, "in process")
-    with CSMClient(url) as client:
-        unary = median_seconds(lambda: client.generate(TEXT, 0, max_audio_length_ms=max_ms, seed=1), rounds, "gRPC unary")
-    one = audio_seconds_per_second(url, clients=1, requests_each=2, frames=frames)
-    eight = audio_seconds_per_second(url, clients=8, requests_each=2, frames=frames)
+    unary_clients = [CSMClient(url) for _ in range(8)]
+    try:
+        unary = median_seconds(lambda: unary_clients[0].generate(TEXT, 0, max_audio_length_ms=max_ms, seed=1), rounds, "gRPC unary")
+
+        def speak_unary(index: int) -> list:
+            return [unary_clients[index].generate(TEXT, index % 2, max_audio_length_ms=max_ms, seed=index)[0]]
+
+        one = audio_seconds_per_second(speak_unary, 1, 2)
+        eight = audio_seconds_per_second(speak_unary, 8, 2)
+    finally:
+        for client in unary_clients:
+            client.close()
+    streams = {str(count): streams_side_by_side(url, generator, max_ms, count) for count in tqdm((4, 8), desc="streams", leave=False)}
     return {
         "frames_per_request": frames,
         "in_process_generate_s": in_process,
@@ -69,6 +100,7 @@ def run(url: str, model_dir: Path, frames: int, rounds: int) -> dict:
         "one_client_audio_s_per_s": one,
         "eight_clients_audio_s_per_s": eight,
         "eight_over_one": eight / one,
+        "streams": streams,
     }
 
 
