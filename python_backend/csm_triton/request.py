@@ -55,6 +55,7 @@ API_NAMES: Mapping[str, str] = {
     "seed": "seed:",
     "first_chunk_frames": "first_chunk_frames:",
     "chunk_frames": "chunk_frames:",
+    "voice": "voice:",
 }
 
 
@@ -191,6 +192,9 @@ class GenerationRequest:
     topk: int = 50
     max_audio_length_ms: int = 10_000
     seed: int | None = None
+    # A voice of the serving Generator's library (Generator.voices), by name: its clip's codes,
+    # encoded once, go before `context`. Never the clip itself, so it is never sent or hashed again.
+    voice: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
@@ -204,6 +208,8 @@ class GenerationRequest:
         self.max_audio_length_ms = whole_number(self.max_audio_length_ms, "max_audio_length_ms:")
         if self.seed is not None:
             self.seed = whole_number(self.seed, "seed:")
+        if self.voice is not None and not isinstance(self.voice, str):
+            raise ValueError(f"voice: must be a voice's name, got {type(self.voice).__name__}")
 
     @property
     def max_frames(self) -> int:

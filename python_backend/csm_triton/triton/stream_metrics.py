@@ -17,7 +17,7 @@ import threading
 import triton_python_backend_utils as pb_utils
 
 from ..model.config import FRAME_MS
-from .engine_client import Heartbeat
+from .protocol import Heartbeat
 from .serving import INPUTS
 
 MODEL = {"model": "csm_stream"}
