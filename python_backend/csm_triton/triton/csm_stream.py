@@ -21,7 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from . import bls
@@ -81,18 +80,19 @@ class TritonPythonModel:
             if control.is_control:
                 self._answer_control(control, sender)
                 continue
+            in_band = bls.errors_in_band(control, request.requested_output_names())
             try:
                 self._hand_over(request, sender, control.forward_id)
             except ValueError as error:
                 self.metrics.invalid_argument(error)
-                _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)
+                _send_error(sender, pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG), in_band)
             except WorkerUnavailable as error:
                 self.metrics.rejected("internal_error")
-                _send_error(sender, f"{self.name}: {error}", pb_utils.TritonError.UNAVAILABLE)
+                _send_error(sender, pb_utils.TritonError(f"{self.name}: {error}", pb_utils.TritonError.UNAVAILABLE), in_band)
             except Exception as error:  # this request alone fails; the others of the call go on
                 logger.exception("preparing a request failed")
                 self.metrics.rejected("internal_error")
-                _send_error(sender, f"preparing the request failed: {error}", pb_utils.TritonError.INTERNAL)
+                _send_error(sender, pb_utils.TritonError(f"preparing the request failed: {error}", pb_utils.TritonError.INTERNAL), in_band)
         return None
 
     def _answer_control(self, control: bls.Control, sender) -> None:
@@ -104,7 +104,7 @@ class TritonPythonModel:
         heartbeat = self.worker.heartbeat
         problem = "it is unloading" if self._stopping.is_set() else self.worker.down or (heartbeat and heartbeat.health)
         if problem:
-            _send_error(sender, f"{self.name} cannot serve: {problem}", pb_utils.TritonError.UNAVAILABLE)
+            _send_error(sender, pb_utils.TritonError(f"{self.name} cannot serve: {problem}", pb_utils.TritonError.UNAVAILABLE))
             return
         sender.send(flags=FINAL)
 
@@ -183,7 +183,7 @@ class _Link:
         self._request, self._sender, self._wanted = request, sender, wanted
         self._forwarded, self._forward_id = forwarded, forward_id
         self._stopped = forwarded.start(forward_id)  # a front's CANCEL for this request
-        self._errors_in_band = forward_id is not None and "ERROR" in wanted  # see config.pbtxt, ERROR
+        self._errors_in_band = bls.errors_in_band(bls.Control(forward_id), wanted)
         self._metrics, self._forget, self._cancel = metrics, forget, cancel
         self.key = -1
         self._start = time.monotonic()  # csm_stream took the request; Triton's queue time is not known here
@@ -266,10 +266,8 @@ class _Link:
         if sender is None:
             return
         try:
-            if error is not None and self._errors_in_band and self._responses_sent:
-                # A BLS caller would never see an error response now (config.pbtxt, ERROR).
-                message = np.array([[error.message().encode("utf-8")]], dtype=object)
-                response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("ERROR", message)])
+            if error is not None and self._errors_in_band:
+                response = bls.in_band_error(error)
             elif error is not None:
                 response = pb_utils.InferenceResponse(error=error)
             sender.send(response, flags=FINAL) if response is not None else sender.send(flags=FINAL)
@@ -290,5 +288,7 @@ class _Link:
             self._metrics.finished(elapsed_s, self._frames)
 
 
-def _send_error(sender, message: str, code) -> None:
-    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+def _send_error(sender, error, in_band: bool = False) -> None:
+    """The request's one final response: `error` (a pb_utils.TritonError), in band for a front's BLS call."""
+    response = bls.in_band_error(error) if in_band else pb_utils.InferenceResponse(error=error)
+    sender.send(response, flags=FINAL)
