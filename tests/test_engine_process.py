@@ -15,12 +15,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
-from csm_triton import GenerationRequest, Generator
+from csm_triton import GenerationRequest, Generator, Segment
 from csm_triton.engine.pacing import ChunkPlan
-from csm_triton.triton.protocol import ChunkOut, Refused, Status, WorkerSettings
+from csm_triton.request import audio_key
+from csm_triton.triton.protocol import ChunkOut, Generate, Refused, Status, WorkerSettings
 from csm_triton.triton.serving import ServingConfig
 from csm_triton.triton.worker_client import WorkerClient, WorkerUnavailable
 
@@ -105,6 +107,36 @@ def test_answers_as_the_generator_does(client: WorkerClient, generator: Generato
     client.generate(request, invalid, False, ChunkPlan(2, 12, adaptive=False))
     (refusal,) = invalid.until_last()
     assert isinstance(refusal, Refused) and refusal.status is Status.INVALID_ARG and refusal.message.startswith("prompt: ")
+
+
+def test_a_clip_sent_before_is_named_by_its_content_key(client: WorkerClient, generator: Generator) -> None:
+    """The second request with a clip sends its key, not its audio, and speaks as the first; a key
+    the engine process does not hold (its cache lost it) brings the clip whole, once more."""
+    samples = np.random.default_rng(1).uniform(-0.5, 0.5, 4 * 1920).astype(np.float32)
+    request = GenerationRequest("After a clip.", 1, [Segment(0, "A clip.", samples)], max_audio_length_ms=400, seed=2)
+    expected = generator.generate_codes("After a clip.", 1, [Segment(0, "A clip.", samples)], max_audio_length_ms=400, seed=2)
+    sent: list[Generate] = []
+    worker = client._worker
+    send = worker.send
+    worker.send = lambda message: (sent.append(message), send(message))
+    for _ in range(2):
+        inbox = Inbox()
+        client.generate(request, inbox, False, ChunkPlan(2, 12, adaptive=False))
+        assert [row for chunk in inbox.until_last() for row in chunk.codes.tolist()] == expected.tolist()
+    assert [message.clips for message in sent] == [(), ((0, audio_key(samples, 24_000)),)]
+    assert sent[0].request.context[0].audio is not None and sent[1].request.context[0].audio is None
+    other = np.random.default_rng(2).uniform(-0.5, 0.5, 4 * 1920).astype(np.float32)
+    client._clips_sent[audio_key(other, 24_000)] = None  # as if sent before, to a cache that has lost it
+    inbox = Inbox()
+    client.generate(
+        GenerationRequest("After another.", 1, [Segment(0, "Another.", other)], max_audio_length_ms=400, seed=3),
+        inbox,
+        False,
+        ChunkPlan(2, 12, adaptive=False),
+    )
+    codes = [row for chunk in inbox.until_last() for row in chunk.codes.tolist()]
+    assert codes == generator.generate_codes("After another.", 1, [Segment(0, "Another.", other)], max_audio_length_ms=400, seed=3).tolist()
+    assert [message.clips != () for message in sent[2:]] == [True, False]  # named, refused as unknown, sent whole
 
 
 def test_requests_beyond_max_waiting_are_refused_as_busy(tiny_model_dir: Path) -> None:

@@ -10,6 +10,7 @@ Triton, `topk: ...` in process) and says the allowed range.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -57,6 +58,14 @@ API_NAMES: Mapping[str, str] = {
     "chunk_frames": "chunk_frames:",
     "voice": "voice:",
 }
+
+
+def audio_key(samples: np.ndarray, sample_rate: int) -> str:
+    """A clip's content key: sha256 of its float32 samples and rate. The engine's codes cache holds
+    a clip's Mimi codes by it, and csm_stream's stub names a clip it has sent before by it."""
+    digest = hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32).tobytes())
+    digest.update(int(sample_rate).to_bytes(4, "little"))
+    return digest.hexdigest()
 
 
 def frames_of(samples: int) -> int:

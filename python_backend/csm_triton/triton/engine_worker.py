@@ -30,7 +30,7 @@ from ..engine.streaming import Busy, Chunk, LoopFailed, Stream
 from ..model import checkpoint
 from ..model.config import ModelConfig
 from ..model.model import slots_within_budget
-from ..request import Segment
+from ..request import GenerationRequest, Segment
 from .protocol import (
     HEARTBEAT_S,
     Cancel,
@@ -98,7 +98,7 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
         for clip in clips:
             codes = _clip_codes(generator, clip).numpy().astype(np.int32)
             generator.voices[clip.name] = Segment(clip.speaker, clip.transcript, codes=codes)
-    ready = Ready(slots, device, str(weights), limits, os.getpid(), tuple(generator.voices))
+    ready = Ready(slots, device, str(weights), limits, os.getpid(), tuple(generator.voices), generator.prompts.codes_cache.max_bytes)
     return generator, ready
 
 
@@ -151,8 +151,12 @@ class _Server:
 
     def _generate(self, message: Generate) -> None:
         deliver = functools.partial(self._deliver, message.key)
+        request = self._with_cached_clips(message)
+        if request is None:
+            self.send(Refused(message.key, Status.CLIP_UNKNOWN, "a context clip named by its key is not in the codes cache"))
+            return
         try:
-            stream = self.generator.start_checked(message.request, deliver, message.decode_audio, message.chunking)
+            stream = self.generator.start_checked(request, deliver, message.decode_audio, message.chunking)
         except ValueError as error:
             self.send(Refused(message.key, Status.INVALID_ARG, str(error)))
             return
@@ -170,6 +174,19 @@ class _Server:
             if not stream.ended:  # else its last chunk is out already
                 self._streams[message.key] = stream
             self._served_since_trim = True
+
+    def _with_cached_clips(self, message: Generate) -> GenerationRequest | None:
+        """The request with each clip the stub named by its key as the codes the cache holds for
+        it (used as they are, like codes a request sends), or None when one is not held."""
+        if not message.clips:
+            return message.request
+        context = list(message.request.context)
+        for index, key in message.clips:
+            codes = self.generator.prompts.codes_cache.get(key)
+            if codes is None:
+                return None
+            context[index] = Segment(context[index].speaker, context[index].text, codes=codes)
+        return dataclasses.replace(message.request, context=context)
 
     def _deliver(self, key: int, chunk: Chunk) -> None:
         """On the serving loop's threads: raises when the stub cannot be reached, which ends the

@@ -33,6 +33,7 @@ class Status(enum.Enum):
     UNAVAILABLE = "unavailable"  # the engine cannot serve now (failed, closing, or gone)
     INTERNAL = "internal"  # generation failed part-way
     CANCELLED = "cancelled"  # its client cancelled
+    CLIP_UNKNOWN = "clip_unknown"  # a clip named by its key is not in the codes cache: the stub sends it whole
 
 
 class Channel:
@@ -73,12 +74,15 @@ class WorkerSettings:
 @dataclass(frozen=True)
 class Generate:
     """A request to run, already checked against Ready.limits; its `voice` is one of Ready.voices,
-    whose clip's codes the worker holds."""
+    whose clip's codes the worker holds. `clips` names context segments by index whose audio the
+    stub has sent before and leaves out now, each by its content key (request.audio_key): the
+    worker takes their codes from its codes cache, or refuses with Status.CLIP_UNKNOWN."""
 
     key: int
     request: GenerationRequest
     decode_audio: bool
     chunking: ChunkPlan
+    clips: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class Ready:
     limits: RequestLimits  # what the stub checks every request against, once
     pid: int = 0
     voices: tuple[str, ...] = ()  # the voice library's names; their codes stay in the worker
+    codes_cache_bytes: int = 0  # the codes cache's bound; 0: no clip is ever named by its key
 
 
 @dataclass(frozen=True)

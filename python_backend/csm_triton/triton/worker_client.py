@@ -15,6 +15,7 @@ protocol.py holds the messages between them.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -22,19 +23,20 @@ import signal
 import subprocess
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Pipe
 from typing import Any
 
 from ..engine.pacing import ChunkPlan
-from ..request import GenerationRequest
+from ..request import GenerationRequest, audio_key
 from .protocol import Cancel, Channel, ChunkOut, Close, Generate, Heartbeat, Ready, Refused, StartFailed, Status, WorkerSettings
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_TIMEOUT_S = 30.0  # silence after which the worker is taken for hung and killed
 CLOSE_TIMEOUT_S = 30.0
+CLIP_KEYS = 4096  # clips remembered as sent whole to the running engine process, the oldest forgotten
 DELIVERY_THREADS = 4  # handlers that may block at once before the others' messages wait
 
 
@@ -195,6 +197,8 @@ class WorkerClient:
         self._closing = threading.Event()
         self._heartbeat: Heartbeat | None = None
         self._outboxes = _Outboxes()
+        self._clips_sent: OrderedDict[str, None] = OrderedDict()  # keys of clips the running engine process has had whole
+        self._whole: dict[int, Generate] = {}  # requests sent with clips left out, until their first answer
 
     def start(self) -> Ready:
         """Start the first engine process and the thread that watches it; raises
@@ -206,15 +210,24 @@ class WorkerClient:
     def generate(self, request: GenerationRequest, handler: Handler, decode_audio: bool, chunking: ChunkPlan) -> int:
         """Hand a request, checked against Ready.limits, to the engine process; `handler` gets its
         chunks (or its refusal, or its loss as an UNAVAILABLE refusal) on a delivery thread, in
-        order, the last one exactly once. Raises WorkerUnavailable."""
+        order, the last one exactly once. A context clip sent whole before is named by its content
+        key instead: it goes whole again only if the engine process no longer holds its codes.
+        Raises WorkerUnavailable."""
+        clips = [(index, audio_key(s.audio, s.sample_rate)) for index, s in enumerate(request.context) if s.audio is not None]
         with self._lock:
             if self._down is not None:
                 raise WorkerUnavailable(self._down)
             key = next(self._keys)
             self._handlers[key] = handler
             worker = self._worker
+            message = whole = Generate(key, request, decode_audio, chunking)
+            named = tuple(clip for clip in clips if clip[1] in self._clips_sent)
+            if named and worker.ready.codes_cache_bytes:
+                message = _leaving_out(whole, named)
+                self._whole[key] = whole
+            self._remember(clip_key for _, clip_key in clips)
         try:
-            worker.send(Generate(key, request, decode_audio, chunking))
+            worker.send(message)
         except OSError as error:  # the worker is gone; the supervisor is about to notice
             with self._lock:
                 self._handlers.pop(key, None)
@@ -268,11 +281,28 @@ class WorkerClient:
         logger.info("engine process %d ready: %d slots on %s", worker.process.pid, worker.ready.slots, worker.ready.device)
         return worker.ready
 
+    def _remember(self, keys: Iterable[str]) -> None:
+        """Note clips as sent whole (with _lock held)."""
+        for clip_key in keys:
+            self._clips_sent[clip_key] = None
+            self._clips_sent.move_to_end(clip_key)
+        while len(self._clips_sent) > CLIP_KEYS:
+            self._clips_sent.popitem(last=False)
+
     def _dispatch(self, message: Any) -> None:
         """A message from the worker, on the reader thread."""
         if isinstance(message, Heartbeat):
             self._heartbeat = message
             return
+        with self._lock:
+            whole = self._whole.pop(message.key, None)
+            worker = self._worker
+        if isinstance(message, Refused) and message.status is Status.CLIP_UNKNOWN and whole is not None:
+            try:
+                worker.send(whole)  # its clips whole, which the engine process encodes and caches again
+                return
+            except OSError:  # gone: the supervisor ends the request
+                return
         last = not isinstance(message, ChunkOut) or message.finish is not None
         with self._lock:
             handler = self._handlers.pop(message.key, None) if last else self._handlers.get(message.key)
@@ -282,6 +312,8 @@ class WorkerClient:
     def _lose_all(self, reason: str) -> None:
         with self._lock:
             handlers, self._handlers = self._handlers, {}
+            self._whole.clear()
+            self._clips_sent.clear()  # a new engine process starts with an empty codes cache
         for key, handler in handlers.items():
             self._outboxes.put(key, handler, Refused(key, Status.UNAVAILABLE, f"{reason}; the request was lost"))
 
@@ -319,6 +351,13 @@ class WorkerClient:
             self._down = f"csm_stream cannot serve: {reason}"
         self._lose_all(reason)
         self.on_give_up(reason)
+
+
+def _leaving_out(message: Generate, clips: tuple[tuple[int, str], ...]) -> Generate:
+    """`message` with the audio of the clips named by key left out of its context."""
+    indices = {index for index, _ in clips}
+    context = [dataclasses.replace(s, audio=None, is_audio=None) if i in indices else s for i, s in enumerate(message.request.context)]
+    return dataclasses.replace(message, request=dataclasses.replace(message.request, context=context), clips=clips)
 
 
 def _call(handler: Handler, message: ChunkOut | Refused) -> None:
