@@ -108,7 +108,7 @@ def floor_seconds(config: ModelConfig, dtype: torch.dtype, batch: int, position:
 def frame_time(engine: Engine, config: ModelConfig, batch: int, frames: int) -> float:
     """Mean seconds of a step with `batch` requests running (each step ends with its codes on the host)."""
     for seed in range(batch):
-        engine.submit(prompt(config, WARMUP_STEPS + frames + 1, seed))
+        engine.enqueue(prompt(config, WARMUP_STEPS + frames + 1, seed))
     for _ in range(WARMUP_STEPS):
         engine.step()
     start = time.perf_counter()
@@ -122,7 +122,7 @@ def frame_time(engine: Engine, config: ModelConfig, batch: int, frames: int) -> 
 
 def time_to_first_audio(loop: ServingLoop, config: ModelConfig, background: int, tries: int, frames: int) -> float:
     """Median seconds to a short request's first decoded chunk while `background` streams run."""
-    running = [loop.submit(Stream(prompt(config, 100_000 // FRAME_MS, seed), lambda chunk: None)) for seed in range(background)]
+    running = [loop.add(Stream(prompt(config, 100_000 // FRAME_MS, seed), lambda chunk: None)) for seed in range(background)]
     for stream in running:
         stream.started.wait()
     waits = []
@@ -134,7 +134,7 @@ def time_to_first_audio(loop: ServingLoop, config: ModelConfig, background: int,
                 first.set()
 
         start = time.perf_counter()
-        stream = loop.submit(Stream(prompt(config, frames, 10_000 + attempt), deliver, chunking=ChunkPlan(first_frames=2)))
+        stream = loop.add(Stream(prompt(config, frames, 10_000 + attempt), deliver, chunking=ChunkPlan(first_frames=2)))
         first.wait()
         waits.append(time.perf_counter() - start)
         stream.finished.wait()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from csm_triton.engine.prompt import CodesCache, PromptBuilder, audio_key, codes_cache_bytes
-from csm_triton.request import Segment
+from csm_triton.engine.prompt import CodesCache, PromptBuilder, codes_cache_bytes
+from csm_triton.request import Segment, audio_key
 
 
 class CountingCodec:

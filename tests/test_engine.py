@@ -23,7 +23,7 @@ def run(engine: Engine, arrivals: dict[int, list[EngineRequest]]) -> dict[int, t
     step = 0
     while step <= max(arrivals) or engine.has_work:
         for request in arrivals.get(step, []):
-            frames[engine.submit(request)] = []
+            frames[engine.enqueue(request)] = []
         for result in engine.step():
             if result.codes is not None:
                 frames[result.request_id].append(result.codes)
@@ -77,10 +77,10 @@ def test_cancel_frees_the_slot_and_others_continue(generator: Generator) -> None
     keep, drop, queued = (
         generator.engine_request(GenerationRequest(t, 0, max_audio_length_ms=800, seed=3)) for t in ("Keep me.", "Drop me.", "Never run.")
     )
-    keep_id, drop_id = engine.submit(keep), engine.submit(drop)
+    keep_id, drop_id = engine.enqueue(keep), engine.enqueue(drop)
     for _ in range(engine.num_slots - 2):  # fill the remaining slots so that `queued` waits
-        engine.submit(keep)
-    queued_id = engine.submit(queued)
+        engine.enqueue(keep)
+    queued_id = engine.enqueue(queued)
     engine.step()
     assert engine.active_slots == engine.num_slots
     engine.cancel(drop_id)
@@ -111,7 +111,7 @@ def test_engine_refuses_a_prompt_of_the_wrong_shape(generator: Generator) -> Non
     good = generator.engine_request(GenerationRequest("Hi.", 0, seed=1))
     bad = EngineRequest(**{**good.__dict__, "tokens": good.tokens[:, :5]})
     with pytest.raises(ValueError, match=r"^prompt: expected tokens and mask of shape \[T, 33\]"):
-        generator.engine.submit(bad)
+        generator.engine.check(bad)
     assert not generator.engine.has_work
 
 
@@ -133,7 +133,7 @@ def test_all_zero_frame_ends_the_request_and_is_dropped(tiny_model_dir: Path, tm
     state["audio_head"][:, 0, 0] = 1000.0
     save_file(state, edited / "model.safetensors")
     generator = load_csm_1b(edited, device="cpu", slots=2)
-    request_id = generator.engine.submit(generator.engine_request(GenerationRequest("Stop at once.", 0, seed=1)))
+    request_id = generator.engine.enqueue(generator.engine_request(GenerationRequest("Stop at once.", 0, seed=1)))
     assert generator.engine.step() == [StepResult(request_id, None, "eos")]
     assert generator.engine.active_slots == 0
     assert generator.generate_codes("Stop at once.", 0, [], seed=2).shape == (0, 32)
@@ -241,9 +241,9 @@ def test_chunked_prefill_gives_the_same_codes(generator: Generator, frame_graphs
 def test_a_long_prompt_prefills_in_pieces_while_running_streams_go_on(generator: Generator) -> None:
     engine = Engine(generator.engine.model, generator.engine.num_slots, prefill_chunk=8)
     short, long = requests(generator, topk=50)[:2]
-    running = engine.submit(short)
+    running = engine.enqueue(short)
     engine.step()
-    waiting = engine.submit(long)
+    waiting = engine.enqueue(long)
     steps_to_first_frame = 0
     while True:
         results = engine.step()
@@ -268,7 +268,7 @@ def run_logged(engine: Engine, arrivals: dict[int, list[EngineRequest]], cancels
     step = 0
     while step <= max(arrivals) or engine.has_work:
         for request in arrivals.get(step, []):
-            submitted.append(engine.submit(request))
+            submitted.append(engine.enqueue(request))
             frames[submitted[-1]] = []
         if step in cancels:
             engine.cancel(submitted[cancels[step]])

@@ -232,6 +232,21 @@ def test_a_too_long_audio_context_is_refused_at_submit(generator: Generator) -> 
         generator.submit(GenerationRequest("Reply.", 0, context), lambda chunk: None)
 
 
+def test_a_voice_is_named_and_its_clip_goes_first_in_the_context(generator: Generator) -> None:
+    clip = Segment(2, "The narrator's clip.", codes=np.full((3, 32), 7, dtype=np.int32))
+    generator.voices["narrator"] = clip
+    try:
+        named = GenerationRequest("Hi.", 2, [Segment(0, "Before.")], max_audio_length_ms=400, seed=3, voice="narrator")
+        expected = generator.generate_codes("Hi.", 2, [clip, Segment(0, "Before.")], max_audio_length_ms=400, seed=3)
+        assert generator.generate_codes_batch([named])[0].tolist() == expected.tolist()
+        with pytest.raises(ValueError, match="^voice: no voice 'nobody' in the voice library; its voices: narrator"):
+            generator.submit(GenerationRequest("Hi.", 2, voice="nobody"), lambda chunk: None)
+        with pytest.raises(ValueError, match="^context: holds 33 segments, more than max_context_segments 32"):
+            generator.submit(GenerationRequest("Hi.", 2, [Segment(0, "Hi.")] * 32, voice="narrator"), lambda chunk: None)
+    finally:
+        del generator.voices["narrator"]
+
+
 def test_tokenizer_uses_the_speaker_template_with_bos_and_eos(generator: Generator) -> None:
     tokens, mask = generator.prompt("Hello", 0, [])
     assert tokens[:, -1].tolist() == [128000, 58, 15, 60, 9906, 128001]  # <|begin_of_text|> [ 0 ] Hello <|end_of_text|>

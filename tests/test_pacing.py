@@ -109,7 +109,7 @@ def clocked_loop(tiny_model_dir: Path, generator: Generator) -> Iterator[Callabl
 
 def streamed_chunks(loop: ServingLoop, generator: Generator, request: GenerationRequest, chunking: ChunkPlan) -> list[Chunk]:
     chunks: list[Chunk] = []
-    stream = loop.submit(Stream(generator.engine_request(request), chunks.append, True, chunking))
+    stream = loop.add(Stream(generator.engine_request(request), chunks.append, True, chunking))
     assert stream.finished.wait(60)
     assert chunks[-1].finish == "length"
     return chunks

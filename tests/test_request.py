@@ -23,8 +23,8 @@ from triton_tensors import request, scalar, vector
 
 LIMITS = RequestLimits.for_model(TINY)
 CONFIG = ServingConfig()
-# A voice library as the engine hands it to the stub: name -> its clip's segment, codes encoded at load.
-VOICES = {"narrator": Segment(2, "The narrator's clip.", codes=np.full((3, 32), 7, dtype=np.int32))}
+# A voice library as the engine process names it to the stub (its clips' codes stay in the engine process).
+VOICES = ("narrator",)
 
 
 def every_input() -> dict[str, np.ndarray]:
@@ -73,6 +73,7 @@ def summary(generation: GenerationRequest) -> tuple:
         generation.topk,
         generation.max_audio_length_ms,
         generation.seed,
+        generation.voice,
     )
 
 
@@ -86,14 +87,13 @@ def test_every_input_is_read() -> None:
     assert (generation.text, generation.speaker, generation.temperature, generation.topk) == ("Every input.", 1, pytest.approx(0.7), 20)
     assert (generation.max_audio_length_ms, generation.seed) == (400, 3)
     assert [(s.speaker, s.text, s.audio is None, s.codes is None) for s in generation.context] == [
-        (2, "The narrator's clip.", True, False),  # the voice's clip first
         (0, "Before.", True, True),
         (1, "With audio.", False, True),
         (0, "With codes.", True, False),
     ]
-    assert generation.context[0] is VOICES["narrator"]
-    assert generation.context[2].sample_rate == 16_000 and generation.context[2].audio.shape == (1600,)  # not resampled
-    assert generation.context[3].codes.tolist() == (np.arange(64) * 32).reshape(2, 32).tolist()  # frame by frame, as sent
+    assert generation.voice == "narrator"  # by name: the engine process puts its clip first (test_generator)
+    assert generation.context[1].sample_rate == 16_000 and generation.context[1].audio.shape == (1600,)  # not resampled
+    assert generation.context[2].codes.tolist() == (np.arange(64) * 32).reshape(2, 32).tolist()  # frame by frame, as sent
     assert read_chunking(every_input(), CONFIG) == ChunkPlan(1, 4, adaptive=False)
 
 
@@ -427,8 +427,8 @@ def voice(name: bytes) -> np.ndarray:
 
 
 def test_a_voice_is_a_name_of_the_library_never_a_path() -> None:
-    context = read_request(request(VOICE=voice(b"narrator")), LIMITS, VOICES).context
-    assert context == [VOICES["narrator"]]
+    generation = read_request(request(VOICE=voice(b"narrator")), LIMITS, VOICES)
+    assert (generation.voice, generation.context) == ("narrator", [])
     for name in (b"nobody", b"../narrator", b"/etc/passwd", b"narrator ", b""):
         refused(request(VOICE=voice(name)), f"VOICE: no voice {re.escape(repr(name.decode()))} in the voice library; its voices: narrator")
     with pytest.raises(ValueError, match="^VOICE: no voice 'narrator' in the voice library; its voices: none: this server's voices_dir"):

@@ -12,6 +12,7 @@ process) and says the allowed range.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -60,7 +61,16 @@ API_NAMES: Mapping[str, str] = {
     "seed": "seed:",
     "first_chunk_frames": "first_chunk_frames:",
     "chunk_frames": "chunk_frames:",
+    "voice": "voice:",
 }
+
+
+def audio_key(samples: np.ndarray, sample_rate: int) -> str:
+    """A clip's content key: sha256 of its float32 samples and rate. The engine's codes cache holds
+    a clip's Mimi codes by it, and csm_stream's stub names a clip it has sent before by it."""
+    digest = hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32).tobytes())
+    digest.update(int(sample_rate).to_bytes(4, "little"))
+    return digest.hexdigest()
 
 
 def frames_of(samples: int) -> int:
@@ -97,6 +107,9 @@ class GenerationRequest:
     topk: int = INPUTS["TOPK"].default
     max_audio_length_ms: int = INPUTS["MAX_AUDIO_LENGTH_MS"].default
     seed: int | None = None
+    # A voice of the serving Generator's library (Generator.voices), by name: its clip's codes,
+    # encoded once, go before `context`. Never the clip itself, so it is never sent or hashed again.
+    voice: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
@@ -110,6 +123,8 @@ class GenerationRequest:
         self.max_audio_length_ms = whole_number(self.max_audio_length_ms, "max_audio_length_ms:")
         if self.seed is not None:
             self.seed = whole_number(self.seed, "seed:")
+        if self.voice is not None and not isinstance(self.voice, str):
+            raise ValueError(f"voice: must be a voice's name, got {type(self.voice).__name__}")
 
     @property
     def max_frames(self) -> int:

@@ -2,7 +2,7 @@
 at frame boundaries.
 
 Each active request owns a *slot*: a row of the KV caches, its own positions, sampling parameters,
-seed and frame budget. `submit` and `cancel` may be called from any thread; `step` is called by
+seed and frame budget. `enqueue` and `cancel` may be called from any thread; `step` is called by
 one thread and advances every active slot by one frame.
 """
 
@@ -122,9 +122,9 @@ class Engine:
                 f"exceed the model's {self.max_seq_len}-position limit; shorten the context or the maximum audio length"
             )
 
-    def submit(self, request: EngineRequest) -> int:
-        """Queue a request; it joins the running batch at the next step with a free slot."""
-        self.check(request)
+    def enqueue(self, request: EngineRequest) -> int:
+        """Queue a request that `check` passed; it joins the running batch at the next step with a
+        free slot."""
         with self._lock:
             request_id = next(self._ids)
             self._waiting.append((request_id, request))

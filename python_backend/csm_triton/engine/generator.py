@@ -9,6 +9,7 @@ design document's extensions.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import queue
@@ -56,6 +57,8 @@ class Generator:
         self.prompts = prompts
         self.codec = codec
         self.limits = limits or RequestLimits.for_model(engine.model.config)
+        # The voice library: name -> its clip's segment, codes encoded once (GenerationRequest.voice).
+        self.voices: dict[str, Segment] = {}
         rows = 2 * engine.num_slots
         self.loop = ServingLoop(engine, StreamingDecoder(codec, rows), rows, cpu_threads, max_waiting, stall_timeout_s)
 
@@ -64,38 +67,57 @@ class Generator:
         return self.prompts.build(text, speaker, list(context))
 
     def engine_request(self, request: GenerationRequest) -> EngineRequest:
-        tokens, mask = self.prompt(request.text, request.speaker, request.context)
-        seed = request.seed if request.seed is not None else random.getrandbits(63)
-        engine_request = EngineRequest(tokens, mask, request.max_frames, request.temperature, request.topk, seed)
+        """The request's prompt built, refused (ValueError "prompt: ...") if it cannot run."""
+        engine_request = self._build(request)
         self.engine.check(engine_request)
         return engine_request
 
-    def _checked(self, request: GenerationRequest, stream: Stream) -> Stream:
-        """`stream`, made without its engine request, ready for the loop once `request` is checked
-        (a ValueError naming the field otherwise). Every bound is checked first, on counts alone;
-        context audio is left for the loop's generation thread to resample and encode, so that
-        the caller's thread (Triton's execute()) is not held by it."""
+    def _build(self, request: GenerationRequest) -> EngineRequest:
+        tokens, mask = self.prompt(request.text, request.speaker, request.context)
+        seed = request.seed if request.seed is not None else random.getrandbits(63)
+        return EngineRequest(tokens, mask, request.max_frames, request.temperature, request.topk, seed)
+
+    def _check(self, request: GenerationRequest, chunking: ChunkPlan) -> None:
+        """The in-process API's edge: every bound, on counts alone (a ValueError naming the field)."""
         self.limits.check(request)
-        check_chunking(stream.chunking.first_frames, stream.chunking.max_frames, self.limits.max_audio_length_ms)
+        check_chunking(chunking.first_frames, chunking.max_frames, self.limits.max_audio_length_ms)
+        if request.voice is not None:
+            if request.voice not in self.voices:
+                raise ValueError(
+                    f"voice: no voice {request.voice[:80]!r} in the voice library; its voices: {', '.join(sorted(self.voices))}"
+                )
+            self.limits.check_segment_count(len(request.context) + 1)
+
+    def _stream(self, request: GenerationRequest, deliver: Callable[[Chunk], None], decode_audio: bool, chunking: ChunkPlan) -> Stream:
+        """A stream for a request within the limits, once its prompt is known to fit the model (a
+        ValueError "prompt: ..." otherwise), the one check that needs the tokenizer. Context audio
+        is left for the loop's generation thread to resample and encode, so that the caller's
+        thread (the engine process's reader) is not held by it."""
+        if request.voice is not None:
+            request = dataclasses.replace(request, context=[self.voices[request.voice], *request.context], voice=None)
+        stream = Stream(None, deliver, decode_audio, chunking)
         if not any(segment.audio is not None for segment in request.context):
             stream.request = self.engine_request(request)
             return stream
         self.engine.check_fields(self.prompts.positions(request.text, request.speaker, request.context), request.max_frames)
-        stream.prepare = functools.partial(self.engine_request, request)
+        stream.prepare = functools.partial(self._build, request)
         return stream
 
     def submit(
-        self,
-        request: GenerationRequest,
-        deliver: Callable[[Chunk], None],
-        decode_audio: bool = True,
-        chunking: ChunkPlan = ADAPTIVE,
-        is_cancelled: Callable[[], bool] = lambda: False,
+        self, request: GenerationRequest, deliver: Callable[[Chunk], None], decode_audio: bool = True, chunking: ChunkPlan = ADAPTIVE
     ) -> Stream:
         """Start generating; `deliver` gets the chunks in order from the loop's threads, cut as
         `chunking` says (default: the adaptive schedule, pacing.py). Raises ValueError naming the
         field for a request that cannot run."""
-        return self.loop.submit(self._checked(request, Stream(None, deliver, decode_audio, chunking, is_cancelled)))
+        self._check(request, chunking)
+        return self.start_checked(request, deliver, decode_audio, chunking)
+
+    def start_checked(
+        self, request: GenerationRequest, deliver: Callable[[Chunk], None], decode_audio: bool, chunking: ChunkPlan
+    ) -> Stream:
+        """`submit` for a request already checked against `self.limits` at its edge (the Triton
+        stub's serving.read_request): only the prompt's fit to the model is checked here."""
+        return self.loop.add(self._stream(request, deliver, decode_audio, chunking))
 
     def cancel(self, stream: Stream) -> None:
         self.loop.cancel(stream)
@@ -119,13 +141,14 @@ class Generator:
         for index, request in enumerate(requests):
             chunks[index] = []
             try:
-                whole = Stream(None, chunks[index].append, decode_audio, ChunkPlan.whole(request.max_frames))
-                prepared[index] = self._checked(request, whole)
+                whole = ChunkPlan.whole(request.max_frames)
+                self._check(request, whole)
+                prepared[index] = self._stream(request, chunks[index].append, decode_audio, whole)
             except ValueError as error:
                 if not return_exceptions:
                     raise
                 outcomes[index] = error
-        streams = {index: self.loop.submit(stream) for index, stream in prepared.items()}
+        streams = {index: self.loop.add(stream) for index, stream in prepared.items()}
         for index, stream in streams.items():
             stream.finished.wait()
             try:

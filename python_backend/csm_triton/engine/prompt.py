@@ -7,7 +7,6 @@ audio segment is its Mimi codes followed by one all-zero end-of-audio frame.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -20,7 +19,7 @@ from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 
 from ..model.codec import MimiCodec, resample
-from ..request import Segment, audio_positions
+from ..request import Segment, audio_key, audio_positions
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +39,6 @@ def codes_cache_bytes(megabytes: int = DEFAULT_CODES_CACHE_MB) -> int:
     if megabytes < 0:
         raise ValueError(f"codes_cache_mb: must be >= 0 (0: no cache), got {megabytes}")
     return megabytes * 2**20
-
-
-def audio_key(samples: np.ndarray, sample_rate: int) -> str:
-    """The cache key of a clip: sha256 of its float32 samples and rate, as csm_stream receives them."""
-    digest = hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32).tobytes())
-    digest.update(int(sample_rate).to_bytes(4, "little"))
-    return digest.hexdigest()
 
 
 class CodesCache:

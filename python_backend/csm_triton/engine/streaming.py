@@ -11,7 +11,7 @@ Each thread owns its state and they share nothing but messages:
   joins the pieces into the asked chunks and delivers them through the stream's `deliver`
   callback, in order, the last one with `finish` set; it tells the generation thread how many
   frames it has decoded (backpressure) and when a stream's last chunk is out (its row is free).
-Submissions and cancellations reach the generation thread through the same inbox.
+Additions and cancellations reach the generation thread through the same inbox.
 
 Every stream has its own Mimi decoding state (a row of the StreamingDecoder), so the chunks of a
 stream joined equal the one-shot decode of its codes.
@@ -19,7 +19,7 @@ stream joined equal the one-shot decode of its codes.
 Faults: a failed engine step, decoder pass, prompt preparation or delivery ends the streams it
 concerned with an error chunk, and the loop goes on. Anything else that escapes a thread, or
 MAX_CONSECUTIVE_FAILURES failed steps or passes in a row (a broken device), means the thread
-cannot go on: the loop fails, every unfinished stream gets an error chunk, submissions are
+cannot go on: the loop fails, every unfinished stream gets an error chunk, additions are
 refused with LoopFailed, and `health()` says why. `health()` also reports a thread that has been
 busy with one round for longer than `stall_timeout_s`.
 """
@@ -71,14 +71,13 @@ class Stream:
     """One request in the loop: what to generate, how to chunk it and where chunks go.
 
     A request whose prompt needs Mimi's encoder (context audio) comes without `request` and with
-    `prepare`, which the generation thread runs before the stream may take a slot. Its chunk sizes
-    have been checked (request.check_chunking)."""
+    `prepare`, which the generation thread runs before the stream may take a slot. It has been
+    checked, its prompt's fit included (Generator._stream): the loop and the engine trust it."""
 
     request: EngineRequest | None
     deliver: Callable[[Chunk], None]
     decode_audio: bool = True
     chunking: ChunkPlan = ADAPTIVE
-    is_cancelled: Callable[[], bool] = lambda: False
     prepare: Callable[[], EngineRequest] | None = None
     started: threading.Event = field(default_factory=threading.Event)  # it has a slot, or has ended
     finished: threading.Event = field(default_factory=threading.Event)  # its last chunk was delivered
@@ -119,7 +118,7 @@ class LoopStats:
 
 
 @dataclass(frozen=True)
-class _Submit:
+class _Add:
     stream: Stream
 
 
@@ -228,7 +227,7 @@ class ServingLoop:
     what it has delivered. `clock` is the loop's time (tests may give it another).
 
     At most `max_waiting` streams (None: any number) may wait for a slot beyond those that a free
-    slot takes at once; `submit` refuses more with Busy."""
+    slot takes at once; `add` refuses more with Busy."""
 
     def __init__(
         self,
@@ -251,13 +250,13 @@ class ServingLoop:
         # Shared, under _wake: the generation thread's inbox, the unfinished streams, what the
         # generation thread publishes for stats(), each thread's busy time, and the loop's end.
         self._wake = threading.Condition()
-        self._inbox: deque[_Submit | _Cancel | _Decoded | _Delivered | _Released | _Close] = deque()
+        self._inbox: deque[_Add | _Cancel | _Decoded | _Delivered | _Released | _Close] = deque()
         self._streams: set[Stream] = set()  # submitted, last chunk not yet delivered
         # Counted together by the generation thread, so that their difference is right even while
         # it admits streams: a waiting stream that takes a free slot changes both.
         self._waiting_published = 0
         self._free_published = engine.num_slots
-        self._submits_taken = 0  # submissions the generation thread has taken and not yet counted
+        self._adds_taken = 0  # additions the generation thread has taken and not yet counted
         self._busy_since: dict[str, float | None] = {"generation": None, "audio": None}
         self._closing = False
         self._failure: LoopFailed | None = None
@@ -283,12 +282,9 @@ class ServingLoop:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, stream: Stream) -> Stream:
-        """Queue a stream; raises ValueError (naming the field) if it can never run, Busy when
-        `max_waiting` streams wait already, LoopFailed once the loop cannot serve. A stream to
-        prepare must have been checked by the caller (`Engine.check_fields`)."""
-        if stream.request is not None:
-            self.engine.check(stream.request)
+    def add(self, stream: Stream) -> Stream:
+        """Queue a checked stream; raises Busy when `max_waiting` streams wait already,
+        LoopFailed once the loop cannot serve."""
         with self._wake:
             if self._failure is not None:
                 raise self._failure
@@ -297,7 +293,7 @@ class ServingLoop:
             if self.max_waiting is not None and self._waiting_count() + 1 - self._free_published > self.max_waiting:
                 raise Busy(f"{self.max_waiting} requests are waiting for a slot already")
             self._streams.add(stream)
-            self._post(_Submit(stream))
+            self._post(_Add(stream))
         return stream
 
     def cancel(self, stream: Stream) -> None:
@@ -333,16 +329,16 @@ class ServingLoop:
         for thread in self._threads:
             thread.join(timeout=timeout_s)
 
-    def _post(self, message: _Submit | _Cancel | _Decoded | _Delivered | _Released | _Close) -> None:
+    def _post(self, message: _Add | _Cancel | _Decoded | _Delivered | _Released | _Close) -> None:
         """Hand a message to the generation thread (with _wake held)."""
         self._inbox.append(message)
         self._wake.notify_all()
 
     def _waiting_count(self) -> int:
         """Streams without a slot yet (with _wake held): those the generation thread last counted,
-        those it has taken since, and the submissions still in its inbox."""
-        pending = sum(isinstance(message, _Submit) for message in self._inbox)
-        return self._waiting_published + self._submits_taken + pending
+        those it has taken since, and the additions still in its inbox."""
+        pending = sum(isinstance(message, _Add) for message in self._inbox)
+        return self._waiting_published + self._adds_taken + pending
 
     # Both threads.
 
@@ -390,7 +386,7 @@ class ServingLoop:
             if self._failure is not None:
                 return False
             messages, self._inbox = self._inbox, deque()
-            self._submits_taken = sum(isinstance(message, _Submit) for message in messages)
+            self._adds_taken = sum(isinstance(message, _Add) for message in messages)
             self._busy_since["generation"] = time.monotonic()
         began = self.clock()
         for message in messages:
@@ -399,7 +395,6 @@ class ServingLoop:
         if self._can_step():
             while self._admissible() and not self._admission_waits():
                 self._start(self._waiting.popleft())
-            self._poll_cancellations()
             self._step()
             self._frame_s.add(self.clock() - began)
         self._publish()
@@ -409,9 +404,9 @@ class ServingLoop:
             return False
         return True
 
-    def _handle(self, message: _Submit | _Cancel | _Decoded | _Delivered | _Released | _Close) -> None:
+    def _handle(self, message: _Add | _Cancel | _Decoded | _Delivered | _Released | _Close) -> None:
         match message:
-            case _Submit(stream):
+            case _Add(stream):
                 self._progress[stream] = _Progress(ready_at=self.clock())
                 (self._waiting if stream.request is not None else self._preparing).append(stream)
             case _Cancel(stream):
@@ -446,13 +441,7 @@ class ServingLoop:
         with self._wake:
             self._waiting_published = len(self._preparing) + len(self._waiting) + starting
             self._free_published = self.engine.num_slots - self.engine.active_slots
-            self._submits_taken = 0
-
-    def _poll_cancellations(self) -> None:
-        """Ask every stream's transport whether its receiver has gone, once a step."""
-        for stream in [*self._preparing, *self._waiting, *self._running.values()]:
-            if _cancelled(stream):
-                self._cancel(stream)
+            self._adds_taken = 0
 
     def _prepare_next(self) -> None:
         """Build the prompt of the oldest stream that needs one (its context audio encoded here:
@@ -464,7 +453,6 @@ class ServingLoop:
         try:
             with torch.inference_mode():
                 request = stream.prepare()
-            self.engine.check(request)
         except Exception as error:
             logger.exception("preparing a request failed")
             self._end(stream, "error", error)
@@ -514,7 +502,7 @@ class ServingLoop:
         progress = self._progress[stream]
         progress.row = min(self._free_rows)  # the lowest rows: the decoder runs only the span in use
         self._free_rows.remove(progress.row)
-        progress.request_id = self.engine.submit(stream.request)
+        progress.request_id = self.engine.enqueue(stream.request)
         self._running[progress.request_id] = stream
 
     def _step(self) -> None:
@@ -692,11 +680,3 @@ def _chunk_of(parts: list[_DecodeJob]) -> Chunk:
 
 def _no_codes(engine: Engine) -> torch.Tensor:
     return torch.zeros(0, engine.num_codebooks, dtype=torch.long)
-
-
-def _cancelled(stream: Stream) -> bool:
-    try:
-        return stream.is_cancelled()
-    except Exception:  # asking the transport failed: the receiver is gone
-        logger.exception("checking for cancellation failed; cancelling the stream")
-        return True

@@ -8,11 +8,13 @@ the id that routes a response to its iterator only on responses without an error
 of a callee failing mid-stream, or of csm_stream's stub process dying, never ends; and a BLS call
 cannot be cancelled (no `ResponseIterator.cancel()`). Read this way, the request's own thread ends
 the request when its client cancels, at its deadline, after a silence, or when told to (`abort`),
-and only the reading thread is left waiting for the callee. csm_stream itself sends a forwarded
-request's error after its first response as a final response holding the ERROR output, which
-`DecoupledCall` asks for and raises.
+and only the reading thread is left waiting for the callee. A BLS response also arrives with its
+error code set to INTERNAL whatever code was sent (python backend 24.10). So csm_stream sends
+every error of a forwarded request in band, as a final response holding the ERROR and ERROR_CODE
+outputs, which `DecoupledCall` asks for and raises with that code; only Triton's own errors (a full
+queue, a dead stub) come as error responses, recognised by Triton's words for them.
 
-The control protocol (csm_triton/triton/control.py: FORWARD_ID, CANCEL, PROBE) travels in BLS request
+The control protocol (csm_client/control.py: FORWARD_ID, CANCEL, PROBE) travels in BLS request
 parameters (`pb_utils.InferenceRequest(parameters=...)`, read by csm_stream with
 `request.parameters()`). A front forwards each request with a FORWARD_ID, and CANCELs it by that id
 when its own request ends early; a CANCEL can overtake the request it names (a front sends them
@@ -28,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import threading
 import time
 import uuid
@@ -43,16 +44,13 @@ from csm_client.control import CANCEL, FORWARD_ID, PROBE, SILENCE_PROBE_S, STUB_
 
 logger = logging.getLogger(__name__)
 
-# A BLS response arrives with its error code set to INTERNAL whatever code was sent (python backend
-# 24.10), so codes are recovered from messages: csm_stream's invalid-argument messages start with
-# the field they name ("TOPK: ...", "CONTEXT_TEXT: segment 1 ...", "prompt: ...").
-INVALID_FIELD = re.compile(r"^(prompt|[A-Z_]+(, [A-Z_]+)*): ")
 # Triton's refusal when a model's queue is full (max_queue_size).
 QUEUE_FULL = "Exceeds maximum queue size"
-# csm_stream's error for the requests its engine process had when it died or was restarted.
-ENGINE_LOST = "the request was lost"
-# The output holding a forwarded request's error after its first response (see above).
+# The outputs holding a forwarded request's error and its Triton error code's name (see above).
 ERROR_OUTPUT = "ERROR"
+ERROR_CODE_OUTPUT = "ERROR_CODE"
+# The codes that cross by name (pb_utils.TritonError's attributes, which exist only once the stub runs).
+ERROR_CODE_NAMES = ("UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "CANCELLED")
 # The end of csm's refusal past max_inflight; csm_client recognises both refusals as "server busy".
 FRONT_BUSY = "requests in flight; retry later"
 
@@ -88,11 +86,9 @@ def internal_failure(callee: str) -> Callable[[str], RequestFailed]:
 
 
 def speech_failure(message: str, callee: str = "csm_stream") -> RequestFailed:
-    """An error from csm_stream with the code it was sent with: an invalid field or a refusal keep
-    csm_stream's message, so that clients read them as they read csm_stream's own."""
-    if INVALID_FIELD.match(message):
-        return RequestFailed(message, pb_utils.TritonError.INVALID_ARG)
-    if QUEUE_FULL in message or FRONT_BUSY in message or ENGINE_LOST in message:
+    """An error response on a call to csm_stream, which sends its own errors in band: Triton's
+    refusal for a full queue keeps its message, so that clients read it as "server busy"."""
+    if QUEUE_FULL in message or FRONT_BUSY in message:
         return RequestFailed(message, pb_utils.TritonError.UNAVAILABLE)
     if STUB_DEAD.search(message):
         return RequestFailed(f"{callee}'s process has died; retry once it has been reloaded ({message})", pb_utils.TritonError.UNAVAILABLE)
@@ -135,7 +131,7 @@ class DecoupledCall:
         parameters = dict(parameters or {})
         if self.forward_id is not None:
             parameters[FORWARD_ID] = self.forward_id
-            outputs = [*outputs, ERROR_OUTPUT]
+            outputs = [*outputs, ERROR_OUTPUT, ERROR_CODE_OUTPUT]
         request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs, parameters=parameters)
         self._responses: queue.Queue = queue.Queue()
         self._start = self._last_response = self._last_probe = time.monotonic()
@@ -172,8 +168,17 @@ class DecoupledCall:
                 raise self._failure(item.error().message())
             error = pb_utils.get_output_tensor_by_name(item, ERROR_OUTPUT) if self.forward_id is not None else None
             if error is not None:
-                raise self._failure(error.as_numpy().reshape(-1)[0].decode("utf-8", errors="replace"))
+                raise self._in_band_failure(error, pb_utils.get_output_tensor_by_name(item, ERROR_CODE_OUTPUT))
             yield item
+
+    def _in_band_failure(self, error, code) -> RequestFailed:
+        """csm_stream's error with the code it was sent with; an internal one names csm_stream."""
+        message = _text(error)
+        name = _text(code) if code is not None else "INTERNAL"
+        code = getattr(pb_utils.TritonError, name if name in ERROR_CODE_NAMES else "INTERNAL")
+        if code == pb_utils.TritonError.INTERNAL and not message.startswith(self.callee):
+            message = f"{self.callee}: {message}"
+        return RequestFailed(message, code)
 
     def _check(self) -> None:
         if self._is_cancelled():
@@ -239,6 +244,26 @@ def control(model: str, parameters: dict[str, str | bool], timeout_s: float | No
 
 def _given_up() -> bool:
     return True
+
+
+def _text(tensor) -> str:
+    return tensor.as_numpy().reshape(-1)[0].decode("utf-8", errors="replace")
+
+
+def errors_in_band(control: Control, wanted: list[str]) -> bool:
+    """Whether csm_stream sends this request's errors in band: a front's forwarded request that
+    asks for ERROR (see above)."""
+    return control.forward_id is not None and ERROR_OUTPUT in wanted
+
+
+def in_band_error(error) -> object:
+    """A final response that carries `error` (a pb_utils.TritonError) in the ERROR and ERROR_CODE
+    outputs, for a front's BLS call, which would lose its code (or, after the first response, all
+    of it) as an error response."""
+    names = {getattr(pb_utils.TritonError, name): name for name in ERROR_CODE_NAMES}
+    message = np.array([[error.message().encode("utf-8")]], dtype=object)
+    code = np.array([[names.get(error.code(), "INTERNAL").encode()]], dtype=object)
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(ERROR_OUTPUT, message), pb_utils.Tensor(ERROR_CODE_OUTPUT, code)])
 
 
 @dataclass(frozen=True)

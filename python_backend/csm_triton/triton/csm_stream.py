@@ -3,7 +3,7 @@ to the engine and sends its audio chunks as they are made. model_repository/csm_
 is this class with the project root set (`TritonPythonModel.project_root`).
 
 The engine (weights, KV caches, serving loop) runs in a child process of this stub
-(engine_client.py says why); this process imports no torch. execute() only hands
+(worker_client.py says why); this process imports no torch. execute() only hands
 requests over and returns at once: requests wait for a slot in the engine's queue, which
 `max_waiting_requests` bounds. Every request ends with exactly one final response: its last
 chunk, or an error (INVALID_ARG naming the field, UNAVAILABLE when busy or when the engine
@@ -21,14 +21,14 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from . import bls
-from .engine_client import ChunkOut, EngineClient, EngineUnavailable, Lost, Refused, WorkerSettings
 from .orphan import exit_with_server
+from .protocol import ChunkOut, Refused, Status, WorkerSettings
 from .serving import INPUTS, ServingConfig, read_chunking, read_request
 from .stream_metrics import StreamMetrics
+from .worker_client import WorkerClient, WorkerUnavailable
 
 logger = logging.getLogger("csm_triton.triton")
 
@@ -53,7 +53,7 @@ class TritonPythonModel:
         self.config = ServingConfig.from_parameters(model_config.get("parameters", {}))
         kind, device_id = args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0))
         settings = WorkerSettings(self.config, str(self.project_root), args["model_instance_name"], kind, device_id)
-        self.engine = EngineClient(
+        self.worker = WorkerClient(
             python=os.path.join(sys.prefix, "bin", "python3"),  # the stub's own Python: its environment has the engine's packages
             settings=settings,
             on_give_up=self._give_up,
@@ -61,7 +61,7 @@ class TritonPythonModel:
             max_restarts=self.config.max_engine_restarts,
             restart_window_s=self.config.engine_restart_window_s,
         )
-        ready = self.engine.start()
+        ready = self.worker.start()
         self.limits = ready.limits
         self.voices = ready.voices
         self.metrics = StreamMetrics(ready.slots)
@@ -80,18 +80,19 @@ class TritonPythonModel:
             if control.is_control:
                 self._answer_control(control, sender)
                 continue
+            in_band = bls.errors_in_band(control, request.requested_output_names())
             try:
-                self._submit(request, sender, control.forward_id)
+                self._hand_over(request, sender, control.forward_id)
             except ValueError as error:
                 self.metrics.invalid_argument(error)
-                _send_error(sender, str(error), pb_utils.TritonError.INVALID_ARG)
-            except EngineUnavailable as error:
+                _send_error(sender, pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG), in_band)
+            except WorkerUnavailable as error:
                 self.metrics.rejected("internal_error")
-                _send_error(sender, f"{self.name}: {error}", pb_utils.TritonError.UNAVAILABLE)
+                _send_error(sender, pb_utils.TritonError(f"{self.name}: {error}", pb_utils.TritonError.UNAVAILABLE), in_band)
             except Exception as error:  # this request alone fails; the others of the call go on
                 logger.exception("preparing a request failed")
                 self.metrics.rejected("internal_error")
-                _send_error(sender, f"preparing the request failed: {error}", pb_utils.TritonError.INTERNAL)
+                _send_error(sender, pb_utils.TritonError(f"preparing the request failed: {error}", pb_utils.TritonError.INTERNAL), in_band)
         return None
 
     def _answer_control(self, control: bls.Control, sender) -> None:
@@ -100,23 +101,23 @@ class TritonPythonModel:
             self.forwarded.cancel(control.cancel)
             sender.send(flags=FINAL)
             return
-        heartbeat = self.engine.heartbeat
-        problem = "it is unloading" if self._stopping.is_set() else self.engine.down or (heartbeat and heartbeat.health)
+        heartbeat = self.worker.heartbeat
+        problem = "it is unloading" if self._stopping.is_set() else self.worker.down or (heartbeat and heartbeat.health)
         if problem:
-            _send_error(sender, f"{self.name} cannot serve: {problem}", pb_utils.TritonError.UNAVAILABLE)
+            _send_error(sender, pb_utils.TritonError(f"{self.name} cannot serve: {problem}", pb_utils.TritonError.UNAVAILABLE))
             return
         sender.send(flags=FINAL)
 
-    def _submit(self, request, sender, forward_id: str | None) -> None:
+    def _hand_over(self, request, sender, forward_id: str | None) -> None:
         arrays = {name: tensor.as_numpy() for name in INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
         generation = read_request(arrays, self.limits, self.voices)
         chunking = read_chunking(arrays, self.config)
         wanted = request.requested_output_names()
-        link = _Link(request, sender, wanted, self.metrics, self._forget, self.engine.cancel, self.forwarded, forward_id)
+        link = _Link(request, sender, wanted, self.metrics, self._forget, self.worker.cancel, self.forwarded, forward_id)
         with self._links_lock:  # before the engine can answer: its last chunk removes the link
             try:
-                key = self.engine.submit(generation, link.receive, "AUDIO" in wanted, chunking)
-            except EngineUnavailable:
+                key = self.worker.generate(generation, link.receive, "AUDIO" in wanted, chunking)
+            except WorkerUnavailable:
                 self.forwarded.finish(forward_id)
                 raise
             link.key = key
@@ -133,13 +134,13 @@ class TritonPythonModel:
                 links = list(self._links.values())
             for link in links:
                 if link.cancel_asked():
-                    self.engine.cancel(link.key)
+                    self.worker.cancel(link.key)
 
     def _report_forever(self) -> None:
         """Pass the metrics on to Triton (stream_metrics.py)."""
         while not self._stopping.wait(METRICS_INTERVAL_S):
             try:
-                self.metrics.report(self.engine.heartbeat, self.engine.restarts)
+                self.metrics.report(self.worker.heartbeat, self.worker.restarts)
             except Exception:  # a failed metrics call must not stop the reporter
                 logger.exception("reporting metrics failed")
 
@@ -159,7 +160,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         logger.info("%s unloading", self.name)
         self._stopping.set()
-        self.engine.close()
+        self.worker.close()
 
 
 class _Link:
@@ -182,7 +183,7 @@ class _Link:
         self._request, self._sender, self._wanted = request, sender, wanted
         self._forwarded, self._forward_id = forwarded, forward_id
         self._stopped = forwarded.start(forward_id)  # a front's CANCEL for this request
-        self._errors_in_band = forward_id is not None and "ERROR" in wanted  # see config.pbtxt, ERROR
+        self._errors_in_band = bls.errors_in_band(bls.Control(forward_id), wanted)
         self._metrics, self._forget, self._cancel = metrics, forget, cancel
         self.key = -1
         self._start = time.monotonic()  # csm_stream took the request; Triton's queue time is not known here
@@ -208,16 +209,16 @@ class _Link:
                 self._cancel_asked = True
             return self._cancel_asked
 
-    def receive(self, message: ChunkOut | Refused | Lost) -> None:
-        """The engine's message for this request (on one of the engine client's delivery threads)."""
+    def receive(self, message: ChunkOut | Refused) -> None:
+        """The engine process's message for this request (on one of the worker client's delivery threads)."""
         match message:
-            case Refused(reason="invalid", message=text):
+            case Refused(status=Status.INVALID_ARG, message=text):
                 self._metrics.invalid_argument(ValueError(text))
                 self._end(pb_utils.TritonError(text, pb_utils.TritonError.INVALID_ARG))
-            case Refused(reason="busy", message=text):
+            case Refused(status=Status.BUSY, message=text):
                 busy = f"{BUSY_MESSAGE}: {text} (max_waiting_requests); retry later"
                 self._end(pb_utils.TritonError(busy, pb_utils.TritonError.UNAVAILABLE))
-            case Refused(message=text) | Lost(message=text):
+            case Refused(message=text):
                 self._metrics.rejected("internal_error")
                 self._end(pb_utils.TritonError(f"csm_stream: {text}", pb_utils.TritonError.UNAVAILABLE))
             case ChunkOut(error=str(text)):
@@ -265,10 +266,8 @@ class _Link:
         if sender is None:
             return
         try:
-            if error is not None and self._errors_in_band and self._responses_sent:
-                # A BLS caller would never see an error response now (config.pbtxt, ERROR).
-                message = np.array([[error.message().encode("utf-8")]], dtype=object)
-                response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("ERROR", message)])
+            if error is not None and self._errors_in_band:
+                response = bls.in_band_error(error)
             elif error is not None:
                 response = pb_utils.InferenceResponse(error=error)
             sender.send(response, flags=FINAL) if response is not None else sender.send(flags=FINAL)
@@ -289,5 +288,7 @@ class _Link:
             self._metrics.finished(elapsed_s, self._frames)
 
 
-def _send_error(sender, message: str, code) -> None:
-    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+def _send_error(sender, error, in_band: bool = False) -> None:
+    """The request's one final response: `error` (a pb_utils.TritonError), in band for a front's BLS call."""
+    response = bls.in_band_error(error) if in_band else pb_utils.InferenceResponse(error=error)
+    sender.send(response, flags=FINAL)

@@ -1,4 +1,4 @@
-"""The engine process of the csm_stream model (see engine_client.py for why it is one): loads the
+"""The engine process of the csm_stream model (see worker_client.py for why it is one): loads the
 model and its serving loop, then serves the Triton stub's messages until told to close or until
 the stub is gone.
 
@@ -30,8 +30,21 @@ from ..engine.streaming import Busy, Chunk, LoopFailed, Stream
 from ..model import checkpoint
 from ..model.config import ModelConfig
 from ..model.model import slots_within_budget
-from ..request import Segment
-from .engine_client import HEARTBEAT_S, Cancel, Channel, ChunkOut, Close, Heartbeat, Ready, Refused, StartFailed, Submit, WorkerSettings
+from ..request import GenerationRequest, Segment
+from .protocol import (
+    HEARTBEAT_S,
+    Cancel,
+    Channel,
+    ChunkOut,
+    Close,
+    Generate,
+    Heartbeat,
+    Ready,
+    Refused,
+    StartFailed,
+    Status,
+    WorkerSettings,
+)
 from .serving import COMPILE, ServingConfig
 from .voices import VoiceClip, read_voices
 
@@ -81,11 +94,11 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
         compile=COMPILE[config.compile],
         codes_cache_bytes=codes_cache_bytes(config.codes_cache_mb),
     )
-    with torch.inference_mode():  # each voice's clip encoded once, here; requests get its codes
-        voices = {
-            clip.name: Segment(clip.speaker, clip.transcript, codes=_clip_codes(generator, clip).numpy().astype(np.int32)) for clip in clips
-        }
-    ready = Ready(slots, device, str(weights), limits, os.getpid(), voices)
+    with torch.inference_mode():  # each voice's clip encoded once, here; requests name it
+        for clip in clips:
+            codes = _clip_codes(generator, clip).numpy().astype(np.int32)
+            generator.voices[clip.name] = Segment(clip.speaker, clip.transcript, codes=codes)
+    ready = Ready(slots, device, str(weights), limits, os.getpid(), tuple(generator.voices), generator.prompts.codes_cache.max_bytes)
     return generator, ready
 
 
@@ -103,7 +116,7 @@ def _device(config: ServingConfig, settings: WorkerSettings) -> str:
 
 
 class _Server:
-    """Submits the stub's requests to the Generator and sends their chunks back."""
+    """Starts the stub's requests on the Generator and sends their chunks back."""
 
     def __init__(self, channel: Channel, generator: Generator) -> None:
         self.channel, self.generator = channel, generator
@@ -125,8 +138,8 @@ class _Server:
                 logger.error("the Triton stub is gone; exiting")
                 return
             match message:
-                case Submit():
-                    self._submit(message)
+                case Generate():
+                    self._generate(message)
                 case Cancel(key):
                     with self._lock:
                         stream = self._streams.get(key)
@@ -136,27 +149,44 @@ class _Server:
                     self.generator.close()
                     return
 
-    def _submit(self, message: Submit) -> None:
+    def _generate(self, message: Generate) -> None:
         deliver = functools.partial(self._deliver, message.key)
+        request = self._with_cached_clips(message)
+        if request is None:
+            self.send(Refused(message.key, Status.CLIP_UNKNOWN, "a context clip named by its key is not in the codes cache"))
+            return
         try:
-            stream = self.generator.submit(message.request, deliver, message.decode_audio, message.chunking)
+            stream = self.generator.start_checked(request, deliver, message.decode_audio, message.chunking)
         except ValueError as error:
-            self.send(Refused(message.key, "invalid", str(error)))
+            self.send(Refused(message.key, Status.INVALID_ARG, str(error)))
             return
         except Busy as error:
-            self.send(Refused(message.key, "busy", str(error)))
+            self.send(Refused(message.key, Status.BUSY, str(error)))
             return
         except LoopFailed as error:
-            self.send(Refused(message.key, "unavailable", str(error)))
+            self.send(Refused(message.key, Status.UNAVAILABLE, str(error)))
             return
         except Exception as error:  # this request alone fails
-            logger.exception("submitting a request failed")
-            self.send(Refused(message.key, "unavailable", f"submitting the request failed: {error!r}"))
+            logger.exception("starting a request failed")
+            self.send(Refused(message.key, Status.UNAVAILABLE, f"starting the request failed: {error!r}"))
             return
         with self._lock:
             if not stream.ended:  # else its last chunk is out already
                 self._streams[message.key] = stream
             self._served_since_trim = True
+
+    def _with_cached_clips(self, message: Generate) -> GenerationRequest | None:
+        """The request with each clip the stub named by its key as the codes the cache holds for
+        it (used as they are, like codes a request sends), or None when one is not held."""
+        if not message.clips:
+            return message.request
+        context = list(message.request.context)
+        for index, key in message.clips:
+            codes = self.generator.prompts.codes_cache.get(key)
+            if codes is None:
+                return None
+            context[index] = Segment(context[index].speaker, context[index].text, codes=codes)
+        return dataclasses.replace(message.request, context=context)
 
     def _deliver(self, key: int, chunk: Chunk) -> None:
         """On the serving loop's threads: raises when the stub cannot be reached, which ends the

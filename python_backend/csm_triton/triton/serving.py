@@ -11,7 +11,7 @@ alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -256,11 +256,11 @@ def _context_codes(arrays: dict[str, np.ndarray], audio_lengths: np.ndarray, lim
     return [values[end - count : end] if count else None for count, end in zip(frames.tolist(), ends.tolist(), strict=True)]
 
 
-def read_request(arrays: dict[str, np.ndarray], limits: RequestLimits, voices: Mapping[str, Segment] | None = None) -> GenerationRequest:
+def read_request(arrays: dict[str, np.ndarray], limits: RequestLimits, voices: Collection[str] = ()) -> GenerationRequest:
     """One Triton request's input arrays (`as_numpy()` of each input given) -> a GenerationRequest
-    within `limits`. Nothing costly is done on a request before it is known to be within them.
-    VOICE names one of `voices` (the voice library: name -> its clip's Segment, with codes), which
-    becomes the first context segment."""
+    within `limits`, checked here once and trusted by the engine process. Nothing costly is done on
+    a request before it is known to be within them. VOICE names one of `voices` (the voice
+    library's names; the engine process holds their codes and puts the clip first in the context)."""
     _check_types_and_shapes(arrays)
     _check_size(arrays, limits)
     default_ms = min(GenerationRequest.max_audio_length_ms, limits.max_audio_length_ms)
@@ -274,18 +274,18 @@ def read_request(arrays: dict[str, np.ndarray], limits: RequestLimits, voices: M
         seed=int(_scalar(arrays, "SEED")) if "SEED" in arrays else None,
     )
     limits.check(request, TRITON_NAMES)
-    if "VOICE" in arrays:  # after the checks, so that their messages number the segments as sent
-        request.context.insert(0, _voice(_text(_scalar(arrays, "VOICE"), "VOICE:"), voices or {}, limits, len(request.context)))
+    if "VOICE" in arrays:
+        request.voice = _voice(_text(_scalar(arrays, "VOICE"), "VOICE:"), voices, limits, len(request.context))
     return request
 
 
-def _voice(name: str, voices: Mapping[str, Segment], limits: RequestLimits, segments: int) -> Segment:
+def _voice(name: str, voices: Collection[str], limits: RequestLimits, segments: int) -> str:
     if name not in voices:
         known = ", ".join(sorted(voices)[:20]) if voices else "none: this server's voices_dir parameter names no voice library"
         raise ValueError(f"VOICE: no voice {name[:80]!r} in the voice library; its voices: {known}")
     if segments + 1 > limits.max_context_segments:
         raise ValueError(f"VOICE: its clip and {segments} context segments exceed max_context_segments {limits.max_context_segments}")
-    return voices[name]
+    return name
 
 
 def read_chunking(arrays: dict[str, np.ndarray], config: ServingConfig) -> ChunkPlan:

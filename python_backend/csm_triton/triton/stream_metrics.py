@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 from csm_client.contract import FRAME_MS
 
-from .engine_client import Heartbeat
+from .protocol import Heartbeat
 from .serving import INPUTS
 
 MODEL = {"model": "csm_stream"}

@@ -1,7 +1,7 @@
 """A watch over csm_stream, kept by the csm model: tritonserver 2.51 does not restart the stub process
 of a decoupled python model that dies (kill -9, the OOM killer): the model stays READY, every new
 request fails within a second with "Stub process '...' is not healthy", and the requests it had get
-nothing ever again (csm_triton/triton/control.py says why; callers end those themselves by probing).
+nothing ever again (csm_client/control.py says why; callers end those themselves by probing).
 
 The watch sends csm_stream a PROBE every `interval_s`. When the answer shows its stub dead, or no
 answer comes for `probe_timeout_s` (a busy csm_stream answers late, so this bound is long), it

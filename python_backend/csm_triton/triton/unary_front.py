@@ -4,7 +4,7 @@ call, csm_triton/triton/bls.py) and answered with csm_stream's chunks joined.
 Every request ends with exactly one final response, sent by its own thread: the joined audio, or
 an error when csm_stream refuses or fails it, when the client cancels (CANCELLED), when the
 request's deadline passes, or when csm_stream's process has died (UNAVAILABLE: the call's probe
-finds it, csm_triton/triton/control.py). On the client's cancel and the deadline csm_stream is told to
+finds it, csm_client/control.py). On the client's cancel and the deadline csm_stream is told to
 stop the stream (a CANCEL control request), so that its slot is freed. At most `max_inflight`
 requests are forwarded at once; past them a request is refused at once.
 """

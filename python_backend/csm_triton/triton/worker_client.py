@@ -1,4 +1,5 @@
-"""csm_stream's engine in a child process of its own, started, watched and restarted from here.
+"""The stub's client of csm_stream's engine process: starts it, watches it, restarts it, and hands
+each request's messages to the request's handler.
 
 Why a second process: the one that holds torch, the weights, the KV caches and Mimi is the one
 that dies when something goes badly wrong (the kernel's OOM killer takes the largest process; a
@@ -8,153 +9,42 @@ backend 24.10 has no cleanup for a dead decoupled stub). Kept apart, the stub ou
 when the engine process dies, hangs or says it cannot serve, every request it had ends at once
 with an error, and a new engine process starts, so the model serves again by itself.
 
-This module imports no torch: it runs in the Triton stub. `engine_worker` is the child's side.
-Messages are pickled over a socket pair (`Channel`); audio and codes travel as numpy arrays.
+This module imports no torch: it runs in the Triton stub. `engine_worker` is the child's side, and
+protocol.py holds the messages between them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
-import pickle
 import queue
 import signal
 import subprocess
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, Pipe
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from multiprocessing.connection import Pipe
 from typing import Any
 
-import numpy as np
-
 from ..engine.pacing import ChunkPlan
+from ..request import GenerationRequest, audio_key
+from .protocol import Cancel, Channel, ChunkOut, Close, Generate, Heartbeat, Ready, Refused, StartFailed, Status, WorkerSettings
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_S = 0.5  # how often the worker reports its stats and health
 HEARTBEAT_TIMEOUT_S = 30.0  # silence after which the worker is taken for hung and killed
 CLOSE_TIMEOUT_S = 30.0
+CLIP_KEYS = 4096  # clips remembered as sent whole to the running engine process, the oldest forgotten
 DELIVERY_THREADS = 4  # handlers that may block at once before the others' messages wait
 
 
-class Channel:
-    """One end of the socket pair between stub and worker: whole messages, pickled by value with
-    the standard pickler (multiprocessing's own would pass torch tensors as shared-memory handles,
-    which only its own child processes can open), sent from any thread."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-        self._send_lock = threading.Lock()
-
-    def send(self, message: Any) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        with self._send_lock:
-            self.connection.send_bytes(data)
-
-    def recv(self) -> Any:
-        return pickle.loads(self.connection.recv_bytes())
-
-    def poll(self, timeout_s: float) -> bool:
-        return self.connection.poll(timeout_s)
+class WorkerUnavailable(RuntimeError):
+    """The engine process cannot take requests now (restarting, or given up)."""
 
 
-class EngineUnavailable(RuntimeError):
-    """The engine cannot take requests now (restarting, or given up)."""
-
-
-# Messages to the worker.
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """What the worker needs to load the engine; `serving` is the model's ServingConfig."""
-
-    serving: Any
-    project_root: str
-    instance_name: str = "csm_stream"  # Triton's model_instance_name, also in the process's command line
-    instance_kind: str = "CPU"  # Triton's model_instance_kind
-    instance_device_id: int = 0
-
-
-@dataclass(frozen=True)
-class Submit:
-    key: int
-    request: Any  # a GenerationRequest
-    decode_audio: bool
-    chunking: ChunkPlan
-
-
-@dataclass(frozen=True)
-class Cancel:
-    key: int
-
-
-@dataclass(frozen=True)
-class Close:
-    pass
-
-
-# Messages from the worker.
-
-
-@dataclass(frozen=True)
-class Ready:
-    """The engine is loaded: what the Triton model needs to know of it."""
-
-    slots: int
-    device: str
-    weights: str
-    limits: Any  # the RequestLimits that every request is checked against, in the stub and the engine
-    pid: int = 0
-    voices: dict = field(default_factory=dict)  # the voice library: VOICE name -> its Segment, codes encoded at load
-
-
-@dataclass(frozen=True)
-class StartFailed:
-    message: str
-
-
-@dataclass(frozen=True)
-class Refused:
-    """A submitted request that will not run: `reason` "invalid" (the message names the field),
-    "busy" (too many wait for a slot) or "unavailable"."""
-
-    key: int
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class ChunkOut:
-    """One chunk of a stream, as streaming.Chunk with numpy arrays; the last has `finish` set."""
-
-    key: int
-    codes: np.ndarray  # [frames, 32] int32
-    audio: np.ndarray | None  # [frames * 1920] float32, None for a codes-only stream
-    finish: str | None = None
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    loop: dict  # streaming.LoopStats as a dict
-    engine: dict  # engine.EngineStats as a dict
-    health: str | None  # ServingLoop.health(): None while it serves
-    codes_cache: dict = field(default_factory=dict)  # prompt.CodesCache.stats()
-
-
-@dataclass(frozen=True)
-class Lost:
-    """Sent to a request's handler here, never by the worker: the engine process that had it is gone."""
-
-    key: int
-    message: str
-
-
-Handler = Callable[[ChunkOut | Refused | Lost], None]
+Handler = Callable[[ChunkOut | Refused], None]
 
 
 class _Worker:
@@ -182,18 +72,18 @@ class _Worker:
         deadline = time.monotonic() + timeout_s
         while not self.channel.poll(1.0):
             if self.process.poll() is not None:
-                raise EngineUnavailable(f"the engine process exited while loading ({describe_exit(self.process.returncode)})")
+                raise WorkerUnavailable(f"the engine process exited while loading ({describe_exit(self.process.returncode)})")
             if time.monotonic() > deadline:
                 self.kill()
-                raise EngineUnavailable(f"the engine process did not load within {timeout_s:.0f} s")
+                raise WorkerUnavailable(f"the engine process did not load within {timeout_s:.0f} s")
         try:
             message = self.channel.recv()
         except EOFError:
             self.process.wait()
-            raise EngineUnavailable(f"the engine process exited while loading ({describe_exit(self.process.returncode)})") from None
+            raise WorkerUnavailable(f"the engine process exited while loading ({describe_exit(self.process.returncode)})") from None
         if isinstance(message, StartFailed):
             self.process.wait()
-            raise EngineUnavailable(message.message)
+            raise WorkerUnavailable(message.message)
         return message
 
     def send(self, message: Any) -> None:
@@ -250,7 +140,7 @@ class _Outboxes:
         for index in range(threads):
             threading.Thread(target=self._deliver_forever, name=f"csm-delivery-{index}", daemon=True).start()
 
-    def put(self, key: int, handler: Handler, message: ChunkOut | Refused | Lost) -> None:
+    def put(self, key: int, handler: Handler, message: ChunkOut | Refused) -> None:
         with self._lock:
             box = self._pending.get(key)
             if box is not None:  # a thread is draining it, and will take this too
@@ -278,8 +168,8 @@ class _Outboxes:
                 _call(handler, message)
 
 
-class EngineClient:
-    """The Triton model's way to the engine: submit, cancel, stats; restarts behind the scenes.
+class WorkerClient:
+    """The Triton model's way to the engine process: generate, cancel, stats; restarts behind the scenes.
 
     `on_give_up(reason)` is called, once, when the engine could not be kept running: more than
     `max_restarts` ends within `restart_window_s`, or a restart that fails."""
@@ -307,29 +197,41 @@ class EngineClient:
         self._closing = threading.Event()
         self._heartbeat: Heartbeat | None = None
         self._outboxes = _Outboxes()
+        self._clips_sent: OrderedDict[str, None] = OrderedDict()  # keys of clips the running engine process has had whole
+        self._whole: dict[int, Generate] = {}  # requests sent with clips left out, until their first answer
 
     def start(self) -> Ready:
         """Start the first engine process and the thread that watches it; raises
-        EngineUnavailable with the worker's own message when it cannot load."""
+        WorkerUnavailable with the worker's own message when it cannot load."""
         ready = self._launch()
         threading.Thread(target=self._supervise, name="csm-engine-supervisor", daemon=True).start()
         return ready
 
-    def submit(self, request: Any, handler: Handler, decode_audio: bool, chunking: ChunkPlan) -> int:
-        """Hand a request to the engine; `handler` gets its chunks (or its refusal, or its loss)
-        on a delivery thread, in order, the last one exactly once. Raises EngineUnavailable."""
+    def generate(self, request: GenerationRequest, handler: Handler, decode_audio: bool, chunking: ChunkPlan) -> int:
+        """Hand a request, checked against Ready.limits, to the engine process; `handler` gets its
+        chunks (or its refusal, or its loss as an UNAVAILABLE refusal) on a delivery thread, in
+        order, the last one exactly once. A context clip sent whole before is named by its content
+        key instead: it goes whole again only if the engine process no longer holds its codes.
+        Raises WorkerUnavailable."""
+        clips = [(index, audio_key(s.audio, s.sample_rate)) for index, s in enumerate(request.context) if s.audio is not None]
         with self._lock:
             if self._down is not None:
-                raise EngineUnavailable(self._down)
+                raise WorkerUnavailable(self._down)
             key = next(self._keys)
             self._handlers[key] = handler
             worker = self._worker
+            message = whole = Generate(key, request, decode_audio, chunking)
+            named = tuple(clip for clip in clips if clip[1] in self._clips_sent)
+            if named and worker.ready.codes_cache_bytes:
+                message = _leaving_out(whole, named)
+                self._whole[key] = whole
+            self._remember(clip_key for _, clip_key in clips)
         try:
-            worker.send(Submit(key, request, decode_audio, chunking))
+            worker.send(message)
         except OSError as error:  # the worker is gone; the supervisor is about to notice
             with self._lock:
                 self._handlers.pop(key, None)
-            raise EngineUnavailable(f"the engine process is gone: {error}") from error
+            raise WorkerUnavailable(f"the engine process is gone: {error}") from error
         return key
 
     def cancel(self, key: int) -> None:
@@ -379,11 +281,28 @@ class EngineClient:
         logger.info("engine process %d ready: %d slots on %s", worker.process.pid, worker.ready.slots, worker.ready.device)
         return worker.ready
 
+    def _remember(self, keys: Iterable[str]) -> None:
+        """Note clips as sent whole (with _lock held)."""
+        for clip_key in keys:
+            self._clips_sent[clip_key] = None
+            self._clips_sent.move_to_end(clip_key)
+        while len(self._clips_sent) > CLIP_KEYS:
+            self._clips_sent.popitem(last=False)
+
     def _dispatch(self, message: Any) -> None:
         """A message from the worker, on the reader thread."""
         if isinstance(message, Heartbeat):
             self._heartbeat = message
             return
+        with self._lock:
+            whole = self._whole.pop(message.key, None)
+            worker = self._worker
+        if isinstance(message, Refused) and message.status is Status.CLIP_UNKNOWN and whole is not None:
+            try:
+                worker.send(whole)  # its clips whole, which the engine process encodes and caches again
+                return
+            except OSError:  # gone: the supervisor ends the request
+                return
         last = not isinstance(message, ChunkOut) or message.finish is not None
         with self._lock:
             handler = self._handlers.pop(message.key, None) if last else self._handlers.get(message.key)
@@ -393,8 +312,10 @@ class EngineClient:
     def _lose_all(self, reason: str) -> None:
         with self._lock:
             handlers, self._handlers = self._handlers, {}
+            self._whole.clear()
+            self._clips_sent.clear()  # a new engine process starts with an empty codes cache
         for key, handler in handlers.items():
-            self._outboxes.put(key, handler, Lost(key, f"{reason}; the request was lost"))
+            self._outboxes.put(key, handler, Refused(key, Status.UNAVAILABLE, f"{reason}; the request was lost"))
 
     def _supervise(self) -> None:
         """Watch the engine process; when it ends, fail its requests and start another."""
@@ -419,7 +340,7 @@ class EngineClient:
                 return
             try:
                 self._launch()
-            except Exception as error:  # EngineUnavailable, or the spawn itself failed
+            except Exception as error:  # WorkerUnavailable, or the spawn itself failed
                 self._give_up(f"restarting the engine failed: {error}")
                 return
             self.restarts += 1
@@ -432,7 +353,14 @@ class EngineClient:
         self.on_give_up(reason)
 
 
-def _call(handler: Handler, message: ChunkOut | Refused | Lost) -> None:
+def _leaving_out(message: Generate, clips: tuple[tuple[int, str], ...]) -> Generate:
+    """`message` with the audio of the clips named by key left out of its context."""
+    indices = {index for index, _ in clips}
+    context = [dataclasses.replace(s, audio=None, is_audio=None) if i in indices else s for i, s in enumerate(message.request.context)]
+    return dataclasses.replace(message, request=dataclasses.replace(message.request, context=context), clips=clips)
+
+
+def _call(handler: Handler, message: ChunkOut | Refused) -> None:
     try:
         handler(message)
     except Exception:  # one request's transport must not stop the others'
