@@ -1,16 +1,28 @@
 """The wire contract (client/csm_client/contract.py) is the one table of the models' tensors and
-defaults: the model repository's config.pbtxt files and the gateway's field names are checked
-against it here, so that none of them can drift from it."""
+defaults: the model repository's config.pbtxt files, the README's tensor tables and the gateway's
+field names are checked against it here, so that none of them can drift from it."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from csm_client.contract import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, INPUTS, OUTPUTS, STREAM_INPUTS, Tensor
+from csm_client import contract
+from csm_client.contract import (
+    AUDIO_VOCAB_SIZE,
+    CHUNK_FRAMES,
+    FIRST_CHUNK_FRAMES,
+    INPUTS,
+    OUTPUTS,
+    SAMPLES_PER_FRAME,
+    STREAM_INPUTS,
+    Tensor,
+)
+from csm_triton.request import RequestLimits
 from gateway.errors import TENSOR_PARAMS
 
 MODELS = Path(__file__).parents[1] / "model_repository"
@@ -54,3 +66,86 @@ def test_csm_streams_default_chunking_is_the_contracts() -> None:
 def test_the_gateway_names_a_request_parameter_for_every_input() -> None:
     """An INVALID_ARG message starts with the input at fault: the gateway maps each to its field."""
     assert set(TENSOR_PARAMS) == {*INPUTS, "prompt"}
+
+
+README = Path(__file__).parents[1] / "README.md"
+# The default column's words for an input without a default value: the server's behaviour when it is absent.
+NO_DEFAULT = {"none", "random", "all 0"}
+
+
+def readme_tables() -> dict[str, dict[str, list[str]]]:
+    """The tables of the README's "Tensors of the `csm` and `csm_stream` models" section, by their
+    first header (input, parameter, output): each row's cells by its first cell's names, backticks dropped."""
+    section = README.read_text().split("## Tensors of the `csm` and `csm_stream` models", 1)[1].split("\n## ", 1)[0]
+    tables: dict[str, dict[str, list[str]]] = {}
+    rows: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        if not line.startswith("|") or line.startswith("|---"):
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if not cells[0].startswith("`"):
+            rows = tables.setdefault(cells[0], {})
+            continue
+        for name in re.findall(r"`([^`]+)`", cells[0]):
+            rows[name] = cells[1:]
+    return tables
+
+
+def readme_dims(shape: str) -> tuple[int, ...]:
+    """A shape as the README writes it ("[1, n]", "[1, frames, 32]") -> config.pbtxt's dims after
+    the batch dimension, a word (a count that varies) read as -1."""
+    batch, *dims = shape.strip("[]").split(", ")
+    assert batch == "1", shape
+    return tuple(int(dim) if dim.isdigit() else -1 for dim in dims)
+
+
+def test_the_readmes_input_table_is_the_contracts() -> None:
+    inputs = readme_tables()["input"]
+    assert list(inputs) and set(inputs) == set(INPUTS)
+    for name, (datatype, shape, default, meaning) in inputs.items():
+        tensor = INPUTS[name]
+        assert (datatype, readme_dims(shape)) == (tensor.datatype, tensor.dims), name
+        if tensor.required:
+            assert default == "required", name
+        elif tensor.default is None:
+            assert default in NO_DEFAULT, name
+        else:
+            assert re.search(rf"(?<![\d.]){re.escape(str(tensor.default))}(?![\d.])", default), name
+        if name in STREAM_INPUTS:
+            assert meaning.startswith("`csm_stream` only"), name
+
+
+def test_the_readmes_input_bounds_are_the_contracts() -> None:
+    """Each input's least value, and the audio vocabulary's bound on TOPK and on context codes."""
+    inputs = readme_tables()["input"]
+    ranges = {
+        "TOPK": f"{INPUTS['TOPK'].least}..{AUDIO_VOCAB_SIZE}",
+        "CONTEXT_CODES": f"[{INPUTS['CONTEXT_CODES'].least}, {AUDIO_VOCAB_SIZE - 1}]",
+    }
+    for name, tensor in INPUTS.items():
+        if tensor.least is None:
+            continue
+        meaning = inputs[name][-1]
+        if name in ranges:
+            assert ranges[name] in meaning, name
+        else:
+            assert f">= {tensor.least}" in meaning or f"{tensor.least}..`" in meaning, name
+
+
+def test_the_readmes_parameter_defaults_are_the_contracts() -> None:
+    """The request limits' defaults: csm_stream's config.pbtxt parameters of the contract's constants' names."""
+    parameters = readme_tables()["parameter"]
+    assert set(parameters) == set(RequestLimits.parameters())
+    for name, (default, _) in parameters.items():
+        assert getattr(contract, name.upper()) in [int(value) for value in re.findall(r"^\d+|(?<=, )\d+", default)], name
+
+
+def test_the_readmes_output_table_is_the_contracts() -> None:
+    """The contract's outputs (checked against csm_stream's config.pbtxt above), and csm_stream's own
+    (ERROR, ERROR_CODE) as its config.pbtxt declares them."""
+    outputs = readme_tables()["output"]
+    stream_outputs = declared(model_config("csm_stream").output)
+    assert set(outputs) == set(stream_outputs)
+    for name, (datatype, shape, _) in outputs.items():
+        assert (CONFIG_TYPES[datatype], readme_dims(shape)) == stream_outputs[name], name
+    assert f"{SAMPLES_PER_FRAME} samples per generated frame" in outputs["AUDIO"][-1]
