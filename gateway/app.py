@@ -30,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from csm_client import AsyncCSMClient, CSMError, Segment
-from csm_client.contract import AUDIO_NUM_CODEBOOKS, INPUTS, INT32_MAX, INT64_MAX, SAMPLES_PER_FRAME
+from csm_client.contract import AUDIO_NUM_CODEBOOKS, INPUTS, SAMPLES_PER_FRAME
 
 from . import audio, clips, request_ids
 from .body import parse_form, parse_model, read_body
@@ -44,9 +44,14 @@ logger = logging.getLogger("gateway")
 STATIC = Path(__file__).parent / "static"
 FORM_FIELDS_BYTES = 64 * 1024  # a voice upload's form fields besides its clip
 Model = TypeVar("Model", bound=BaseModel)
-# SPEAKER, CONTEXT_SPEAKER, TOPK, MAX_AUDIO_LENGTH_MS and CONTEXT_CODES are INT32 tensors (INT32_MAX), SEED INT64.
-FP32_MAX = float(np.finfo(np.float32).max)  # TEMPERATURE is FP32
 SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def bounded(input_name: str, **field: Any) -> Any:
+    """A request field of a number sent as the input `input_name`: from the contract's least value
+    to the largest its tensor's type holds, so that none wraps (csm_stream checks the rest)."""
+    tensor = INPUTS[input_name]
+    return Field(ge=tensor.least, le=tensor.most, **field)
 
 
 def unicode_text(value: str) -> str:
@@ -67,9 +72,7 @@ class VoiceRef(BaseModel):
 
 # One Mimi frame of a turn's codes: csm_stream checks the values (below its audio vocabulary);
 # here they need only fit its INT32 tensor.
-CodeFrame = Annotated[
-    list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=AUDIO_NUM_CODEBOOKS, max_length=AUDIO_NUM_CODEBOOKS)
-]
+CodeFrame = Annotated[list[Annotated[int, bounded("CONTEXT_CODES")]], Field(min_length=AUDIO_NUM_CODEBOOKS, max_length=AUDIO_NUM_CODEBOOKS)]
 
 
 class Turn(BaseModel):
@@ -79,7 +82,7 @@ class Turn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     text: Text
-    speaker: int = Field(ge=0, le=INT32_MAX)
+    speaker: int = bounded("CONTEXT_SPEAKER")
     audio: str | None = None  # base64, whose decoder refuses anything but ASCII
     codes: list[CodeFrame] | None = Field(default=None, min_length=1)
 
@@ -88,10 +91,10 @@ class Sampling(BaseModel):
     """CSM's extensions to OpenAI's request; those left out take the server's defaults. Each
     number is bounded to the Triton tensor it becomes, so that none wraps."""
 
-    seed: int | None = Field(default=None, ge=0, le=INT64_MAX)
-    temperature: float | None = Field(default=None, gt=0, le=FP32_MAX, allow_inf_nan=False)
-    topk: int | None = Field(default=None, ge=INPUTS["TOPK"].least, le=INT32_MAX)
-    max_audio_length_ms: int | None = Field(default=None, ge=INPUTS["MAX_AUDIO_LENGTH_MS"].least, le=INT32_MAX)
+    seed: int | None = Field(default=None, ge=0, le=INPUTS["SEED"].most)  # the API takes seeds >= 0; csm_stream any INT64
+    temperature: float | None = Field(default=None, gt=0, le=INPUTS["TEMPERATURE"].most, allow_inf_nan=False)
+    topk: int | None = bounded("TOPK", default=None)
+    max_audio_length_ms: int | None = bounded("MAX_AUDIO_LENGTH_MS", default=None)
     context: list[Turn] = Field(default_factory=list)
 
 
@@ -111,7 +114,7 @@ class GenerateRequest(Sampling):
 
     model_config = ConfigDict(extra="forbid")
     text: Text
-    speaker: int = Field(default=0, ge=0, le=INT32_MAX)
+    speaker: int = bounded("SPEAKER", default=0)
 
 
 @dataclass

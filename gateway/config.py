@@ -11,9 +11,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from csm_client.contract import INT32_MAX, MAX_CONTEXT_SAMPLE_RATE, MAX_CONTEXT_SEGMENTS, MAX_CONTEXT_TEXT_BYTES, MIN_CONTEXT_SAMPLE_RATE
+from csm_client.contract import INPUTS, MAX_CONTEXT_SAMPLE_RATE, MAX_CONTEXT_SEGMENTS, MAX_CONTEXT_TEXT_BYTES, MIN_CONTEXT_SAMPLE_RATE
 
 ENV_PREFIX = "CSM_GATEWAY_"
+SPEAKER = INPUTS["SPEAKER"]  # a voice's speaker id is sent as this input
 # OpenAI's built-in voice names. Each maps by default to a plain CSM speaker id, without a reference
 # clip, so that clients written for OpenAI work with no voice files staged. CSM-1B's base model has no
 # fixed timbre per speaker id: without a reference clip a voice varies from one seed to the next.
@@ -51,8 +52,12 @@ def load_voices(path: Path | None) -> dict[str, Voice]:
     if not isinstance(entries, dict):
         raise ValueError(f"{path}: must hold a JSON object of voice name -> {{speaker, audio, transcript}}")
     for name, entry in entries.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("speaker"), int) or not 0 <= entry["speaker"] <= INT32_MAX:
-            raise ValueError(f"{path}: voice {name!r} needs a speaker id in [0, {INT32_MAX}] (an INT32 tensor)")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("speaker"), int)
+            or not SPEAKER.least <= entry["speaker"] <= SPEAKER.most
+        ):
+            raise ValueError(f"{path}: voice {name!r} needs a speaker id in [{SPEAKER.least}, {SPEAKER.most}] (an INT32 tensor)")
         audio = entry.get("audio")
         clip = (path.parent / audio) if audio else None
         if clip is not None and not clip.is_file():

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from csm_client.contract import INT32_MAX
-
 from . import audio, clips
-from .config import GatewayConfig, load_voices
+from .config import SPEAKER, GatewayConfig, load_voices
 
 logger = logging.getLogger("gateway")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -117,8 +115,8 @@ class VoiceLibrary:
             message = f"transcript: {size} bytes of UTF-8, more than max_context_text_bytes {self.max_transcript_bytes}"
             raise VoiceError(message, "transcript")
         speaker_id = int(speaker) if speaker.isascii() and speaker.isdigit() and len(speaker) <= 10 else -1
-        if not 0 <= speaker_id <= INT32_MAX:
-            raise VoiceError(f"speaker: must be a whole number in [0, {INT32_MAX}], got {speaker[:32]!r}", "speaker")
+        if not SPEAKER.least <= speaker_id <= SPEAKER.most:
+            raise VoiceError(f"speaker: must be a whole number in [{SPEAKER.least}, {SPEAKER.most}], got {speaker[:32]!r}", "speaker")
         return speaker_id
 
     def create(self, name: str, clip: bytes, transcript: str, consent: str, speaker: str) -> StoredVoice:

@@ -21,6 +21,7 @@ AUDIO_NUM_CODEBOOKS = 32  # the codes of one frame
 AUDIO_VOCAB_SIZE = 2051  # CSM-1B's codes are below it: TOPK's upper bound
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FP32_MAX = float(np.finfo(np.float32).max)
 
 # Default chunking of a stream: a short first chunk for a fast first audio, then about a second of
 # audio per chunk, which keeps the decoder's per-call cost small against the audio it makes.
@@ -66,6 +67,11 @@ class Tensor(NamedTuple):
     def is_list(self) -> bool:
         """A request sends it as [1, n] or [n]; else as one value, [1] or [1, 1]."""
         return self.dims[0] == -1
+
+    @property
+    def most(self) -> int | float:
+        """The largest value its type holds: the bound on a number that has no other, so that none wraps."""
+        return {"INT32": INT32_MAX, "INT64": INT64_MAX, "FP32": FP32_MAX}[self.datatype]
 
 
 _BYTES, _INT32, _FP32, _INT64 = np.dtype(object), np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.int64)

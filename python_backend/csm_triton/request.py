@@ -25,7 +25,6 @@ from csm_client.contract import (
     AUDIO_VOCAB_SIZE,
     FRAME_MS,
     INPUTS,
-    INT32_MAX,
     INT64_MAX,
     INT64_MIN,
     MAX_AUDIO_LENGTH_MS,
@@ -131,6 +130,11 @@ class GenerationRequest:
         return self.max_audio_length_ms // FRAME_MS
 
 
+def check_input_range(value: int, input_name: str, high: int, label: str, unit: str = "") -> None:
+    """`value` from the input's least value (the contract's) to `high`."""
+    check_range(value, INPUTS[input_name].least, high, label, unit)
+
+
 def _label(names: Mapping[str, str], name: str, index: int | None = None) -> str:
     return names[name].format(index=index)
 
@@ -139,7 +143,7 @@ def check_chunking(first_chunk_frames: int, chunk_frames: int, max_audio_length_
     """A stream's chunk sizes: from one frame to the longest audio a request may ask for."""
     most = max_audio_length_ms // FRAME_MS
     for name, frames in (("first_chunk_frames", first_chunk_frames), ("chunk_frames", chunk_frames)):
-        check_range(whole_number(frames, names[name]), 1, most, names[name], f" frames of {FRAME_MS} ms")
+        check_input_range(whole_number(frames, names[name]), name.upper(), most, names[name], f" frames of {FRAME_MS} ms")
 
 
 # RequestLimits fields that are facts of the model, not deployment parameters.
@@ -202,14 +206,14 @@ class RequestLimits:
         """Raise a ValueError naming the first field out of bounds. Costs no more than counting:
         no audio is resampled or encoded and no text tokenized."""
         _check_text(request.text, names["text"], self.max_text_bytes, "max_text_bytes")
-        check_range(request.speaker, 0, INT32_MAX, names["speaker"])
+        check_input_range(request.speaker, "SPEAKER", INPUTS["SPEAKER"].most, names["speaker"])
         self.check_segment_count(len(request.context), names)
         audio_so_far = 0  # prompt positions of the context audio (and codes) up to the segment checked
         for index, segment in enumerate(request.context):
             has_audio = segment.audio is not None or segment.codes is not None
             label = _label(names, "context.text", index)
             _check_text(segment.text, label, self.max_context_text_bytes, "max_context_text_bytes", may_be_empty=has_audio)
-            check_range(segment.speaker, 0, INT32_MAX, _label(names, "context.speaker", index))
+            check_input_range(segment.speaker, "CONTEXT_SPEAKER", INPUTS["CONTEXT_SPEAKER"].most, _label(names, "context.speaker", index))
             if segment.audio is not None:
                 samples, rate = len(segment.audio), segment.sample_rate
                 self.check_sample_rate(rate, _label(names, "context.sample_rate", index))
@@ -220,8 +224,8 @@ class RequestLimits:
                 self._check_codes(segment.codes, audio_so_far, _label(names, "context.codes", index))
         if not (math.isfinite(request.temperature) and request.temperature > 0):
             raise ValueError(f"{names['temperature']} must be a finite number > 0, got {request.temperature}")
-        check_range(request.topk, 1, self.audio_vocab_size, names["topk"])
-        check_range(request.max_audio_length_ms, FRAME_MS, self.max_audio_length_ms, names["max_audio_length_ms"])
+        check_input_range(request.topk, "TOPK", self.audio_vocab_size, names["topk"])
+        check_input_range(request.max_audio_length_ms, "MAX_AUDIO_LENGTH_MS", self.max_audio_length_ms, names["max_audio_length_ms"])
         if request.seed is not None:
             check_range(request.seed, INT64_MIN, INT64_MAX, names["seed"], " (a 64-bit integer)")
 
@@ -242,10 +246,10 @@ class RequestLimits:
                 f"{label} holds {len(codes)} frames, which bring the context audio to {positions} prompt positions, more "
                 f"than the {self.max_prompt_positions} that fit the model's {self.max_positions}"
             )
-        low, high = int(codes.min()), int(codes.max())
-        if low < 0 or high >= self.audio_vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"{label} codes must be in [0, {self.audio_vocab_size - 1}], got {bad}")
+        low, high, least = int(codes.min()), int(codes.max()), INPUTS["CONTEXT_CODES"].least
+        if low < least or high >= self.audio_vocab_size:
+            bad = low if low < least else high
+            raise ValueError(f"{label} codes must be in [{least}, {self.audio_vocab_size - 1}], got {bad}")
 
     def _check_audio_fits(self, samples: int, sample_rate: int, positions: int, label: str) -> None:
         if positions > self.max_prompt_positions:

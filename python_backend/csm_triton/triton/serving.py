@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from csm_client.contract import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, INPUTS, SAMPLE_RATE
+from csm_client.contract import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, INPUTS
 from csm_client.segment import mono_samples
 
 from ..engine.pacing import ChunkPlan, chunk_plan
@@ -199,11 +199,11 @@ def _context(arrays: dict[str, np.ndarray], limits: RequestLimits) -> list[Segme
             f"got {len(texts)}, {len(speakers)} and {len(lengths)}"
         )
     limits.check_segment_count(len(texts), TRITON_NAMES)
-    if (lengths < 0).any():
-        raise ValueError(f"CONTEXT_AUDIO_LENGTHS: sample counts must be >= 0, got {lengths.tolist()}")
+    if (lengths < INPUTS["CONTEXT_AUDIO_LENGTHS"].least).any():
+        raise ValueError(f"CONTEXT_AUDIO_LENGTHS: sample counts must be >= {INPUTS['CONTEXT_AUDIO_LENGTHS'].least}, got {lengths.tolist()}")
     if int(lengths.sum()) != len(audio):
         raise ValueError(f"CONTEXT_AUDIO_LENGTHS: sums to {int(lengths.sum())} samples but CONTEXT_AUDIO holds {len(audio)}")
-    sample_rate = int(_scalar(arrays, "CONTEXT_SAMPLE_RATE", SAMPLE_RATE))
+    sample_rate = int(_scalar(arrays, "CONTEXT_SAMPLE_RATE", INPUTS["CONTEXT_SAMPLE_RATE"].default))
     if len(audio):
         # A copy: the prompt is built on the serving loop's thread after execute() has returned,
         # when the request's input tensors may be gone.
@@ -229,8 +229,8 @@ def _context_codes(arrays: dict[str, np.ndarray], audio_lengths: np.ndarray, lim
     values = _list(arrays, "CONTEXT_CODES", np.zeros(0, dtype=np.int32))
     if len(frames) != len(audio_lengths):
         raise ValueError(f"CONTEXT_CODES_LENGTHS: one entry per context segment ({len(audio_lengths)}), got {len(frames)}")
-    if (frames < 0).any():
-        raise ValueError(f"CONTEXT_CODES_LENGTHS: frame counts must be >= 0, got {frames.tolist()}")
+    if (frames < INPUTS["CONTEXT_CODES_LENGTHS"].least).any():
+        raise ValueError(f"CONTEXT_CODES_LENGTHS: frame counts must be >= {INPUTS['CONTEXT_CODES_LENGTHS'].least}, got {frames.tolist()}")
     both = np.flatnonzero((frames > 0) & (audio_lengths > 0))
     if len(both):
         raise ValueError(

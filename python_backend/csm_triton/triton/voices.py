@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from csm_client.contract import INPUTS
 from csm_client.segment import mono_samples
 
 from ..request import RequestLimits
@@ -60,7 +61,7 @@ def read_voices(directory: Path, limits: RequestLimits) -> list[VoiceClip]:
             raise ValueError(f"{label}: clip must be a file name in {directory}, got {clip!r}")
         if not isinstance(transcript, str) or not transcript.strip() or len(transcript.encode()) > limits.max_context_text_bytes:
             raise ValueError(f"{label}: transcript must be text of 1 to max_context_text_bytes {limits.max_context_text_bytes} bytes")
-        if isinstance(speaker, bool) or not isinstance(speaker, int) or not 0 <= speaker < 2**31:
+        if isinstance(speaker, bool) or not isinstance(speaker, int) or not INPUTS["SPEAKER"].least <= speaker <= INPUTS["SPEAKER"].most:
             raise ValueError(f"{label}: speaker must be an integer id >= 0, got {speaker!r}")
         try:
             audio, rate = soundfile.read(directory / clip, dtype="float32", always_2d=True)  # [samples, channels]
