@@ -23,6 +23,7 @@ from csm_client.contract import (
     Tensor,
 )
 from csm_triton.request import RequestLimits
+from csm_triton.triton.serving import ServingConfig
 from gateway.errors import TENSOR_PARAMS
 
 MODELS = Path(__file__).parents[1] / "model_repository"
@@ -149,3 +150,16 @@ def test_the_readmes_output_table_is_the_contracts() -> None:
     for name, (datatype, shape, _) in outputs.items():
         assert (CONFIG_TYPES[datatype], readme_dims(shape)) == stream_outputs[name], name
     assert f"{SAMPLES_PER_FRAME} samples per generated frame" in outputs["AUDIO"][-1]
+
+
+def config_parameters(model: str) -> dict[str, dict[str, str]]:
+    """A model's config.pbtxt parameters, as Triton gives them to its model."""
+    return {key: {"string_value": value.string_value} for key, value in model_config(model).parameters.items()}
+
+
+def test_csm_streams_parameters_are_its_settings_defaults() -> None:
+    """Every parameter csm_stream's config.pbtxt sets (the stall timeout, the engine's start and
+    restart limits, the request limits ...) is ServingConfig's default, defined there once; the
+    staged model's directory alone is the deployment's."""
+    config = ServingConfig.from_parameters(config_parameters("csm_stream"))
+    assert config == ServingConfig(model_dir=config.model_dir)

@@ -162,6 +162,17 @@ def test_the_deadline_grows_with_the_audio_asked_for(front_path) -> None:
         Settings.from_parameters(parameters(max_inflight="0"))
 
 
+def test_csms_parameters_are_its_settings_defaults(front_path) -> None:
+    """Every parameter csm's config.pbtxt sets is its Settings' default, defined there once."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from csm_triton.triton.unary_front import Settings
+
+    config = text_format.Parse((PROJECT_ROOT / "model_repository" / "csm" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert Settings.from_parameters({key: {"string_value": value.string_value} for key, value in config.parameters.items()}) == Settings()
+
+
 @pytest.mark.parametrize(
     ("args", "url"),
     [

@@ -175,9 +175,9 @@ class Generator:
         text: str,
         speaker: int,
         context: list[Segment],
-        temperature: float = 0.9,
-        topk: int = 50,
-        max_audio_length_ms: int = 10_000,
+        temperature: float = GenerationRequest.temperature,
+        topk: int = GenerationRequest.topk,
+        max_audio_length_ms: int = GenerationRequest.max_audio_length_ms,
         seed: int | None = None,
     ) -> torch.Tensor:
         """The sampled Mimi codes [frames, 32], the end-of-audio frame excluded."""
@@ -189,9 +189,9 @@ class Generator:
         text: str,
         speaker: int,
         context: list[Segment],
-        temperature: float = 0.9,
-        topk: int = 50,
-        max_audio_length_ms: int = 10_000,
+        temperature: float = GenerationRequest.temperature,
+        topk: int = GenerationRequest.topk,
+        max_audio_length_ms: int = GenerationRequest.max_audio_length_ms,
         seed: int | None = None,
     ) -> torch.Tensor:
         """Speak `text` as `speaker` after `context`: mono float32 audio [samples] at 24 kHz."""
@@ -203,9 +203,9 @@ class Generator:
         text: str,
         speaker: int,
         context: list[Segment],
-        temperature: float = 0.9,
-        topk: int = 50,
-        max_audio_length_ms: int = 10_000,
+        temperature: float = GenerationRequest.temperature,
+        topk: int = GenerationRequest.topk,
+        max_audio_length_ms: int = GenerationRequest.max_audio_length_ms,
         seed: int | None = None,
         first_chunk_frames: int | None = None,
         chunk_frames: int | None = None,
@@ -237,9 +237,9 @@ class Generator:
         text: str,
         speaker: int,
         context: list[Segment],
-        temperature: float = 0.9,
-        topk: int = 50,
-        max_audio_length_ms: int = 10_000,
+        temperature: float = GenerationRequest.temperature,
+        topk: int = GenerationRequest.topk,
+        max_audio_length_ms: int = GenerationRequest.max_audio_length_ms,
         seed: int | None = None,
     ) -> torch.Tensor:
         """`generate` for asyncio: awaiting does not block the event loop, and cancelling the

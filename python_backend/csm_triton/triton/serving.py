@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from csm_client.contract import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, INPUTS
+from csm_client.contract import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, INPUTS, STREAM_INPUTS
 from csm_client.segment import mono_samples
 
 from ..engine.pacing import ChunkPlan, chunk_plan
@@ -291,7 +291,7 @@ def _voice(name: str, voices: Collection[str], limits: RequestLimits, segments: 
 def read_chunking(arrays: dict[str, np.ndarray], config: ServingConfig) -> ChunkPlan:
     """How a streaming request is cut into chunks: the sizes it sends, the config's for the rest."""
     _check_types_and_shapes({name: arrays[name] for name in ("FIRST_CHUNK_FRAMES", "CHUNK_FRAMES") if name in arrays})
-    sizes = {name: int(_scalar(arrays, name)) if name in arrays else None for name in ("FIRST_CHUNK_FRAMES", "CHUNK_FRAMES")}
+    sizes = {name: int(_scalar(arrays, name)) if name in arrays else None for name in STREAM_INPUTS}
     plan = chunk_plan(sizes["FIRST_CHUNK_FRAMES"], sizes["CHUNK_FRAMES"], config.chunk_plan())
     check_chunking(plan.first_frames, plan.max_frames, config.max_audio_length_ms, TRITON_NAMES)
     return plan

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from csm_client.contract import CHUNK_FRAMES, INPUTS
+
 from . import bls
 from .parameters import typed_parameters
 
 logger = logging.getLogger("csm_triton.triton.unary")
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# csm_stream's MAX_AUDIO_LENGTH_MS when a request leaves it out.
-DEFAULT_AUDIO_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Settings:
 
     stream_model: str = "csm_stream"
     max_inflight: int = 64
-    chunk_frames: int = 12
+    chunk_frames: int = CHUNK_FRAMES
     first_audio_timeout_s: float = 60.0
     max_real_time_factor: float = 20.0
     watch_interval_s: float = 2.0
@@ -122,7 +122,7 @@ def _audio_ms(request) -> int:
     then refuses a malformed one)."""
     tensor = pb_utils.get_input_tensor_by_name(request, "MAX_AUDIO_LENGTH_MS")
     if tensor is None or tensor.as_numpy().size != 1:
-        return DEFAULT_AUDIO_MS
+        return INPUTS["MAX_AUDIO_LENGTH_MS"].default
     return max(0, int(tensor.as_numpy().reshape(-1)[0]))
 
 

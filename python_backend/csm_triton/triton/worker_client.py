@@ -31,6 +31,7 @@ from typing import Any
 from ..engine.pacing import ChunkPlan
 from ..request import GenerationRequest, audio_key
 from .protocol import Cancel, Channel, ChunkOut, Close, Generate, Heartbeat, Ready, Refused, StartFailed, Status, WorkerSettings
+from .serving import ServingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +180,9 @@ class WorkerClient:
         python: str,
         settings: WorkerSettings,
         on_give_up: Callable[[str], None],
-        start_timeout_s: float = 900.0,
-        max_restarts: int = 3,
-        restart_window_s: float = 600.0,
+        start_timeout_s: float = ServingConfig.engine_start_timeout_s,
+        max_restarts: int = ServingConfig.max_engine_restarts,
+        restart_window_s: float = ServingConfig.engine_restart_window_s,
         heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
     ) -> None:
         self.python, self.settings, self.on_give_up = python, settings, on_give_up
