@@ -22,8 +22,8 @@ from csm_client.contract import (
     STREAM_INPUTS,
     Tensor,
 )
-from csm_triton.request import RequestLimits
-from csm_triton.triton.serving import ServingConfig
+from csm_triton.request import API_NAMES, RequestLimits
+from csm_triton.triton.serving import TRITON_NAMES, ServingConfig
 from gateway.errors import TENSOR_PARAMS
 
 MODELS = Path(__file__).parents[1] / "model_repository"
@@ -163,3 +163,14 @@ def test_csm_streams_parameters_are_its_settings_defaults() -> None:
     staged model's directory alone is the deployment's."""
     config = ServingConfig.from_parameters(config_parameters("csm_stream"))
     assert config == ServingConfig(model_dir=config.model_dir)
+
+
+def test_the_field_name_tables_name_the_same_fields_by_the_contracts_inputs() -> None:
+    """request.API_NAMES and serving.TRITON_NAMES name one set of request fields, the first by the
+    field itself and the second by one of the contract's inputs; a segment's field names its segment."""
+    assert set(API_NAMES) == set(TRITON_NAMES)
+    for field, label in TRITON_NAMES.items():
+        assert label.split(":", 1)[0] in INPUTS, field
+        assert API_NAMES[field].startswith(field.split(".")[0]), field
+        if "{index}" in label:
+            assert "{index}" in API_NAMES[field], field
