@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .contract import SAMPLE_RATE
+from .contract import INPUTS, SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +146,9 @@ def context_arrays(context: Sequence[Any]) -> dict[str, np.ndarray]:
             if audio is not None:
                 raise ValueError(f"{field}: holds both audio and codes; send one of them")
             frames = code_frames(frames, f"{field}.codes:")
-            if len(frames) and (frames.min() < 0 or frames.max() > np.iinfo(np.int32).max):  # INT32, never wrapped
-                raise ValueError(f"{field}.codes: codes must be >= 0 and fit 32 bits, got {frames.min()} to {frames.max()}")
+            least, most = INPUTS["CONTEXT_CODES"].least, INPUTS["CONTEXT_CODES"].most
+            if len(frames) and (frames.min() < least or frames.max() > most):  # INT32, never wrapped
+                raise ValueError(f"{field}.codes: codes must be >= {least} and fit 32 bits, got {frames.min()} to {frames.max()}")
         codes.append(frames)
         texts.append(segment.text.encode("utf-8"))
         speakers.append(segment.speaker)

@@ -62,7 +62,7 @@ def read_voices(directory: Path, limits: RequestLimits) -> list[VoiceClip]:
         if not isinstance(transcript, str) or not transcript.strip() or len(transcript.encode()) > limits.max_context_text_bytes:
             raise ValueError(f"{label}: transcript must be text of 1 to max_context_text_bytes {limits.max_context_text_bytes} bytes")
         if isinstance(speaker, bool) or not isinstance(speaker, int) or not INPUTS["SPEAKER"].least <= speaker <= INPUTS["SPEAKER"].most:
-            raise ValueError(f"{label}: speaker must be an integer id >= 0, got {speaker!r}")
+            raise ValueError(f"{label}: speaker must be an integer id >= {INPUTS['SPEAKER'].least}, got {speaker!r}")
         try:
             audio, rate = soundfile.read(directory / clip, dtype="float32", always_2d=True)  # [samples, channels]
         except (OSError, soundfile.LibsndfileError) as error:
