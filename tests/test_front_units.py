@@ -1,10 +1,12 @@
 """The torch-free pieces of the fronts (csm, text_stream_tts) outside a server: they import no torch,
 the control protocol's csm_stream side reads hostile parameters safely and its callers read a
-probe's answer, csm's deadline and settings, how csm's watch finds the server's repository API, and
-which models a server loads at start."""
+probe's answer, csm's deadline and settings, the fronts' config.pbtxt parameters against their
+settings' defaults, how csm's watch finds the server's repository API, and which models a server
+loads at start."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -162,15 +164,20 @@ def test_the_deadline_grows_with_the_audio_asked_for(front_path) -> None:
         Settings.from_parameters(parameters(max_inflight="0"))
 
 
-def test_csms_parameters_are_its_settings_defaults(front_path) -> None:
-    """Every parameter csm's config.pbtxt sets is its Settings' default, defined there once."""
+@pytest.mark.parametrize(
+    ("model", "module", "deployment"), [("csm", "unary_front", {}), ("text_stream_tts", "text_stream_tts", {"text_model": "vllm_model"})]
+)
+def test_a_fronts_parameters_are_its_settings_defaults(front_path, model: str, module: str, deployment: dict[str, str]) -> None:
+    """Every parameter a front's config.pbtxt sets is its Settings' default, defined there once;
+    the text model text_stream_tts speaks for is the deployment's alone."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from csm_triton.triton.unary_front import Settings
-
-    config = text_format.Parse((PROJECT_ROOT / "model_repository" / "csm" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    assert Settings.from_parameters({key: {"string_value": value.string_value} for key, value in config.parameters.items()}) == Settings()
+    settings = importlib.import_module(f"csm_triton.triton.{module}").Settings
+    config = text_format.Parse((PROJECT_ROOT / "model_repository" / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert settings.from_parameters({key: {"string_value": value.string_value} for key, value in config.parameters.items()}) == settings(
+        **deployment
+    )
 
 
 @pytest.mark.parametrize(
