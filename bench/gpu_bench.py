@@ -108,7 +108,7 @@ def floor_seconds(config: ModelConfig, dtype: torch.dtype, batch: int, position:
 def frame_time(engine: Engine, config: ModelConfig, batch: int, frames: int) -> float:
     """Mean seconds of a step with `batch` requests running (each step ends with its codes on the host)."""
     for seed in range(batch):
-        engine.enqueue(prompt(config, WARMUP_STEPS + frames + 1, seed))
+        engine.start(prompt(config, WARMUP_STEPS + frames + 1, seed))
     for _ in range(WARMUP_STEPS):
         engine.step()
     start = time.perf_counter()

@@ -140,7 +140,7 @@ def test_a_thread_that_cannot_go_on_fails_every_stream_once_and_the_loop_says_so
     submit(generator, 1, first, ms=20_000).started.wait(10)
     # An error where none is expected (admitting a request) leaves the generation thread's
     # state unknown: it must not go on.
-    generator.engine.enqueue = FailOnce(generator.engine.enqueue)
+    generator.engine.start = FailOnce(generator.engine.start)
     second = Received()
     submit(generator, 2, second)
     deadline = time.monotonic() + 10

@@ -264,7 +264,7 @@ class ServingLoop:
         self._free_rows = list(range(decoder_rows))
         self._preparing: deque[Stream] = deque()  # for the generation thread to build their prompts
         self._waiting: deque[Stream] = deque()  # ready for a slot
-        self._running: dict[int, Stream] = {}  # engine request id -> stream (in a slot or the engine's queue)
+        self._running: dict[int, Stream] = {}  # engine request id -> stream in a slot
         self._progress: dict[Stream, _Progress] = {}
         self._step_failures = 0
         self._frame_s = Smoothed()  # a round that steps the engine
@@ -395,6 +395,7 @@ class ServingLoop:
         if self._can_step():
             while self._admissible() and not self._admission_waits():
                 self._start(self._waiting.popleft())
+            self._publish()  # before the step: the admitted streams' `started` is set already
             self._step()
             self._frame_s.add(self.clock() - began)
         self._publish()
@@ -437,9 +438,8 @@ class ServingLoop:
 
     def _publish(self) -> None:
         """Count, for stats(), the streams that have no slot yet."""
-        starting = sum(not stream.started.is_set() for stream in self._running.values())
         with self._wake:
-            self._waiting_published = len(self._preparing) + len(self._waiting) + starting
+            self._waiting_published = len(self._preparing) + len(self._waiting)
             self._free_published = self.engine.num_slots - self.engine.active_slots
             self._adds_taken = 0
 
@@ -486,7 +486,8 @@ class ServingLoop:
         return progress.playback.slack(now + self._latency.value)
 
     def _admissible(self) -> bool:
-        return bool(self._waiting) and bool(self._free_rows)
+        """A stream waits and the engine has a free slot (and the decoder a free row) for it."""
+        return bool(self._waiting) and bool(self._free_rows) and self.engine.free_slots > 0
 
     def _admission_waits(self) -> bool:
         """Whether the next waiting stream stays out of the engine for this step: while a running
@@ -502,8 +503,9 @@ class ServingLoop:
         progress = self._progress[stream]
         progress.row = min(self._free_rows)  # the lowest rows: the decoder runs only the span in use
         self._free_rows.remove(progress.row)
-        progress.request_id = self.engine.enqueue(stream.request)
+        progress.request_id = self.engine.start(stream.request)
         self._running[progress.request_id] = stream
+        stream.started.set()
 
     def _step(self) -> None:
         """One engine step; its frames go to the streams' decoder jobs. A failed step ends the
