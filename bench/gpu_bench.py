@@ -34,7 +34,8 @@ from csm_triton.engine.engine import Engine, EngineRequest
 from csm_triton.engine.generator import CUDA_PREFILL_CHUNK
 from csm_triton.engine.graphs import bucket
 from csm_triton.engine.pacing import ChunkPlan
-from csm_triton.engine.streaming import Chunk, ServingLoop, Stream
+from csm_triton.engine.stream import Chunk, Stream
+from csm_triton.engine.streaming import ServingLoop
 from csm_triton.model.codec import MimiCodec, StreamingDecoder
 from csm_triton.model.config import CSM_1B, TINY, ModelConfig
 from csm_triton.model.model import CSM

@@ -15,7 +15,7 @@ import torch
 from csm_triton import GenerationRequest, Generator, load_csm_1b
 from csm_triton.engine.graphs import DeviceFailed
 from csm_triton.engine.pacing import ChunkPlan
-from csm_triton.engine.streaming import Chunk, LoopFailed
+from csm_triton.engine.stream import Chunk, LoopFailed
 
 SLOTS = 2
 

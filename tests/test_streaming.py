@@ -12,7 +12,7 @@ import torch
 
 from csm_client.contract import SAMPLE_RATE, SAMPLES_PER_FRAME
 from csm_triton import GenerationRequest, Generator, Segment
-from csm_triton.engine.streaming import Chunk
+from csm_triton.engine.stream import Chunk
 from triton_tensors import chunk_sizes
 
 
