@@ -84,7 +84,7 @@ def timed_engine_run(engine: Engine, batch: list[EngineRequest]) -> tuple[float,
     start = time.perf_counter()
     for request in batch:
         engine.start(request)
-    engine.step()  # admits and prefills every request, samples their first frame
+    engine.step()  # prefills every request, samples their first frame
     steady_start, steps = time.perf_counter(), 0
     while engine.has_work:
         engine.step()

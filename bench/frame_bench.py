@@ -166,7 +166,7 @@ def host_device_copies(model: CSM, batch: int) -> dict[str, int]:
     try:
         for seed in range(batch):
             engine.start(prompt(model.config, 1000, seed))
-        engine.step()  # admits, prefills and starts them all, and runs their first frame
+        engine.step()  # prefills and starts them all, and runs their first frame
         start = dict(calls)
         calls.clear()
         engine.step()
