@@ -83,8 +83,8 @@ def timed_engine_run(engine: Engine, batch: list[EngineRequest]) -> tuple[float,
     """(wall seconds from submission to the last frame, mean seconds of a step once all are running)."""
     start = time.perf_counter()
     for request in batch:
-        engine.enqueue(request)
-    engine.step()  # admits and prefills every request, samples their first frame
+        engine.start(request)
+    engine.step()  # prefills every request, samples their first frame
     steady_start, steps = time.perf_counter(), 0
     while engine.has_work:
         engine.step()

@@ -165,8 +165,8 @@ def host_device_copies(model: CSM, batch: int) -> dict[str, int]:
     torch.Tensor.cpu = counted("downloads", download, lambda self, *args, **kwargs: True)
     try:
         for seed in range(batch):
-            engine.enqueue(prompt(model.config, 1000, seed))
-        engine.step()  # admits, prefills and starts them all, and runs their first frame
+            engine.start(prompt(model.config, 1000, seed))
+        engine.step()  # prefills and starts them all, and runs their first frame
         start = dict(calls)
         calls.clear()
         engine.step()

@@ -34,7 +34,8 @@ from csm_triton.engine.engine import Engine, EngineRequest
 from csm_triton.engine.generator import CUDA_PREFILL_CHUNK
 from csm_triton.engine.graphs import bucket
 from csm_triton.engine.pacing import ChunkPlan
-from csm_triton.engine.streaming import Chunk, ServingLoop, Stream
+from csm_triton.engine.stream import Chunk, Stream
+from csm_triton.engine.streaming import ServingLoop
 from csm_triton.model.codec import MimiCodec, StreamingDecoder
 from csm_triton.model.config import CSM_1B, TINY, ModelConfig
 from csm_triton.model.model import CSM
@@ -108,7 +109,7 @@ def floor_seconds(config: ModelConfig, dtype: torch.dtype, batch: int, position:
 def frame_time(engine: Engine, config: ModelConfig, batch: int, frames: int) -> float:
     """Mean seconds of a step with `batch` requests running (each step ends with its codes on the host)."""
     for seed in range(batch):
-        engine.enqueue(prompt(config, WARMUP_STEPS + frames + 1, seed))
+        engine.start(prompt(config, WARMUP_STEPS + frames + 1, seed))
     for _ in range(WARMUP_STEPS):
         engine.step()
     start = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -16,14 +17,21 @@ from csm_triton.model.model import CpuLinear, use_cpu_linear
 from triton_tensors import LONG_TEXTS
 
 
+def admit(engine: Engine, waiting: deque[EngineRequest]) -> list[int]:
+    """Start the waiting requests that free slots take, oldest first, as the serving loop does."""
+    return [engine.start(waiting.popleft()) for _ in range(min(len(waiting), engine.free_slots))]
+
+
 def run(engine: Engine, arrivals: dict[int, list[EngineRequest]]) -> dict[int, torch.Tensor]:
     """Submit requests at the given step numbers, step until all finish; codes per request id."""
     frames: dict[int, list[torch.Tensor]] = {}
     finished: set[int] = set()
+    waiting: deque[EngineRequest] = deque()
     step = 0
-    while step <= max(arrivals) or engine.has_work:
-        for request in arrivals.get(step, []):
-            frames[engine.enqueue(request)] = []
+    while step <= max(arrivals) or waiting or engine.has_work:
+        waiting.extend(arrivals.get(step, []))
+        for request_id in admit(engine, waiting):
+            frames[request_id] = []
         for result in engine.step():
             if result.codes is not None:
                 frames[result.request_id].append(result.codes)
@@ -73,27 +81,28 @@ def test_more_requests_than_slots_queue_and_all_finish(generator: Generator) -> 
 
 
 def test_cancel_frees_the_slot_and_others_continue(generator: Generator) -> None:
+    """A request waiting for a slot is the serving loop's to cancel (test_streaming's
+    test_requests_beyond_the_slots_count_as_waiting): the engine holds only running ones."""
     engine = generator.engine
-    keep, drop, queued = (
-        generator.engine_request(GenerationRequest(t, 0, max_audio_length_ms=800, seed=3)) for t in ("Keep me.", "Drop me.", "Never run.")
-    )
-    keep_id, drop_id = engine.enqueue(keep), engine.enqueue(drop)
-    for _ in range(engine.num_slots - 2):  # fill the remaining slots so that `queued` waits
-        engine.enqueue(keep)
-    queued_id = engine.enqueue(queued)
+    keep, drop = (generator.engine_request(GenerationRequest(t, 0, max_audio_length_ms=800, seed=3)) for t in ("Keep me.", "Drop me."))
+    keep_id, drop_id = engine.start(keep), engine.start(drop)
+    for _ in range(engine.num_slots - 2):
+        engine.start(keep)
+    with pytest.raises(RuntimeError, match="slots is busy"):
+        engine.start(keep)
     engine.step()
     assert engine.active_slots == engine.num_slots
     engine.cancel(drop_id)
-    engine.cancel(queued_id)
+    assert engine.free_slots == 1  # at once, for the next request
     results = engine.step()
     finishes = {r.request_id: r.finish for r in results}
-    assert finishes[drop_id] == "cancelled" and finishes[queued_id] == "cancelled"
+    assert finishes[drop_id] == "cancelled"
     assert finishes[keep_id] is None
     assert engine.active_slots == engine.num_slots - 1
     frames = {keep_id: 2}
     while engine.has_work:
         for result in engine.step():
-            assert result.request_id not in (drop_id, queued_id)
+            assert result.request_id != drop_id
             if result.request_id == keep_id and result.codes is not None:
                 frames[keep_id] += 1
     assert frames[keep_id] == 10
@@ -133,7 +142,7 @@ def test_all_zero_frame_ends_the_request_and_is_dropped(tiny_model_dir: Path, tm
     state["audio_head"][:, 0, 0] = 1000.0
     save_file(state, edited / "model.safetensors")
     generator = load_csm_1b(edited, device="cpu", slots=2)
-    request_id = generator.engine.enqueue(generator.engine_request(GenerationRequest("Stop at once.", 0, seed=1)))
+    request_id = generator.engine.start(generator.engine_request(GenerationRequest("Stop at once.", 0, seed=1)))
     assert generator.engine.step() == [StepResult(request_id, None, "eos")]
     assert generator.engine.active_slots == 0
     assert generator.generate_codes("Stop at once.", 0, [], seed=2).shape == (0, 32)
@@ -241,9 +250,9 @@ def test_chunked_prefill_gives_the_same_codes(generator: Generator, frame_graphs
 def test_a_long_prompt_prefills_in_pieces_while_running_streams_go_on(generator: Generator) -> None:
     engine = Engine(generator.engine.model, generator.engine.num_slots, prefill_chunk=8)
     short, long = requests(generator, topk=50)[:2]
-    running = engine.enqueue(short)
+    running = engine.start(short)
     engine.step()
-    waiting = engine.enqueue(long)
+    waiting = engine.start(long)
     steps_to_first_frame = 0
     while True:
         results = engine.step()
@@ -264,12 +273,14 @@ def run_logged(engine: Engine, arrivals: dict[int, list[EngineRequest]], cancels
     ran none)."""
     frames: dict[int, list[torch.Tensor]] = {}
     submitted: list[int] = []
+    waiting: deque[EngineRequest] = deque()
     buckets = []
     step = 0
-    while step <= max(arrivals) or engine.has_work:
-        for request in arrivals.get(step, []):
-            submitted.append(engine.enqueue(request))
-            frames[submitted[-1]] = []
+    while step <= max(arrivals) or waiting or engine.has_work:
+        waiting.extend(arrivals.get(step, []))
+        for request_id in admit(engine, waiting):
+            submitted.append(request_id)
+            frames[request_id] = []
         if step in cancels:
             engine.cancel(submitted[cancels[step]])
         before = engine.graphs.runs.copy() if engine.graphs else None

@@ -15,7 +15,7 @@ import torch
 from csm_triton import GenerationRequest, Generator, load_csm_1b
 from csm_triton.engine.graphs import DeviceFailed
 from csm_triton.engine.pacing import ChunkPlan
-from csm_triton.engine.streaming import Chunk, LoopFailed
+from csm_triton.engine.stream import Chunk, LoopFailed
 
 SLOTS = 2
 
@@ -140,7 +140,7 @@ def test_a_thread_that_cannot_go_on_fails_every_stream_once_and_the_loop_says_so
     submit(generator, 1, first, ms=20_000).started.wait(10)
     # An error where none is expected (admitting a request) leaves the generation thread's
     # state unknown: it must not go on.
-    generator.engine.enqueue = FailOnce(generator.engine.enqueue)
+    generator.engine.start = FailOnce(generator.engine.start)
     second = Received()
     submit(generator, 2, second)
     deadline = time.monotonic() + 10

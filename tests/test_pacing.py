@@ -15,7 +15,8 @@ from csm_client.contract import SAMPLES_PER_FRAME
 from csm_triton import GenerationRequest, Generator
 from csm_triton.engine.engine import Engine
 from csm_triton.engine.pacing import ADAPTIVE, FRAME_S, PASS_FRAMES, PRESSING_S, SAFETY_S, ChunkPlan, Playback, chunk_plan, pass_jobs
-from csm_triton.engine.streaming import Chunk, ServingLoop, Stream
+from csm_triton.engine.stream import Chunk, Stream
+from csm_triton.engine.streaming import ServingLoop
 from csm_triton.model import checkpoint
 from csm_triton.model.codec import StreamingDecoder
 

@@ -12,7 +12,7 @@ import torch
 
 from csm_client.contract import SAMPLE_RATE, SAMPLES_PER_FRAME
 from csm_triton import GenerationRequest, Generator, Segment
-from csm_triton.engine.streaming import Chunk
+from csm_triton.engine.stream import Chunk
 from triton_tensors import chunk_sizes
 
 
@@ -133,9 +133,12 @@ def test_invalid_streaming_chunk_sizes_are_refused(generator: Generator) -> None
 
 def test_requests_beyond_the_slots_count_as_waiting(generator: Generator) -> None:
     wait_until_idle(generator)
+    """The loop holds the streams waiting for a slot, admits one only into a free slot, and a
+    waiting stream cancelled ends "cancelled" without a frame."""
     slots = generator.engine.num_slots
+    chunks: list[list[Chunk]] = [[] for _ in range(slots + 2)]
     streams = [
-        generator.submit(GenerationRequest("Queue up.", 0, max_audio_length_ms=20_000, seed=index), lambda chunk: None)
+        generator.submit(GenerationRequest("Queue up.", 0, max_audio_length_ms=20_000, seed=index), chunks[index].append)
         for index in range(slots + 2)
     ]
     try:
@@ -149,3 +152,5 @@ def test_requests_beyond_the_slots_count_as_waiting(generator: Generator) -> Non
         for stream in streams:
             generator.cancel(stream)
     wait_until_idle(generator)
+    for waited in chunks[slots:]:
+        assert [(chunk.finish, len(chunk.codes)) for chunk in waited] == [("cancelled", 0)]

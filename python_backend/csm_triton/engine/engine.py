@@ -2,16 +2,15 @@
 at frame boundaries.
 
 Each active request owns a *slot*: a row of the KV caches, its own positions, sampling parameters,
-seed and frame budget. `enqueue` and `cancel` may be called from any thread; `step` is called by
-one thread and advances every active slot by one frame.
+seed and frame budget. A request starts only in a free slot: whoever drives the engine keeps the
+requests that wait for one (the serving loop), so the engine has no queue, and no lock, since one
+thread alone calls it; `step` advances every active slot by one frame.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import threading
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -97,10 +96,8 @@ class Engine:
                 compile_hot_path(model)
             self.graphs.warm_up()
         self._slots: list[_Slot | None] = [None] * slots
-        self._waiting: deque[tuple[int, EngineRequest]] = deque()
-        self._cancelled: set[int] = set()
+        self._cancelled: list[StepResult] = []  # reported by the next step
         self._ids = itertools.count()
-        self._lock = threading.Lock()
 
     def check(self, request: EngineRequest) -> None:
         """Raise a ValueError ("prompt: ...") if the request cannot run; nothing is queued. Its
@@ -122,22 +119,28 @@ class Engine:
                 f"exceed the model's {self.max_seq_len}-position limit; shorten the context or the maximum audio length"
             )
 
-    def enqueue(self, request: EngineRequest) -> int:
-        """Queue a request that `check` passed; it joins the running batch at the next step with a
-        free slot."""
-        with self._lock:
-            request_id = next(self._ids)
-            self._waiting.append((request_id, request))
+    def start(self, request: EngineRequest) -> int:
+        """Put a request that `check` passed into a free slot (the lowest); it joins the running
+        batch at the next step. Raises RuntimeError when every slot is busy: the caller admits a
+        request only while `free_slots` says there is room."""
+        index = next((i for i, slot in enumerate(self._slots) if slot is None), None)
+        if index is None:
+            raise RuntimeError(f"every one of the {self.num_slots} slots is busy")
+        request_id = next(self._ids)
+        self._slots[index] = _Slot(request_id, request)
         return request_id
 
     def cancel(self, request_id: int) -> None:
-        """The request ends with a "cancelled" result at the next step and frees its slot."""
-        with self._lock:
-            self._cancelled.add(request_id)
+        """The request leaves its slot now, free for the next one, and the next step reports it
+        "cancelled"; an id in no slot (already ended) is ignored."""
+        for index, slot in enumerate(self._slots):
+            if slot is not None and slot.request_id == request_id:
+                self._free(index)
+                self._cancelled.append(StepResult(request_id, None, "cancelled"))
 
     def abort(self) -> list[int]:
         """Drop every request in a slot (after a failed step, whose state is unknown) and return
-        their ids; requests still waiting for a slot stay queued."""
+        their ids."""
         aborted = [slot.request_id for slot in self._slots if slot is not None]
         self._slots = [None] * self.num_slots
         if self.graphs is not None:
@@ -149,16 +152,19 @@ class Engine:
         return sum(slot is not None for slot in self._slots)
 
     @property
+    def free_slots(self) -> int:
+        return self.num_slots - self.active_slots
+
+    @property
     def has_work(self) -> bool:
-        with self._lock:
-            return bool(self._waiting) or self.active_slots > 0
+        """A slot is busy, or a cancellation is still to be reported."""
+        return self.active_slots > 0 or bool(self._cancelled)
 
     @torch.inference_mode()
     def step(self) -> list[StepResult]:
-        results = self._drop_cancelled()
+        results, self._cancelled = self._cancelled, []
         if self.graphs is not None:
             self._compact()
-        self._admit()
         if self.graphs is None:
             running = [i for i, slot in enumerate(self._slots) if slot is not None and slot.pending is not None]
             prefilling = [i for i, slot in enumerate(self._slots) if slot is not None and slot.pending is None]
@@ -184,18 +190,6 @@ class Engine:
                 results.append(self._advance(index, codes_host[index], codes[index]))
         return results
 
-    def _drop_cancelled(self) -> list[StepResult]:
-        with self._lock:
-            cancelled, self._cancelled = self._cancelled, set()
-            kept = deque(item for item in self._waiting if item[0] not in cancelled)
-            results = [StepResult(rid, None, "cancelled") for rid, _ in self._waiting if rid in cancelled]
-            self._waiting = kept
-        for index, slot in enumerate(self._slots):
-            if slot is not None and slot.request_id in cancelled:
-                self._free(index)
-                results.append(StepResult(slot.request_id, None, "cancelled"))
-        return results
-
     def _free(self, index: int) -> None:
         """A slot that ends here rather than in the frame step (which stops its own ended rows)."""
         if self._slots[index].in_graph:
@@ -214,13 +208,6 @@ class Engine:
             self.model.move_slot(source, target, slot.position)
             if slot.in_graph:
                 self.graphs.state.move(source, target)
-
-    def _admit(self) -> None:
-        with self._lock:
-            for index, slot in enumerate(self._slots):
-                if slot is None and self._waiting:
-                    request_id, request = self._waiting.popleft()
-                    self._slots[index] = _Slot(request_id, request)
 
     def _prefill(self, indices: list[int]) -> dict[int, torch.Tensor]:
         """The next piece of each admitted prompt, oldest request first, at most `prefill_chunk`

@@ -27,7 +27,8 @@ from ..request import GenerationRequest, RequestLimits, Segment, check_chunking
 from .engine import Engine, EngineRequest
 from .pacing import ADAPTIVE, ChunkPlan, chunk_plan
 from .prompt import CodesCache, PromptBuilder, TextTokenizer
-from .streaming import STALL_TIMEOUT_S, Chunk, LoopStats, ServingLoop, Stream
+from .stream import Chunk, Stream
+from .streaming import STALL_TIMEOUT_S, LoopStats, ServingLoop
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import torch
 
 from ..engine.generator import Generator, load_csm_1b
 from ..engine.prompt import codes_cache_bytes
-from ..engine.streaming import Busy, Chunk, LoopFailed, Stream
+from ..engine.stream import Busy, Chunk, LoopFailed, Stream
 from ..model import checkpoint
 from ..model.config import ModelConfig
 from ..model.model import slots_within_budget
