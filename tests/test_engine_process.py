@@ -22,6 +22,8 @@ from csm_triton.engine.pacing import ChunkPlan
 from csm_triton.triton.engine_client import ChunkOut, EngineClient, EngineUnavailable, Lost, Refused, WorkerSettings
 from csm_triton.triton.serving import ServingConfig
 
+pytestmark = pytest.mark.server
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 

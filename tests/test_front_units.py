@@ -19,6 +19,8 @@ from csm_triton.tools import server
 from csm_triton.tools.server import PROJECT_ROOT
 from csm_triton.triton import control
 
+pytestmark = pytest.mark.unit
+
 # triton_python_backend_utils.py, as the python backend ships it: importable outside a stub (the
 # stub adds its classes, which these tests do not use).
 BACKEND_UTILS = Path(pytriton.__file__).parent / "tritonserver" / "backends" / "python"

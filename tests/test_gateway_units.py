@@ -30,6 +30,8 @@ from gateway.config import OPENAI_VOICES, load_voices
 from gateway.errors import APIError
 from gateway.voices import VoiceError, VoiceLibrary
 
+pytestmark = pytest.mark.unit
+
 BOUNDS = ClipBounds(8000, 48_000, 8)
 
 

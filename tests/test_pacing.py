@@ -19,6 +19,8 @@ from csm_triton.model import checkpoint
 from csm_triton.model.codec import StreamingDecoder
 from csm_triton.model.config import SAMPLES_PER_FRAME
 
+pytestmark = pytest.mark.engine
+
 
 def test_the_first_chunk_has_its_size_whatever_the_slack() -> None:
     for slack_s in (-math.inf, -1.0, 0.0, 10.0):

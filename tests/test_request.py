@@ -29,6 +29,8 @@ from csm_triton.tools.server import PROJECT_ROOT
 from csm_triton.triton.serving import INPUTS, ServingConfig, read_chunking, read_request
 from triton_tensors import request, scalar, vector
 
+pytestmark = pytest.mark.unit
+
 LIMITS = RequestLimits.for_model(TINY)
 CONFIG = ServingConfig()
 # A voice library as the engine hands it to the stub: name -> its clip's segment, codes encoded at load.

@@ -13,6 +13,8 @@ import torch
 from csm_triton.model.codec import MimiCodec, StreamingDecoder
 from csm_triton.model.config import SAMPLES_PER_FRAME
 
+pytestmark = pytest.mark.engine
+
 TOLERANCE = 1e-4
 CODEBOOKS = 32
 
