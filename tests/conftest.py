@@ -1,24 +1,52 @@
 """Shared fixtures: one staged tiny model (what `python -m export tiny` makes), its Generator,
-and a real tritonserver serving it."""
+and a real tritonserver serving it. Torch, the engine and export load inside the fixtures only,
+so a test of a torch-free module collects and runs without them.
+
+Every test has a tier (pyproject's markers): `make test-unit` runs the unit tier alone."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from csm_triton import Generator, load_csm_1b
 from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
-from export.tiny import make_tiny
 from make_serve import MakeServe
 
+if TYPE_CHECKING:
+    from csm_triton import Generator
+
 SERVER_SLOTS = 4
+TIERS = ("unit", "engine", "server", "browser", "deploy", "gpu")
+# A unit test stages no model and starts no server: these fixtures do.
+NOT_UNIT_FIXTURES = {"tiny_model_dir", "triton_server", "make_serve", "server", "fault_server", "one_slot_server"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test without a tier, or a unit test that stages a model or asks for a server, is a collection
+    error, so `make test-unit` never misses a test nor waits for one; a gpu test skips without CUDA."""
+    untiered = [item.nodeid for item in items if not {marker.name for marker in item.iter_markers()} & set(TIERS)]
+    if untiered:
+        raise pytest.UsageError(f"tests without a tier marker ({', '.join(TIERS)}): {untiered}")
+    slow = [item.nodeid for item in items if item.get_closest_marker("unit") and NOT_UNIT_FIXTURES & set(item.fixturenames)]
+    if slow:
+        raise pytest.UsageError(f"unit tests that stage a model or start a server: {slow}")
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA"))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.tiny import make_tiny
+
     out = tmp_path_factory.mktemp("models") / "tiny"
     make_tiny(out, seed=0)
     return out
@@ -26,6 +54,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def generator(tiny_model_dir: Path) -> Generator:
+    from csm_triton import load_csm_1b
+
     return load_csm_1b(tiny_model_dir, device="cpu", slots=SERVER_SLOTS)
 
 

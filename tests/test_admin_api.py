@@ -31,6 +31,8 @@ from csm_client import CSMClient
 from csm_triton import Generator
 from csm_triton.tools.server import ADMIN_HEADERS, ADMIN_KEY_ENV, ServerOptions, TritonServer, model_repository_with
 
+pytestmark = pytest.mark.server
+
 PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
 REFUSED_STATUS = {"http": "403", "grpc": "StatusCode.UNAVAILABLE"}
 # A model that no other test of the session server uses: loading and unloading it disturbs none.

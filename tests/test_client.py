@@ -17,6 +17,8 @@ import csm_triton
 from csm_client import AsyncCSMClient, CSMClient, CSMError, RemoteGenerator, Segment
 from csm_client.contract import SAMPLES_PER_FRAME
 
+pytestmark = pytest.mark.server
+
 PROTOCOLS = ("grpc", "http")
 PARAMS = {"temperature": 0.8, "topk": 40, "max_audio_length_ms": 480, "seed": 7}
 

@@ -24,6 +24,8 @@ from csm_client import AsyncCSMClient, CSMClient, CSMError, RemoteGenerator
 from csm_client.contract import SAMPLES_PER_FRAME
 from triton_tensors import chunk_sizes
 
+pytestmark = pytest.mark.server
+
 TEXT = "Streaming from Sesame."
 PARAMS = {"temperature": 0.8, "topk": 40, "max_audio_length_ms": 800, "seed": 7}  # 10 frames
 CHUNKING = {"first_chunk_frames": 2, "chunk_frames": 3}
@@ -52,23 +54,30 @@ def assert_chunks_join_to(chunks: list[np.ndarray], expected: np.ndarray) -> Non
     np.testing.assert_allclose(joined, expected, atol=1e-4, rtol=0)
 
 
-def test_stream_chunks_join_to_the_unary_audio(client: CSMClient, unary_audio: np.ndarray) -> None:
-    assert_chunks_join_to(list(client.stream(TEXT, 0, **CHUNKING, **PARAMS)), unary_audio)
+def sync_chunks(url: str) -> list[np.ndarray]:
+    with CSMClient(url) as client:
+        return list(client.stream(TEXT, 0, **CHUNKING, **PARAMS))
 
 
-def test_async_stream_chunks_join_to_the_unary_audio(triton_server, unary_audio: np.ndarray) -> None:
+def async_chunks(url: str) -> list[np.ndarray]:
     async def run() -> list[np.ndarray]:
-        async with AsyncCSMClient(triton_server.grpc_url) as client:
+        async with AsyncCSMClient(url) as client:
             return [chunk async for chunk in client.stream(TEXT, 0, **CHUNKING, **PARAMS)]
 
-    assert_chunks_join_to(asyncio.run(run()), unary_audio)
+    return asyncio.run(run())
 
 
-def test_remote_generator_streams_torch_chunks(triton_server, unary_audio: np.ndarray) -> None:
-    with RemoteGenerator(triton_server.grpc_url) as remote:
+def remote_generator_chunks(url: str) -> list[np.ndarray]:
+    """RemoteGenerator streams torch tensors, as the in-process Generator does."""
+    with RemoteGenerator(url) as remote:
         chunks = list(remote.generate_streaming(TEXT, 0, [], **PARAMS, **CHUNKING))
     assert all(isinstance(chunk, torch.Tensor) for chunk in chunks)
-    assert_chunks_join_to([chunk.numpy() for chunk in chunks], unary_audio)
+    return [chunk.numpy() for chunk in chunks]
+
+
+@pytest.mark.parametrize("chunks_of", [sync_chunks, async_chunks, remote_generator_chunks], ids=["sync", "async", "remote generator"])
+def test_stream_chunks_join_to_the_unary_audio(triton_server, unary_audio: np.ndarray, chunks_of) -> None:
+    assert_chunks_join_to(chunks_of(triton_server.grpc_url), unary_audio)
 
 
 def test_stream_errors_are_csm_errors(client: CSMClient, triton_server) -> None:

@@ -11,6 +11,8 @@ import torch
 from csm_triton.engine.prompt import CodesCache, PromptBuilder, codes_cache_bytes
 from csm_triton.request import Segment, audio_key
 
+pytestmark = pytest.mark.unit
+
 
 class CountingCodec:
     def __init__(self) -> None:

@@ -16,6 +16,8 @@ from csm_triton.model.model import CSM, apply_rope, rope_table
 from csm_triton.model.sampling import Sampler
 from hf_reference import build_hf_model, hf_forward, hf_generate, hf_inputs
 
+pytestmark = pytest.mark.engine
+
 FRAMES = 8
 
 

@@ -26,6 +26,8 @@ from csm_triton.request import API_NAMES, RequestLimits
 from csm_triton.triton.serving import TRITON_NAMES, ServingConfig
 from gateway.errors import TENSOR_PARAMS
 
+pytestmark = pytest.mark.unit
+
 MODELS = Path(__file__).parents[1] / "model_repository"
 CONFIG_TYPES = {"BYTES": "TYPE_STRING", "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32"}
 # Each model's inputs beyond the contract's, and the contract's inputs it lacks.

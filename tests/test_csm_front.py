@@ -27,6 +27,8 @@ from csm_client import CSMClient, CSMError
 from csm_triton.tools.server import TritonServer
 from triton_tensors import request, scalar, tensors
 
+pytestmark = pytest.mark.server
+
 SLOTS = 4
 LONG_MS = 30_000  # the tiny model takes well over 10 s for it here: only a cancel ends it sooner
 CANCELLED = series("csm_rejected_requests_total", reason="cancelled", field="")

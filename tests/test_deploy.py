@@ -23,6 +23,8 @@ from packaging.specifiers import SpecifierSet
 
 from csm_triton.tools.server import ADMIN_HEADERS, ADMIN_KEY_ENV, RESTRICTED_APIS, check_admin_key, parse_command_line, tritonserver_args
 
+pytestmark = pytest.mark.deploy
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"

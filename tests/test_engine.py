@@ -16,6 +16,8 @@ from csm_triton.model.checkpoint import read_state_dict
 from csm_triton.model.model import CpuLinear, use_cpu_linear
 from triton_tensors import LONG_TEXTS
 
+pytestmark = pytest.mark.engine
+
 
 def admit(engine: Engine, waiting: deque[EngineRequest]) -> list[int]:
     """Start the waiting requests that free slots take, oldest first, as the serving loop does."""
@@ -187,7 +189,7 @@ def test_fixed_shape_frame_step_gives_the_dynamic_codes(generator: Generator, to
         assert torch.equal(expected, got)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_graph_replay_gives_the_eager_greedy_codes(tiny_model_dir: Path) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     generator = load_csm_1b(tiny_model_dir, device="cuda", dtype=torch.float32, slots=4)
@@ -202,7 +204,7 @@ def test_cuda_graph_replay_gives_the_eager_greedy_codes(tiny_model_dir: Path) ->
         generator.close()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_bf16_compiled_graphs_serve_every_bucket_through_the_loop(tiny_model_dir: Path) -> None:
     """The default on a GPU: bf16, the frame step compiled and captured for every bucket at load,
     serving requests of several top-k buckets through the serving loop with Mimi; nothing is
@@ -224,6 +226,7 @@ def test_cuda_bf16_compiled_graphs_serve_every_bucket_through_the_loop(tiny_mode
         generator.close()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_an_instance_on_the_second_gpu_captures_and_replays_there(tiny_model_dir: Path) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -26,6 +26,8 @@ from csm_triton.triton.protocol import ChunkOut, Generate, Refused, Status, Work
 from csm_triton.triton.serving import ServingConfig
 from csm_triton.triton.worker_client import WorkerClient, WorkerUnavailable
 
+pytestmark = pytest.mark.server
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 

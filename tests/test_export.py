@@ -20,6 +20,8 @@ from csm_triton.model.config import TINY, ModelConfig
 from export.fetch import DEFAULT_MIMI_REPO, DEFAULT_REPO, DEFAULT_TOKENIZER_REPO, MissingFile, fetch
 from export.tiny import make_tiny, random_weights
 
+pytestmark = pytest.mark.engine
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGED_FILES = {"config.json", "model.safetensors", "tokenizer.json", "mimi.safetensors", "manifest.json"}
 

@@ -27,6 +27,8 @@ from csm_client.contract import INPUTS, STANDARD_SAMPLE_RATES
 from csm_triton.tools.server import TritonServer
 from triton_tensors import request, scalar, tensors, vector
 
+pytestmark = pytest.mark.server
+
 logger = logging.getLogger(__name__)
 
 ANSWER_S = 20.0  # the longest any answer may take: generous, the machine is shared

@@ -37,6 +37,8 @@ from gateway.config import OPENAI_VOICES
 from gateway.connections import uvicorn_config
 from gateway.errors import from_triton
 
+pytestmark = pytest.mark.server
+
 TEXT = "Hello from the gateway."
 SHORT = {"seed": 7, "max_audio_length_ms": 800}  # 10 frames: ~0.5 s of the tiny model on 2 cores
 # Encoder delay and padding of the lossy codecs, in samples at 24 kHz: mp3 (LAME) adds up to ~1.6k, aac 1024 + a frame.
@@ -505,6 +507,7 @@ def test_a_conversation_re_encodes_no_earlier_turn_and_a_voice_clip_is_encoded_o
     client.audio.voices.delete(voice.id)
 
 
+@pytest.mark.deploy
 def test_make_serve_runs_the_gateway_beside_tritonserver_and_stops_both(tmp_path: Path, tiny_model_dir: Path) -> None:
     """`python -m csm_triton.tools.serve` as `make serve` runs it; only `csm` is loaded (it holds no weights, so it
     loads in seconds): the gateway answers, and its /health says csm_stream is not ready."""

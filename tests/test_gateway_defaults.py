@@ -28,6 +28,8 @@ from gateway import GatewayConfig
 from gateway.audio import wav_bytes
 from make_serve import MakeServe
 
+pytestmark = pytest.mark.server
+
 DEFAULTS = GatewayConfig()
 SHORT = {"seed": 7, "max_audio_length_ms": 800}  # 10 frames
 SAMPLES_PER_FRAME = 1920

@@ -47,6 +47,8 @@ from gateway.audio import FORMATS, wav_bytes
 from gateway.config import DEFAULT_MODELS, OPENAI_VOICES
 from make_serve import MakeServe
 
+pytestmark = pytest.mark.server
+
 ANSWER_S = 10.0  # "within a few seconds", on a shared machine
 MIB = 1 << 20
 DEFAULTS = GatewayConfig()

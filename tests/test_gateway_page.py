@@ -38,6 +38,8 @@ if not shutil.which(CHROMIUM):
 
 from playwright.sync_api import Page, sync_playwright  # noqa: E402 (after the browser check)
 
+pytestmark = [pytest.mark.server, pytest.mark.browser]
+
 
 @pytest.fixture(scope="module")
 def gateway(triton_server: TritonServer) -> Iterator[str]:

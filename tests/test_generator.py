@@ -18,6 +18,8 @@ from csm_triton.request import RequestLimits
 from csm_triton.triton.serving import ServingConfig
 from triton_tensors import LONG_TEXTS
 
+pytestmark = pytest.mark.engine
+
 
 def test_generate_returns_mono_24khz_audio_of_the_generated_frames(generator: Generator) -> None:
     codes = generator.generate_codes("Hello from Sesame.", 0, [], max_audio_length_ms=800, seed=5)

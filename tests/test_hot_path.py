@@ -25,6 +25,8 @@ from csm_triton.model.model import CSM, CpuLinear, compile_hot_path, use_cpu_lin
 from csm_triton.model.sampling import Sampler, token_hashes
 from hf_reference import hf_generate
 
+pytestmark = pytest.mark.engine
+
 MAX_TOPK = 64
 
 

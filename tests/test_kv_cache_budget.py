@@ -12,6 +12,8 @@ from csm_triton.model.config import CSM_1B, TINY
 from csm_triton.model.model import CSM, kv_cache_bytes_per_slot, slots_within_budget
 from csm_triton.triton.serving import ServingConfig
 
+pytestmark = pytest.mark.unit
+
 CSM_1B_SLOT_BYTES_BF16 = 67_239_936  # 64.125 MiB
 
 

@@ -18,11 +18,14 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 from test_gateway import free_port
 
 from csm_client import CSMClient
 from csm_client.contract import SAMPLE_RATE, SAMPLES_PER_FRAME
+
+pytestmark = [pytest.mark.deploy, pytest.mark.server]
 
 ROOT = Path(__file__).parents[1]
 # Modules a light venv must not hold: the model stack and the server.

@@ -15,6 +15,8 @@ from csm_triton import load_csm_1b
 from csm_triton.model.checkpoint import read_state_dict
 from csm_triton.model.config import CSM_1B, FLAVORS, ModelConfig
 
+pytestmark = pytest.mark.engine
+
 
 def codes_of(path: Path) -> torch.Tensor:
     return load_csm_1b(path, device="cpu", slots=1).generate_codes("Same model?", 0, [], topk=1, max_audio_length_ms=320, seed=0)

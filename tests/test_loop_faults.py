@@ -17,6 +17,8 @@ from csm_triton.engine.graphs import DeviceFailed
 from csm_triton.engine.pacing import ChunkPlan
 from csm_triton.engine.stream import Chunk, LoopFailed
 
+pytestmark = pytest.mark.engine
+
 SLOTS = 2
 
 

@@ -23,6 +23,8 @@ from csm_triton import GenerationRequest, Generator
 from csm_triton.tools.server import TritonServer
 from triton_tensors import long_prompt, request, scalar, vector
 
+pytestmark = pytest.mark.server
+
 FRAME_S = FRAME_MS / 1000
 REPORT_INTERVAL_S = 0.5  # METRICS_INTERVAL_S of csm_triton/triton/csm_stream.py
 

@@ -31,6 +31,8 @@ from csm_triton.model.model import kv_cache_bytes_per_slot
 from csm_triton.tools.server import PROJECT_ROOT, TritonServer
 from triton_tensors import request, tensors
 
+pytestmark = pytest.mark.server
+
 # csm forwards every request to csm_stream: load csm_stream first, unload it last.
 MODELS = ("csm_stream", "csm")
 SLOTS = 2
@@ -157,6 +159,7 @@ def packed_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(shutil.move(root / "built", root / "moved"))
 
 
+@pytest.mark.deploy
 def test_csm_stream_runs_in_a_packed_environment(
     server: TritonServer, client: grpcclient.InferenceServerClient, packed_env: Path, generator: Generator
 ) -> None:

@@ -20,6 +20,8 @@ from csm_triton.engine.streaming import ServingLoop
 from csm_triton.model import checkpoint
 from csm_triton.model.codec import StreamingDecoder
 
+pytestmark = pytest.mark.engine
+
 
 def test_the_first_chunk_has_its_size_whatever_the_slack() -> None:
     for slack_s in (-math.inf, -1.0, 0.0, 10.0):

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
+import pytest
 
 from csm_client import CSMClient
 from make_serve import MakeServe
+
+pytestmark = pytest.mark.server
 
 LONG = {"max_audio_length_ms": 20_000}  # 250 frames: far longer than the test waits for
 SEEDED = {"max_audio_length_ms": 400, "seed": 11}

@@ -7,6 +7,8 @@ import torch
 
 from csm_triton.model.sampling import PRESETS, Sampler, preset, uniform_noise
 
+pytestmark = pytest.mark.unit
+
 VOCAB = 2051
 
 

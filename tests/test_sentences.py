@@ -8,6 +8,8 @@ import pytest
 
 from csm_triton.triton.sentences import SentenceSplitter, split_sentences
 
+pytestmark = pytest.mark.unit
+
 STORY = (
     "Hello there! How are you today? I'm fine. "
     'She said "stop." Then, she left... Pi is 3.14 or so. '

@@ -15,6 +15,8 @@ from csm_triton import GenerationRequest, Generator, Segment
 from csm_triton.engine.stream import Chunk
 from triton_tensors import chunk_sizes
 
+pytestmark = pytest.mark.engine
+
 
 def wait_until_idle(generator: Generator, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s

@@ -13,6 +13,8 @@ import torch
 from csm_client.contract import SAMPLES_PER_FRAME
 from csm_triton.model.codec import MimiCodec, StreamingDecoder
 
+pytestmark = pytest.mark.engine
+
 TOLERANCE = 1e-4
 CODEBOOKS = 32
 

@@ -24,6 +24,8 @@ from csm_triton.tools.server import ServerOptions, TritonServer, model_repositor
 from csm_triton.triton.sentences import split_sentences
 from triton_tensors import scalar, tensors, vector
 
+pytestmark = pytest.mark.server
+
 MODEL = "text_stream_tts"
 FAKE_LLM = Path(__file__).parent / "model_repository" / "fake_llm"
 WORD_DELAY_MS = 100  # the fake LLM's pace, one word per response

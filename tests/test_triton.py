@@ -19,6 +19,8 @@ from csm_triton import Generator, Segment
 from csm_triton.tools.server import TritonServer
 from triton_tensors import long_prompt, request, scalar, tensors, vector
 
+pytestmark = pytest.mark.server
+
 MODEL = "csm"
 
 

@@ -25,6 +25,8 @@ from test_triton_stream import Streams, gauges, stream_model_processes, wait_for
 from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
 from triton_tensors import request, scalar, tensors
 
+pytestmark = pytest.mark.server
+
 STORM_STREAMS = 200
 
 

@@ -23,6 +23,8 @@ from csm_triton import Generator
 from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
 from triton_tensors import chunk_sizes, request, scalar, tensors, vector
 
+pytestmark = pytest.mark.server
+
 STREAM_MODEL = "csm_stream"
 
 

@@ -25,6 +25,8 @@ from gateway.audio import pcm16
 from gateway.config import GatewayConfig
 from triton_tensors import request, tensors, vector
 
+pytestmark = pytest.mark.server
+
 RATE = 16_000
 
 
