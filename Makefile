@@ -55,9 +55,12 @@ serve: setup $(TINY_DIR)/manifest.json
 # other models"): a relocatable prefix of this Python with the server and the client, whose contract it
 # imports (not editable), and their runtime dependencies at the lock's pins, without the test tools or
 # the gateway. uv links the packages from its cache, so it takes seconds.
+# setuptools builds in the source tree's build/lib and keeps what an older build left there, so
+# those are emptied first, and uv is told not to reuse its own build of either distribution.
 pack-env: setup
+	rm -rf build/lib client/build gateway/build
 	$(PYTHON) -m csm_triton.tools.pack_env --out $(PACK_ENV)
-	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 --constraint requirements.lock ./client .
+	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 --constraint requirements.lock --refresh-package csm-client --refresh-package csm-triton --reinstall-package csm-client --reinstall-package csm-triton ./client .
 	$(UV) pip install --quiet --python $(PACK_ENV)/bin/python3 --no-deps $(TOKENIZER_PACKAGE)
 	du -sh --apparent-size $(PACK_ENV)
 

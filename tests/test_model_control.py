@@ -163,6 +163,13 @@ def packed_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_csm_stream_runs_in_a_packed_environment(
     server: TritonServer, client: grpcclient.InferenceServerClient, packed_env: Path, generator: Generator
 ) -> None:
+    # The packed packages are the checkout's, file for file: no module left over from an earlier build.
+    site_packages = packed_env / "lib" / f"python{sysconfig.get_python_version()}" / "site-packages"
+    for package, source in (
+        ("csm_triton", PROJECT_ROOT / "python_backend" / "csm_triton"),
+        ("csm_client", PROJECT_ROOT / "client" / "csm_client"),
+    ):
+        assert python_files(site_packages / package) == python_files(source), package
     load(server, client, "csm_stream", EXECUTION_ENV_PATH=str(packed_env))
     client.load_model("csm", headers=server.admin_headers("grpc"))  # beside it, in the server's own environment
     assert np.array_equal(codes(client), expected_codes(generator))
@@ -177,6 +184,11 @@ def test_csm_stream_runs_in_a_packed_environment(
     assert [path for path in mapped_files(stub) if "libpython" in path] == [str(libpython)]
     torch_libraries = [path for path in mapped_files(engine) if "/torch/lib/" in path]
     assert torch_libraries and all(path.startswith(f"{packed_env}/") for path in torch_libraries)
+
+
+def python_files(package: Path) -> dict[str, str]:
+    """{path within the package: text} of its .py files."""
+    return {str(path.relative_to(package)): path.read_text() for path in package.rglob("*.py")}
 
 
 def mapped_files(process) -> set[str]:
