@@ -214,7 +214,12 @@ class WorkerClient:
         order, the last one exactly once. A context clip sent whole before is named by its content
         key instead: it goes whole again only if the engine process no longer holds its codes.
         Raises WorkerUnavailable."""
-        clips = [(index, audio_key(s.audio, s.sample_rate)) for index, s in enumerate(request.context) if s.audio is not None]
+        with self._lock:
+            names_clips = self._worker is not None and self._worker.ready.codes_cache_bytes > 0
+        # Hashed outside the lock (a long clip takes tens of ms), and not at all without a codes cache.
+        clips = [
+            (index, audio_key(s.audio, s.sample_rate)) for index, s in enumerate(request.context) if s.audio is not None and names_clips
+        ]
         with self._lock:
             if self._down is not None:
                 raise WorkerUnavailable(self._down)
@@ -223,7 +228,7 @@ class WorkerClient:
             worker = self._worker
             message = whole = Generate(key, request, decode_audio, chunking)
             named = tuple(clip for clip in clips if clip[1] in self._clips_sent)
-            if named and worker.ready.codes_cache_bytes:
+            if named:
                 message = _leaving_out(whole, named)
                 self._whole[key] = whole
             self._remember(clip_key for _, clip_key in clips)
