@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from csm_client.contract import FRAME_MS
 from csm_triton import GenerationRequest, Generator, load_csm_1b
-from csm_triton.engine.engine import Engine, EngineRequest
+from csm_triton.engine.engine import Engine
+from csm_triton.engine.stream import Stream
 from csm_triton.model.config import CSM_1B
 from csm_triton.model.model import use_cpu_linear
 from export.tiny import make_tiny
@@ -79,7 +80,7 @@ def bench_tiny(frames: int) -> dict:
     }
 
 
-def timed_engine_run(engine: Engine, batch: list[EngineRequest]) -> tuple[float, float]:
+def timed_engine_run(engine: Engine, batch: list[Stream]) -> tuple[float, float]:
     """(wall seconds from submission to the last frame, mean seconds of a step once all are running)."""
     start = time.perf_counter()
     for request in batch:
@@ -103,8 +104,8 @@ def bench_1b(frames: int) -> dict:
     prompt_mask[:, -1] = True
     engine = Engine(model, slots=8)
 
-    def batch(size: int, frame_count: int) -> list[EngineRequest]:
-        return [EngineRequest(prompt_tokens, prompt_mask, frame_count, 0.9, 50, seed) for seed in range(size)]
+    def batch(size: int, frame_count: int) -> list[Stream]:
+        return [Stream(prompt_tokens, prompt_mask, frame_count, 0.9, 50, seed) for seed in range(size)]
 
     results: dict = {"model": "1B + 100M, random weights, fp32", "frames_per_request": frames}
     with torch.inference_mode():

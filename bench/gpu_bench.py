@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from csm_client.contract import FRAME_MS
-from csm_triton.engine.engine import Engine, EngineRequest
+from csm_triton.engine.engine import Engine
 from csm_triton.engine.generator import CUDA_PREFILL_CHUNK
 from csm_triton.engine.graphs import bucket
 from csm_triton.engine.pacing import ChunkPlan
@@ -72,12 +72,12 @@ def random_codec(device: torch.device, folder: Path) -> MimiCodec:
     return MimiCodec(path, device, num_codebooks=32)
 
 
-def prompt(config: ModelConfig, frames: int, seed: int) -> EngineRequest:
+def prompt(config: ModelConfig, frames: int, seed: int) -> Stream:
     tokens = torch.zeros(PROMPT_POSITIONS, config.frame_width, dtype=torch.long)
     tokens[:, -1] = torch.arange(128000, 128000 + PROMPT_POSITIONS)
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     mask[:, -1] = True
-    return EngineRequest(tokens, mask, frames, 0.9, 50, seed)
+    return Stream(tokens, mask, frames, 0.9, 50, seed)
 
 
 def floor_seconds(config: ModelConfig, dtype: torch.dtype, batch: int, position: int, bandwidth: float, flops: float) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections import deque
 from pathlib import Path
@@ -11,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from csm_triton import GenerationRequest, Generator, Segment, load_csm_1b
-from csm_triton.engine.engine import Engine, EngineRequest, StepResult
+from csm_triton.engine.engine import Engine, StepResult
+from csm_triton.engine.stream import Stream
 from csm_triton.model.checkpoint import read_state_dict
 from csm_triton.model.model import CpuLinear, use_cpu_linear
 from triton_tensors import LONG_TEXTS
@@ -19,16 +21,16 @@ from triton_tensors import LONG_TEXTS
 pytestmark = pytest.mark.engine
 
 
-def admit(engine: Engine, waiting: deque[EngineRequest]) -> list[int]:
+def admit(engine: Engine, waiting: deque[Stream]) -> list[int]:
     """Start the waiting requests that free slots take, oldest first, as the serving loop does."""
     return [engine.start(waiting.popleft()) for _ in range(min(len(waiting), engine.free_slots))]
 
 
-def run(engine: Engine, arrivals: dict[int, list[EngineRequest]]) -> dict[int, torch.Tensor]:
+def run(engine: Engine, arrivals: dict[int, list[Stream]]) -> dict[int, torch.Tensor]:
     """Submit requests at the given step numbers, step until all finish; codes per request id."""
     frames: dict[int, list[torch.Tensor]] = {}
     finished: set[int] = set()
-    waiting: deque[EngineRequest] = deque()
+    waiting: deque[Stream] = deque()
     step = 0
     while step <= max(arrivals) or waiting or engine.has_work:
         waiting.extend(arrivals.get(step, []))
@@ -44,14 +46,14 @@ def run(engine: Engine, arrivals: dict[int, list[EngineRequest]]) -> dict[int, t
     return {rid: torch.stack(codes) for rid, codes in frames.items()}
 
 
-def requests(generator: Generator, topk: int) -> list[EngineRequest]:
+def requests(generator: Generator, topk: int) -> list[Stream]:
     context = [Segment(speaker=1, text="How are you doing today?"), Segment(speaker=0, text="Fine, thanks.")]
     asks = [
         GenerationRequest("Hi.", 0, topk=topk, max_audio_length_ms=800, seed=11),
         GenerationRequest("A rather longer sentence, to give this prompt more positions.", 1, topk=topk, max_audio_length_ms=1200, seed=12),
         GenerationRequest("With some context before it.", 0, context, topk=topk, max_audio_length_ms=640, seed=13),
     ]
-    return [generator.engine_request(ask) for ask in asks]
+    return [generator.stream(ask) for ask in asks]
 
 
 @pytest.mark.parametrize("arrival_steps", [(0, 2, 5), (0, 0, 0)], ids=["staggered", "prefilled-together"])
@@ -60,7 +62,7 @@ def test_batched_equals_alone(generator: Generator, topk: int, arrival_steps: tu
     batch = requests(generator, topk)
     assert len({len(r.tokens) for r in batch}) == 3
     alone = [next(iter(run(generator.engine, {0: [r]}).values())) for r in batch]
-    arrivals: dict[int, list[EngineRequest]] = {}
+    arrivals: dict[int, list[Stream]] = {}
     for step, request in zip(arrival_steps, batch, strict=True):
         arrivals.setdefault(step, []).append(request)
     together = run(generator.engine, arrivals)
@@ -72,7 +74,7 @@ def test_batched_equals_alone(generator: Generator, topk: int, arrival_steps: tu
 def test_more_requests_than_slots_queue_and_all_finish(generator: Generator) -> None:
     engine = generator.engine
     asks = [
-        generator.engine_request(GenerationRequest(f"Number {i}.", i % 3, max_audio_length_ms=240 + 80 * i, seed=i))
+        generator.stream(GenerationRequest(f"Number {i}.", i % 3, max_audio_length_ms=240 + 80 * i, seed=i))
         for i in range(engine.num_slots + 3)
     ]
     peak_before = engine.stats.peak_batch
@@ -86,7 +88,7 @@ def test_cancel_frees_the_slot_and_others_continue(generator: Generator) -> None
     """A request waiting for a slot is the serving loop's to cancel (test_streaming's
     test_requests_beyond_the_slots_count_as_waiting): the engine holds only running ones."""
     engine = generator.engine
-    keep, drop = (generator.engine_request(GenerationRequest(t, 0, max_audio_length_ms=800, seed=3)) for t in ("Keep me.", "Drop me."))
+    keep, drop = (generator.stream(GenerationRequest(t, 0, max_audio_length_ms=800, seed=3)) for t in ("Keep me.", "Drop me."))
     keep_id, drop_id = engine.start(keep), engine.start(drop)
     for _ in range(engine.num_slots - 2):
         engine.start(keep)
@@ -114,13 +116,13 @@ def test_cancel_frees_the_slot_and_others_continue(generator: Generator) -> None
 def test_prompt_over_the_position_limit_is_refused_before_taking_a_slot(generator: Generator) -> None:
     context = [Segment(speaker=1, text=text) for text in LONG_TEXTS[1:]]
     with pytest.raises(ValueError, match=r"prompt: \d+ positions .* exceed the model's 2048-position limit"):
-        generator.engine_request(GenerationRequest(LONG_TEXTS[0], 0, context))
+        generator.stream(GenerationRequest(LONG_TEXTS[0], 0, context))
     assert generator.engine.active_slots == 0 and not generator.engine.has_work
 
 
 def test_engine_refuses_a_prompt_of_the_wrong_shape(generator: Generator) -> None:
-    good = generator.engine_request(GenerationRequest("Hi.", 0, seed=1))
-    bad = EngineRequest(**{**good.__dict__, "tokens": good.tokens[:, :5]})
+    good = generator.stream(GenerationRequest("Hi.", 0, seed=1))
+    bad = dataclasses.replace(good, tokens=good.tokens[:, :5])
     with pytest.raises(ValueError, match=r"^prompt: expected tokens and mask of shape \[T, 33\]"):
         generator.engine.check(bad)
     assert not generator.engine.has_work
@@ -144,7 +146,7 @@ def test_all_zero_frame_ends_the_request_and_is_dropped(tiny_model_dir: Path, tm
     state["audio_head"][:, 0, 0] = 1000.0
     save_file(state, edited / "model.safetensors")
     generator = load_csm_1b(edited, device="cpu", slots=2)
-    request_id = generator.engine.start(generator.engine_request(GenerationRequest("Stop at once.", 0, seed=1)))
+    request_id = generator.engine.start(generator.stream(GenerationRequest("Stop at once.", 0, seed=1)))
     assert generator.engine.step() == [StepResult(request_id, None, "eos")]
     assert generator.engine.active_slots == 0
     assert generator.generate_codes("Stop at once.", 0, [], seed=2).shape == (0, 32)
@@ -168,8 +170,8 @@ def test_cpu_linear_swap_keeps_the_codes(tiny_model_dir: Path) -> None:
 BUCKET_ARRIVALS = ((0, 0), (1, 1), (3, 2), (3, 0), (4, 1), (14, 2))
 
 
-def bucket_schedule(batch: list[EngineRequest]) -> dict[int, list[EngineRequest]]:
-    arrivals: dict[int, list[EngineRequest]] = {}
+def bucket_schedule(batch: list[Stream]) -> dict[int, list[Stream]]:
+    arrivals: dict[int, list[Stream]] = {}
     for step, which in BUCKET_ARRIVALS:
         arrivals.setdefault(step, []).append(batch[which])
     return arrivals
@@ -270,13 +272,13 @@ def test_a_long_prompt_prefills_in_pieces_while_running_streams_go_on(generator:
     assert engine.active_slots == 0
 
 
-def run_logged(engine: Engine, arrivals: dict[int, list[EngineRequest]], cancels: dict[int, int]) -> tuple[list[torch.Tensor], list]:
+def run_logged(engine: Engine, arrivals: dict[int, list[Stream]], cancels: dict[int, int]) -> tuple[list[torch.Tensor], list]:
     """`run`, cancelling the `cancels[step]`-th submitted request at that step: each request's
     codes in the order submitted, and the frame step's bucket at each step (None for a step that
     ran none)."""
     frames: dict[int, list[torch.Tensor]] = {}
     submitted: list[int] = []
-    waiting: deque[EngineRequest] = deque()
+    waiting: deque[Stream] = deque()
     buckets = []
     step = 0
     while step <= max(arrivals) or waiting or engine.has_work:
@@ -318,7 +320,7 @@ def test_the_frame_step_compacts_its_slots_and_runs_the_smallest_buckets_that_ho
 
 def test_a_one_position_prompt_starts_on_the_frame_step(generator: Generator) -> None:
     """A prompt of one position has nothing to prefill: its first frame comes from the frame step."""
-    request = EngineRequest(
+    request = Stream(
         tokens=torch.zeros(1, 33, dtype=torch.long), mask=torch.ones(1, 33, dtype=torch.bool), max_frames=3, temperature=1.0, topk=1, seed=0
     )
     dynamic = run(generator.engine, {0: [request]})

@@ -13,9 +13,7 @@ import torch
 
 from csm_client.contract import SAMPLES_PER_FRAME, STANDARD_SAMPLE_RATES
 from csm_triton import GenerationRequest, Generator, Segment, load_csm_1b, preset
-from csm_triton.engine.streaming import STALL_TIMEOUT_S
 from csm_triton.request import RequestLimits
-from csm_triton.triton.serving import ServingConfig
 from triton_tensors import LONG_TEXTS
 
 pytestmark = pytest.mark.engine
@@ -264,9 +262,3 @@ def test_load_errors_are_clear(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="device='cpu'"):
             load_csm_1b(tmp_path, device="cuda")
-
-
-def test_the_in_process_stall_timeout_is_the_servings() -> None:
-    """The serving loop's stall timeout by default, in process (streaming.py) and through Triton
-    (ServingConfig, which is torch-free and so cannot import it): one value."""
-    assert ServingConfig.stall_timeout_s == STALL_TIMEOUT_S

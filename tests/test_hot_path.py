@@ -18,7 +18,8 @@ from test_conformance import FRAMES, assert_same_frames, prompts, random_pair  #
 from test_engine import run_logged
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from csm_triton.engine.engine import Engine, EngineRequest
+from csm_triton.engine.engine import Engine
+from csm_triton.engine.stream import Stream
 from csm_triton.model.checkpoint import read_state_dict
 from csm_triton.model.config import TINY, ModelConfig
 from csm_triton.model.model import CSM, CpuLinear, compile_hot_path, use_cpu_linear
@@ -155,7 +156,7 @@ def test_the_compiled_frame_step_gives_the_eager_codes(prompts):  # noqa: F811
     eager = copy.deepcopy(model)
     (text, text_mask), (audio, audio_mask) = prompts["text"], prompts["audio"]
     batch = [
-        EngineRequest(tokens, mask, frames, 0.9, 50, seed)
+        Stream(tokens, mask, frames, 0.9, 50, seed)
         for tokens, mask, frames, seed in ((text, text_mask, 9, 1), (audio, audio_mask, 7, 2), (text[:5], text_mask[:5], 12, 3))
     ]
     arrivals, cancels = {0: batch[:2], 2: batch[2:]}, {4: 1}

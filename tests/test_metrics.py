@@ -175,7 +175,7 @@ def test_the_engine_counts_every_slot_of_every_step(generator: Generator) -> Non
     engine = generator.engine
     asks = [GenerationRequest(text, 0, max_audio_length_ms=max_ms, seed=5) for text, max_ms in (("One.", 400), ("Two and three.", 960))]
     before = dataclasses.replace(engine.stats)
-    frames = {engine.start(generator.engine_request(ask)): 0 for ask in asks}
+    frames = {engine.start(generator.stream(ask)): 0 for ask in asks}
     ended_on_eos = set()
     while engine.has_work:
         for result in engine.step():

@@ -15,7 +15,7 @@ from csm_client.contract import SAMPLES_PER_FRAME
 from csm_triton import GenerationRequest, Generator
 from csm_triton.engine.engine import Engine
 from csm_triton.engine.pacing import ADAPTIVE, FRAME_S, PASS_FRAMES, PRESSING_S, SAFETY_S, ChunkPlan, Playback, chunk_plan, pass_jobs
-from csm_triton.engine.stream import Chunk, Stream
+from csm_triton.engine.stream import Chunk
 from csm_triton.engine.streaming import ServingLoop
 from csm_triton.model import checkpoint
 from csm_triton.model.codec import StreamingDecoder
@@ -112,7 +112,7 @@ def clocked_loop(tiny_model_dir: Path, generator: Generator) -> Iterator[Callabl
 
 def streamed_chunks(loop: ServingLoop, generator: Generator, request: GenerationRequest, chunking: ChunkPlan) -> list[Chunk]:
     chunks: list[Chunk] = []
-    stream = loop.add(Stream(generator.engine_request(request), chunks.append, True, chunking))
+    stream = loop.add(generator.stream(request, chunks.append, True, chunking))
     assert stream.finished.wait(60)
     assert chunks[-1].finish == "length"
     return chunks

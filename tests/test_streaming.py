@@ -119,7 +119,7 @@ def test_context_audio_is_encoded_in_the_loop_and_such_requests_cancel_cleanly(g
         for index in range(3)
     ]
     # submit() returned before encoding 30 s of audio: the prompts are built by the loop, one a round.
-    assert streams[-1].request is None
+    assert not streams[-1].prepared
     assert generator.stats().waiting == 3
     for stream in streams:
         generator.cancel(stream)

@@ -148,5 +148,7 @@ def _chunk_of(parts: list[Frames]) -> Chunk:
     codes = torch.cat([part.codes for part in parts])
     if last.error is not None:
         return Chunk(codes, None, "error", last.error)
-    audio = torch.cat([part.samples() for part in parts]) if last.stream.decode_audio else None
-    return Chunk(codes, audio, last.finish)
+    if not last.stream.decode_audio:
+        return Chunk(codes, None, last.finish)
+    pieces = [piece for part in parts for piece in part.audio]  # a tensor a decoder pass: joined in one copy
+    return Chunk(codes, torch.cat(pieces) if pieces else torch.zeros(0), last.finish)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -22,8 +23,10 @@ from .graphs import FrameGraphs, SlotStart
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EngineRequest:
+class SlotRequest(Protocol):
+    """What a slot reads of a request: its prompt frames and how to sample it. The engine keeps
+    the request itself (the serving loop's `Stream`), never a copy of it."""
+
     tokens: torch.Tensor  # [T, 33] int64 prompt frames
     mask: torch.Tensor  # [T, 33] bool
     max_frames: int
@@ -55,7 +58,7 @@ class EngineStats:
 @dataclass
 class _Slot:
     request_id: int
-    request: EngineRequest
+    request: SlotRequest
     position: int = 0  # next cache position to write (while prefilling: prompt positions cached so far)
     frames: int = 0  # frames generated so far
     pending: torch.Tensor | None = None  # [32] last frame, fed to the backbone next step (dynamic path)
@@ -99,7 +102,7 @@ class Engine:
         self._cancelled: list[StepResult] = []  # reported by the next step
         self._ids = itertools.count()
 
-    def check(self, request: EngineRequest) -> None:
+    def check(self, request: SlotRequest) -> None:
         """Raise a ValueError ("prompt: ...") if the request cannot run; nothing is queued. Its
         sampling parameters have been checked by RequestLimits.check."""
         width = self.num_codebooks + 1
@@ -119,7 +122,7 @@ class Engine:
                 f"exceed the model's {self.max_seq_len}-position limit; shorten the context or the maximum audio length"
             )
 
-    def start(self, request: EngineRequest) -> int:
+    def start(self, request: SlotRequest) -> int:
         """Put a request that `check` passed into a free slot (the lowest); it joins the running
         batch at the next step. Raises RuntimeError when every slot is busy: the caller admits a
         request only while `free_slots` says there is room."""

@@ -108,7 +108,7 @@ class GenerationThread:
         match message:
             case Add(stream):
                 self._streams[stream] = Generating(ready_at=self.clock())
-                (self._waiting if stream.request is not None else self._preparing).append(stream)
+                (self._waiting if stream.prepared else self._preparing).append(stream)
             case Cancel(stream):
                 self._cancel(stream)
             case Decoded(stream, frames, latency_s, released):
@@ -151,12 +151,12 @@ class GenerationThread:
         stream = self._preparing.popleft()
         try:
             with torch.inference_mode():
-                request = stream.prepare()
+                stream.tokens, stream.mask = stream.prepare()
         except Exception as error:
             logger.exception("preparing a request failed")
             self._end(stream, "error", error)
             return
-        stream.request = request
+        stream.prepare = None  # it holds the request's context audio, which is no longer needed
         self._streams[stream].ready_at = self.clock()
         self._waiting.append(stream)
 
@@ -202,7 +202,7 @@ class GenerationThread:
         state = self._streams[stream]
         state.row = min(self._free_rows)  # the lowest rows: the decoder runs only the span in use
         self._free_rows.remove(state.row)
-        state.request_id = self.engine.start(stream.request)
+        state.request_id = self.engine.start(stream)
         self._running[state.request_id] = stream
         stream.started.set()
 

@@ -24,11 +24,11 @@ from csm_client.contract import SAMPLE_RATE
 from ..model import checkpoint
 from ..model.codec import MimiCodec, StreamingDecoder
 from ..request import GenerationRequest, RequestLimits, Segment, check_chunking
-from .engine import Engine, EngineRequest
-from .pacing import ADAPTIVE, ChunkPlan, chunk_plan
+from .engine import Engine
+from .pacing import ADAPTIVE, STALL_TIMEOUT_S, ChunkPlan, chunk_plan
 from .prompt import CodesCache, PromptBuilder, TextTokenizer
 from .stream import Chunk, Stream
-from .streaming import STALL_TIMEOUT_S, LoopStats, ServingLoop
+from .streaming import LoopStats, ServingLoop
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +67,6 @@ class Generator:
         """The 33-column prompt frames (tokens [T, 33], mask [T, 33]) the model is given."""
         return self.prompts.build(text, speaker, list(context))
 
-    def engine_request(self, request: GenerationRequest) -> EngineRequest:
-        """The request's prompt built, refused (ValueError "prompt: ...") if it cannot run."""
-        engine_request = self._build(request)
-        self.engine.check(engine_request)
-        return engine_request
-
-    def _build(self, request: GenerationRequest) -> EngineRequest:
-        tokens, mask = self.prompt(request.text, request.speaker, request.context)
-        seed = request.seed if request.seed is not None else random.getrandbits(63)
-        return EngineRequest(tokens, mask, request.max_frames, request.temperature, request.topk, seed)
-
     def _check(self, request: GenerationRequest, chunking: ChunkPlan) -> None:
         """The in-process API's edge: every bound, on counts alone (a ValueError naming the field)."""
         self.limits.check(request)
@@ -89,19 +78,28 @@ class Generator:
                 )
             self.limits.check_segment_count(len(request.context) + 1)
 
-    def _stream(self, request: GenerationRequest, deliver: Callable[[Chunk], None], decode_audio: bool, chunking: ChunkPlan) -> Stream:
-        """A stream for a request within the limits, once its prompt is known to fit the model (a
-        ValueError "prompt: ..." otherwise), the one check that needs the tokenizer. Context audio
-        is left for the loop's generation thread to resample and encode, so that the caller's
-        thread (the engine process's reader) is not held by it."""
+    def stream(
+        self,
+        request: GenerationRequest,
+        deliver: Callable[[Chunk], None] | None = None,
+        decode_audio: bool = True,
+        chunking: ChunkPlan = ADAPTIVE,
+    ) -> Stream:
+        """The request's stream, once its prompt is known to fit the model (a ValueError
+        "prompt: ..." otherwise), the one check that needs the tokenizer. Context audio is left
+        for the loop's generation thread to resample and encode (`Stream.prepare`), so that the
+        caller's thread (the engine process's reader) is not held by it."""
         if request.voice is not None:
             request = dataclasses.replace(request, context=[self.voices[request.voice], *request.context], voice=None)
-        stream = Stream(None, deliver, decode_audio, chunking)
+        seed = request.seed if request.seed is not None else random.getrandbits(63)
+        sampling = (request.max_frames, request.temperature, request.topk, seed)
+        stream = Stream(None, None, *sampling, deliver, decode_audio, chunking)
         if not any(segment.audio is not None for segment in request.context):
-            stream.request = self.engine_request(request)
+            stream.tokens, stream.mask = self.prompt(request.text, request.speaker, request.context)
+            self.engine.check(stream)
             return stream
         self.engine.check_fields(self.prompts.positions(request.text, request.speaker, request.context), request.max_frames)
-        stream.prepare = functools.partial(self._build, request)
+        stream.prepare = functools.partial(self.prompt, request.text, request.speaker, request.context)
         return stream
 
     def submit(
@@ -118,7 +116,7 @@ class Generator:
     ) -> Stream:
         """`submit` for a request already checked against `self.limits` at its edge (the Triton
         stub's serving.read_request): only the prompt's fit to the model is checked here."""
-        return self.loop.add(self._stream(request, deliver, decode_audio, chunking))
+        return self.loop.add(self.stream(request, deliver, decode_audio, chunking))
 
     def cancel(self, stream: Stream) -> None:
         self.loop.cancel(stream)
@@ -144,7 +142,7 @@ class Generator:
             try:
                 whole = ChunkPlan.whole(request.max_frames)
                 self._check(request, whole)
-                prepared[index] = self._stream(request, chunks[index].append, decode_audio, whole)
+                prepared[index] = self.stream(request, chunks[index].append, decode_audio, whole)
             except ValueError as error:
                 if not return_exceptions:
                     raise

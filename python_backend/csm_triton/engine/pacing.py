@@ -30,6 +30,10 @@ FRAME_S = FRAME_MS / 1000
 PASS_FRAMES = 4  # frames a decoder pass advances a stream by (see ServingLoop)
 SAFETY_S = 0.05  # a chunk's way to the client and its jitter, which the server cannot measure
 PRESSING_S = 0.5  # a listener with less audio left than this is about to stall: its decoding goes first
+# A loop thread busy with one round for longer than this is taken for hung (ServingLoop.health); longer
+# than any one round: a whole CPU prefill or a long context encode. Here, torch-free, for both
+# the in-process API and csm_stream's ServingConfig.
+STALL_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,8 @@ class PromptBuilder:
         key = audio_key(segment.audio, segment.sample_rate)
         codes = self.codes_cache.get(key)
         if codes is None:
-            audio = resample(torch.from_numpy(segment.audio), segment.sample_rate)
+            # A copy: the array may be a read-only view of the bytes it arrived in (protocol.Channel).
+            audio = resample(torch.tensor(segment.audio), segment.sample_rate)
             codes = self.codec.encode(audio).cpu().to(torch.int16)  # [frames, 32]; codes < 2048
             self.codes_cache.put(key, codes)
             cache = self.codes_cache

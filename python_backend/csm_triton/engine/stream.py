@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import EngineRequest
 from .pacing import ADAPTIVE, ChunkPlan
 
 logger = logging.getLogger(__name__)
@@ -39,21 +38,33 @@ class Chunk:
 
 @dataclass(eq=False)
 class Stream:
-    """One request in the loop: what to generate, how to chunk it and where chunks go.
+    """A request in the engine process, and its only record there: the prompt and sampling its
+    slot reads (it is the engine's `SlotRequest`), how its chunks are cut, where they go, and
+    whether it has started and finished.
 
-    A request whose prompt needs Mimi's encoder (context audio) comes without `request` and with
-    `prepare`, which the generation thread runs before the stream may take a slot. It has been
-    checked, its prompt's fit included (Generator._stream): the loop and the engine trust it."""
+    A request whose prompt needs Mimi's encoder (context audio) comes without `tokens` and `mask`
+    and with `prepare`, which the generation thread runs (it returns them) before the stream may
+    take a slot. It has been checked, its prompt's fit included (Generator.stream): the loop and
+    the engine trust it."""
 
-    request: EngineRequest | None
-    deliver: Callable[[Chunk], None]
+    tokens: torch.Tensor | None  # [T, 33] int64 prompt frames; None until prepared
+    mask: torch.Tensor | None  # [T, 33] bool
+    max_frames: int
+    temperature: float
+    topk: int
+    seed: int
+    deliver: Callable[[Chunk], None] | None = field(default=None, repr=False)  # None: a stream that only the engine runs (a bench)
     decode_audio: bool = True
     chunking: ChunkPlan = ADAPTIVE
-    prepare: Callable[[], EngineRequest] | None = None
+    prepare: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
     started: threading.Event = field(default_factory=threading.Event)  # it has a slot, or has ended
     finished: threading.Event = field(default_factory=threading.Event)  # its last chunk was delivered
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _ended: bool = False  # its last chunk has been handed to `deliver`
+
+    @property
+    def prepared(self) -> bool:
+        return self.tokens is not None
 
     @property
     def ended(self) -> bool:
@@ -105,11 +116,6 @@ class Frames:
         if not self.stream.decode_audio or self.stream.ended or self.error is not None:
             return 0
         return len(self.codes) - self.decoded
-
-    def samples(self) -> torch.Tensor | None:
-        if not self.stream.decode_audio or self.error is not None:
-            return None
-        return torch.cat(self.audio) if self.audio else torch.zeros(0)
 
 
 # Messages to the generation thread.

@@ -38,11 +38,10 @@ from ..model.codec import StreamingDecoder
 from .audio import AudioThread
 from .engine import Engine
 from .generation import GenerationThread
+from .pacing import STALL_TIMEOUT_S
 from .stream import Add, Board, Busy, Cancel, LoopFailed, Stream
 
 logger = logging.getLogger(__name__)
-
-STALL_TIMEOUT_S = 120.0  # longer than any one round: a whole CPU prefill or a long context encode
 
 
 @dataclass(frozen=True)

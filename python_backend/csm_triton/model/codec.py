@@ -204,7 +204,7 @@ class StreamingDecoder:
         for first in range(0, codes.shape[-1], self.FRAMES_PER_PASS):
             latent = self._quantizer.decode(codes[..., first : first + self.FRAMES_PER_PASS])
             chunks.append(self._modules(latent)[:, 0].float().cpu())
-        return torch.cat(chunks, dim=1)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)  # the serving loop's passes are one
 
 
 def _rows_of(state: State, index: torch.Tensor) -> State:

@@ -37,21 +37,30 @@ class Status(enum.Enum):
 
 
 class Channel:
-    """One end of the socket pair between stub and worker: whole messages, pickled by value with
-    the standard pickler (multiprocessing's own would pass torch tensors as shared-memory handles,
-    which only its own child processes can open), sent from any thread."""
+    """One end of the socket pair between stub and worker: whole messages, sent from any thread.
+
+    A message is pickled with the standard pickler (multiprocessing's own would pass torch
+    tensors as shared-memory handles, which only its own child processes can open), its numpy
+    arrays out of band (pickle protocol 5): each goes to the socket from its own memory, and is
+    read back into a buffer the unpickled array then uses, instead of being copied into the
+    pickle's bytes on one side and out of them on the other."""
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self._send_lock = threading.Lock()
 
     def send(self, message: Any) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        buffers: list[pickle.PickleBuffer] = []
+        data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
         with self._send_lock:
-            self.connection.send_bytes(data)
+            self.connection.send_bytes(len(buffers).to_bytes(4, "little") + data)
+            for buffer in buffers:
+                self.connection.send_bytes(buffer.raw())
 
     def recv(self) -> Any:
-        return pickle.loads(self.connection.recv_bytes())
+        data = self.connection.recv_bytes()
+        buffers = [self.connection.recv_bytes() for _ in range(int.from_bytes(data[:4], "little"))]
+        return pickle.loads(memoryview(data)[4:], buffers=buffers)
 
     def poll(self, timeout_s: float) -> bool:
         return self.connection.poll(timeout_s)

@@ -20,7 +20,7 @@ import numpy as np
 from csm_client.contract import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, INPUTS, STREAM_INPUTS
 from csm_client.segment import mono_samples
 
-from ..engine.pacing import ChunkPlan, chunk_plan
+from ..engine.pacing import STALL_TIMEOUT_S, ChunkPlan, chunk_plan
 from ..model.config import ModelConfig
 from ..request import GenerationRequest, RequestLimits, Segment, check_chunking
 
@@ -73,7 +73,7 @@ class ServingConfig:
     voices_dir: str = ""  # the voice library (csm_triton/triton/voices.py); "": none
     codes_cache_mb: int = 64  # MiB of context audio's Mimi codes kept (prompt.CodesCache); 0: none; CSM_CODES_CACHE_MB overrides
     max_waiting_requests: int = 32  # requests waiting for a slot at most; more are refused as busy
-    stall_timeout_s: float = 120.0  # a serving-loop round longer than this: the engine is hung
+    stall_timeout_s: float = STALL_TIMEOUT_S  # a serving-loop round longer than this: the engine is hung
     max_engine_restarts: int = 3  # engine processes that may end within engine_restart_window_s
     engine_restart_window_s: float = 600.0
     engine_start_timeout_s: float = 900.0  # loading the engine longer than this fails the load
