@@ -7,19 +7,20 @@ Every test has a tier (pyproject's markers): `make test-unit` runs the unit tier
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
+from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with, set_parameters
 from make_serve import MakeServe
 
 if TYPE_CHECKING:
     from csm_triton import Generator
 
 SERVER_SLOTS = 4
+EXIT_TIMEOUT_S = 5
 TIERS = ("unit", "engine", "server", "browser", "deploy", "gpu")
 # A unit test stages no model and starts no server: these fixtures do.
 NOT_UNIT_FIXTURES = {"tiny_model_dir", "triton_server", "make_serve", "server", "fault_server", "one_slot_server"}
@@ -60,12 +61,27 @@ def generator(tiny_model_dir: Path) -> Generator:
 
 
 @contextlib.contextmanager
-def tiny_server(root: Path, tiny_model_dir: Path, slots: int, extra_args: Sequence[str] = ()) -> Iterator[TritonServer]:
+def tiny_server(
+    root: Path,
+    tiny_model_dir: Path,
+    slots: int,
+    extra_args: Sequence[str] = (),
+    models: Mapping[str, dict[str, str]] = {},
+    extra_models: Sequence[Path] = (),
+) -> Iterator[TritonServer]:
     """tritonserver on free ports serving a copy of the model repository in `root`, csm_stream on the
-    tiny model with `slots` slots; `extra_args` go to tritonserver."""
+    tiny model with `slots` slots, other models' parameters as `models` says, `extra_models` beside
+    them; `extra_args` go to tritonserver.
+
+    Its exit timeout is EXIT_TIMEOUT_S: a request that was in flight in a stub a test killed never
+    completes (python backend 24.10 cannot end it), and tritonserver waits that long for it at
+    exit, 30 s by default."""
     parameters = {"model_dir": str(root / "no-weights-staged"), "tiny_model_dir": str(tiny_model_dir), "slots": str(slots)}
-    options = ServerOptions.on_free_ports(model_repository_with(root / "model_repository", parameters))
-    options.extra_args.extend(extra_args)
+    repository = model_repository_with(root / "model_repository", parameters, extra_models=extra_models)
+    for model, values in models.items():
+        set_parameters(repository / model / "config.pbtxt", values)
+    options = ServerOptions.on_free_ports(repository)
+    options.extra_args.extend([f"--exit-timeout-secs={EXIT_TIMEOUT_S}", *extra_args])
     server = TritonServer(options, log_file=root / "tritonserver.log").start()
     try:
         yield server

@@ -36,8 +36,11 @@ CANCELLED = series("csm_rejected_requests_total", reason="cancelled", field="")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[TritonServer]:
+    """The csm front's watch retries a reload 1 s apart, doubling, not 5 s (test_recovery.py keeps
+    `make serve`'s defaults)."""
+    explicit = ["--model-control-mode=explicit", "--load-model=*"]
     with tiny_server(
-        tmp_path_factory.mktemp("front"), tiny_model_dir, SLOTS, ["--model-control-mode=explicit", "--load-model=*"]
+        tmp_path_factory.mktemp("front"), tiny_model_dir, SLOTS, explicit, models={"csm": {"reload_backoff_s": "1"}}
     ) as server:
         yield server
 

@@ -20,7 +20,8 @@ from test_metrics import scrape, series, settled
 from test_model_control import stubs
 from test_triton_stream import wait_for_idle_server
 
-from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
+from conftest import tiny_server
+from csm_triton.tools.server import TritonServer
 from csm_triton.triton.sentences import split_sentences
 from triton_tensors import scalar, tensors, vector
 
@@ -41,32 +42,17 @@ STORY = (
 )
 
 
-def set_parameters(config: Path, values: dict[str, str]) -> None:
-    """Replaces parameter values in a config.pbtxt (JSON string quoting is pbtxt's too)."""
-    text = config.read_text()
-    for key, value in values.items():
-        text, count = re.subn(rf'(\{{ key: "{key}", value: \{{ string_value: )"(?:[^"\\]|\\.)*"', rf"\g<1>{json.dumps(value)}", text)
-        assert count == 1, f"{config} has no parameter {key}"
-    config.write_text(text)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[TritonServer]:
     """tritonserver with csm_stream on the tiny model, text_stream_tts, and fake_llm as its text model."""
+    text_stream_tts = {
+        "text_model": "fake_llm",
+        "text_model_inputs": json.dumps({"sampling_parameters": {"word_delay_ms": WORD_DELAY_MS}}),
+        "stream_timeout_s": str(STREAM_TIMEOUT_S),
+    }
     root = tmp_path_factory.mktemp("text-stream-tts")
-    parameters = {"model_dir": str(root / "no-weights-staged"), "tiny_model_dir": str(tiny_model_dir), "slots": "2"}
-    repository = model_repository_with(root / "model_repository", parameters, extra_models=[FAKE_LLM])
-    set_parameters(
-        repository / MODEL / "config.pbtxt",
-        {
-            "text_model": "fake_llm",
-            "text_model_inputs": json.dumps({"sampling_parameters": {"word_delay_ms": WORD_DELAY_MS}}),
-            "stream_timeout_s": str(STREAM_TIMEOUT_S),
-        },
-    )
-    server = TritonServer(ServerOptions.on_free_ports(repository), log_file=root / "tritonserver.log").start()
-    yield server
-    server.stop()
+    with tiny_server(root, tiny_model_dir, 2, models={MODEL: text_stream_tts}, extra_models=[FAKE_LLM]) as server:
+        yield server
 
 
 @dataclass

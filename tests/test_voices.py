@@ -16,10 +16,11 @@ import tritonclient.grpc as grpcclient
 from test_gateway import free_port, running, s16
 from tritonclient.utils import InferenceServerException
 
+from conftest import tiny_server
 from csm_client import CSMClient
 from csm_triton import Generator, Segment
 from csm_triton.request import RequestLimits
-from csm_triton.tools.server import ServerOptions, TritonServer, model_repository_with
+from csm_triton.tools.server import TritonServer
 from csm_triton.triton.voices import read_voices
 from gateway.audio import pcm16
 from gateway.config import GatewayConfig
@@ -79,16 +80,8 @@ def test_the_library_is_read_with_every_clip_and_checked(tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[TritonServer]:
     root = tmp_path_factory.mktemp("voices")
-    parameters = {
-        "model_dir": str(root / "no-weights-staged"),
-        "tiny_model_dir": str(tiny_model_dir),
-        "slots": "2",
-        "voices_dir": str(library(root / "voices", VOICES)),
-    }
-    options = ServerOptions.on_free_ports(model_repository_with(root / "model_repository", parameters))
-    server = TritonServer(options, log_file=root / "tritonserver.log").start()
-    yield server
-    server.stop()
+    with tiny_server(root, tiny_model_dir, 2, models={"csm_stream": {"voices_dir": str(library(root / "voices", VOICES))}}) as server:
+        yield server
 
 
 def codes(server: TritonServer, arrays: dict[str, np.ndarray], model: str = "csm") -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -102,6 +103,17 @@ def free_ports(count: int) -> list[int]:
         for probe in probes:
             probe.bind(("127.0.0.1", 0))
         return [probe.getsockname()[1] for probe in probes]
+
+
+def set_parameters(config: Path, values: dict[str, str]) -> None:
+    """Replace parameter values in a config.pbtxt (JSON string quoting is pbtxt's too): how tests
+    and benchmarks set a model's parameters in their copy of the repository."""
+    text = config.read_text()
+    for key, value in values.items():
+        text, count = re.subn(rf'(\{{ key: "{key}", value: \{{ string_value: )"(?:[^"\\]|\\.)*"', rf"\g<1>{json.dumps(value)}", text)
+        if count != 1:
+            raise KeyError(f"{config} has no parameter {key}")
+    config.write_text(text)
 
 
 def model_repository_with(
