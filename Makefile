@@ -78,8 +78,13 @@ browser:
 	@test -x $(CHROMIUM) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq chromium; } \
 		|| echo "chromium is not installed: tests/test_gateway_page.py will skip (and fail under CI)"
 
-test: setup browser
-	PYTHON_BASE=$(PYTHON_BASE) CHROMIUM=$(CHROMIUM) $(PYTHON) -m pytest -q $(TEST_ARGS)
+# On TEST_WORKERS pytest-xdist workers, each module's tests on one worker, in their order, its fixtures
+# made once (--dist loadscope): most server tests wait (on a server's start, a timeout, a client), and
+# one worker kept 2 CPUs about 40% busy. models/tiny is made first: each worker's `make serve` reads it.
+TEST_WORKERS ?= 2
+
+test: setup browser $(TINY_DIR)/manifest.json
+	PYTHON_BASE=$(PYTHON_BASE) CHROMIUM=$(CHROMIUM) $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadscope $(TEST_ARGS)
 
 # The unit tier alone (pyproject's markers): no model staged, no server, browser or GPU; under a minute.
 test-unit: setup

@@ -41,6 +41,7 @@ CALLS: Counter[str] = Counter()  # calls of each compiled piece
 @pytest.fixture(scope="module")
 def compiled(random_pair) -> CSM:  # noqa: F811
     model, _ = random_pair
+    model.setup_caches(1)  # the depth decoder's cache, which sample_frame writes
     compile_hot_path(model)
     pieces = model._compiled
     compile_hot_path(model)  # idempotent
