@@ -104,4 +104,6 @@ def make_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeServe]:
     try:
         yield server
     finally:
-        server.stop()
+        # Ctrl-C, then SIGKILL to the whole group if it is still there: after test_recovery's kills,
+        # the requests lost with the stub hold tritonserver's exit for its exit timeout (30 s).
+        server.stop(timeout_s=EXIT_TIMEOUT_S)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -137,16 +138,33 @@ def model_statistics(server: TritonServer) -> tuple[int, int]:
     return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
 
 
+BATCHING_TRIES = 5
+
+
+def infer_batched(server: TritonServer, requests: list[dict[str, np.ndarray]], check: Callable[[list], None]) -> None:
+    """Send every request at once and `check` their results, until the dynamic batcher has handed
+    some of them to one execute(). It batches only what arrives while an execute() runs (csm's
+    has no queue delay), which a loaded machine can spread out: every try is checked, and one
+    of BATCHING_TRIES must have batched."""
+    for _ in range(BATCHING_TRIES):
+        inferences_before, executions_before = model_statistics(server)
+        check(asyncio.run(infer_all(server, requests)))
+        inferences, executions = model_statistics(server)
+        assert inferences - inferences_before == len(requests)
+        if executions - executions_before < len(requests):
+            return
+    raise AssertionError(f"{BATCHING_TRIES} times, every request had an execute() of its own")
+
+
 def test_concurrent_requests_run_together(triton_server: TritonServer, generator: Generator) -> None:
-    inferences_before, executions_before = model_statistics(triton_server)
     texts = [f"Request number {i}, of a different length{'!' * i}" for i in range(8)]
-    results = asyncio.run(infer_all(triton_server, [request(text, i % 3) for i, text in enumerate(texts)]))
-    inferences, executions = model_statistics(triton_server)
-    assert inferences - inferences_before == 8
-    assert executions - executions_before < 8  # the dynamic batcher handed several to one execute()
-    for i, (text, codes) in enumerate(zip(texts, results, strict=True)):
-        expected = generator.generate_codes(text, i % 3, [], max_audio_length_ms=400, seed=3)
-        assert np.array_equal(codes, expected.numpy())
+    expected = [generator.generate_codes(text, i % 3, [], max_audio_length_ms=400, seed=3).numpy() for i, text in enumerate(texts)]
+
+    def check(results: list) -> None:
+        for codes, want in zip(results, expected, strict=True):
+            assert np.array_equal(codes, want)
+
+    infer_batched(triton_server, [request(text, i % 3) for i, text in enumerate(texts)], check)
 
 
 def with_context_audio(samples, **extra: np.ndarray) -> dict[str, np.ndarray]:
@@ -244,12 +262,14 @@ def test_a_request_over_max_request_bytes_is_refused_naming_its_largest_input(tr
 def test_bad_requests_fail_alone_in_a_batch_with_good_ones(triton_server: TritonServer, generator: Generator) -> None:
     bad = [BAD_REQUESTS[case][0] for case in ("invalid UTF-8", "NaN context audio", "prompt over 2048 positions", "zero TOPK")]
     good = [request(f"Good request {i}.", i) for i in range(4)]
-    _, executions_before = model_statistics(triton_server)
-    results = asyncio.run(infer_all(triton_server, [good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3], bad[3]]))
-    assert all(isinstance(r, InferenceServerException) for r in results[1::2])
-    for i, codes in enumerate(results[0::2]):
-        assert np.array_equal(codes, generator.generate_codes(f"Good request {i}.", i, [], max_audio_length_ms=400, seed=3).numpy())
-    _, executions = model_statistics(triton_server)
-    assert executions - executions_before < 8  # good and bad shared execute() calls
+    expected = [generator.generate_codes(f"Good request {i}.", i, [], max_audio_length_ms=400, seed=3).numpy() for i in range(4)]
+
+    def check(results: list) -> None:
+        assert all(isinstance(r, InferenceServerException) for r in results[1::2])
+        for codes, want in zip(results[0::2], expected, strict=True):
+            assert np.array_equal(codes, want)
+
+    # Good and bad share execute() calls.
+    infer_batched(triton_server, [good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3], bad[3]], check)
     assert grpcclient.InferenceServerClient(triton_server.grpc_url).is_server_ready()
     assert grpcclient.InferenceServerClient(triton_server.grpc_url).is_model_ready(MODEL)
