@@ -6,7 +6,7 @@
                same streaming requests in process (issue 19: within 10%).
 
 Starts its own server on the tiny model (CPU).
-Usage: python bench/triton_bench.py [--frames N] [--rounds N] [--json OUT]
+Usage: python bench/triton_bench.py [--frames N] [--rounds N] [--stream-requests N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -55,15 +55,17 @@ def audio_seconds_per_second(speak: Callable[[int], Iterable[Sized]], streams: i
     return audio_seconds / (time.perf_counter() - start)
 
 
-def streams_side_by_side(url: str, generator: Generator, max_ms: int, streams: int) -> dict:
-    """The same streaming requests at `streams` at once, in process and through Triton, one after the other."""
+def streams_side_by_side(url: str, generator: Generator, max_ms: int, streams: int, requests_each: int) -> dict:
+    """The same streaming requests at `streams` at once, in process and through Triton, one after the
+    other. Each caller makes `requests_each` requests back to back: with few, the last stream's tail,
+    when the other slots are idle, weighs on the figure."""
     in_process = audio_seconds_per_second(
-        lambda index: generator.generate_streaming(TEXT, index % 2, [], max_audio_length_ms=max_ms, seed=index), streams, 2
+        lambda index: generator.generate_streaming(TEXT, index % 2, [], max_audio_length_ms=max_ms, seed=index), streams, requests_each
     )
     clients = [CSMClient(url) for _ in range(streams)]
     try:
         through_triton = audio_seconds_per_second(
-            lambda index: clients[index].stream(TEXT, index % 2, max_audio_length_ms=max_ms, seed=index), streams, 2
+            lambda index: clients[index].stream(TEXT, index % 2, max_audio_length_ms=max_ms, seed=index), streams, requests_each
         )
     finally:
         for client in clients:
@@ -75,7 +77,7 @@ def streams_side_by_side(url: str, generator: Generator, max_ms: int, streams: i
     }
 
 
-def run(url: str, model_dir: Path, frames: int, rounds: int) -> dict:
+def run(url: str, model_dir: Path, frames: int, rounds: int, stream_requests: int) -> dict:
     generator = load_csm_1b(model_dir, device="cpu", slots=8)
     max_ms = frames * FRAME_MS
     in_process = median_seconds(lambda: generator.generate(TEXT, 0, [], max_audio_length_ms=max_ms, seed=1), rounds, "in process")
@@ -91,9 +93,13 @@ def run(url: str, model_dir: Path, frames: int, rounds: int) -> dict:
     finally:
         for client in unary_clients:
             client.close()
-    streams = {str(count): streams_side_by_side(url, generator, max_ms, count) for count in tqdm((4, 8), desc="streams", leave=False)}
+    streams = {
+        str(count): streams_side_by_side(url, generator, max_ms, count, stream_requests)
+        for count in tqdm((4, 8), desc="streams", leave=False)
+    }
     return {
         "frames_per_request": frames,
+        "stream_requests_each": stream_requests,
         "in_process_generate_s": in_process,
         "grpc_unary_s": unary,
         "grpc_over_in_process": unary / in_process,
@@ -108,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=50, help="frames a request (80 ms each)")
     parser.add_argument("--rounds", type=int, default=5, help="timed repetitions of the unary comparison")
+    parser.add_argument("--stream-requests", type=int, default=6, help="requests each caller makes back to back in the streams part")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -116,7 +123,7 @@ def main() -> None:
         repository = model_repository_with(Path(tmp) / "model_repository", {"model_dir": f"{tmp}/none", "tiny_model_dir": str(model_dir)})
         server = TritonServer(ServerOptions.on_free_ports(repository), Path(tmp) / "server.log").start()
         try:
-            results = run(server.grpc_url, model_dir, args.frames, args.rounds)
+            results = run(server.grpc_url, model_dir, args.frames, args.rounds, args.stream_requests)
         finally:
             server.stop()
     print(json.dumps(results, indent=2))
