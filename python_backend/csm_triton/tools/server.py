@@ -131,17 +131,12 @@ def model_repository_with(
     for model in extra_models:
         shutil.copytree(model, target / model.name)
     config = target / "csm_stream" / "config.pbtxt"
-    text = config.read_text()
-    replacements = {f'{{ key: "{key}", value: {{ string_value: "': value for key, value in parameters.items()}
+    set_parameters(config, parameters)
     if max_queue_size is not None:
-        replacements["max_queue_size: "] = str(max_queue_size)
-    for marker, value in replacements.items():
-        if marker not in text:
-            raise KeyError(f"csm_stream/config.pbtxt has no {marker!r}")
-        start = text.index(marker) + len(marker)
-        end = start + next(i for i, char in enumerate(text[start:]) if char in '" }')
-        text = text[:start] + value + text[end:]
-    config.write_text(text)
+        text, count = re.subn(r"max_queue_size: \d+", f"max_queue_size: {max_queue_size}", config.read_text())
+        if count != 1:
+            raise KeyError(f"{config} has no max_queue_size")
+        config.write_text(text)
     return target
 
 
