@@ -208,18 +208,19 @@ class GenerationThread:
 
     def _step(self) -> None:
         """One engine step; its frames go to the audio thread. A failed step ends the streams it
-        ran, and the engine goes on without them."""
+        ran, and the engine goes on without them; a failure the engine cannot go on after fails the
+        loop first, which ends every stream, so that `health()` says why before any stream ends."""
         try:
             results = self.engine.step()
         except Exception as error:
             logger.exception("engine step failed")
-            for request_id in self.engine.abort():
-                self._end(self._running[request_id], "error", error)
             self._step_failures += 1
             if isinstance(error, DeviceFailed):  # nothing more can run on this device
                 raise LoopFailed(f"the device failed: {error}") from error
             if self._step_failures >= MAX_CONSECUTIVE_FAILURES:
                 raise LoopFailed(f"{self._step_failures} engine steps in a row failed, the last with {error!r}") from error
+            for request_id in self.engine.abort():
+                self._end(self._running[request_id], "error", error)
             return
         self._step_failures = 0
         now = self.clock()
