@@ -1,11 +1,14 @@
 """Engine throughput and frame time, in process, on the CPU (issue 2's speed targets).
 
   tiny: the `export tiny` model; 8 requests in one engine vs the same 8 one after another.
-  1b:   the real 1B + 100M architecture with random weights (fp32): batch-1 frame time against
-        transformers' CSM on the same weights in the same run, and 8 concurrent vs 1.
+  1b:   the real 1B + 100M architecture with random weights, for each quantization scheme
+        (model/quantize.py), eager and compiled: batch-1 frame time against the memory-bandwidth
+        floor for the bytes a frame reads, 8 concurrent vs 1, and transformers' CSM (fp32) on the
+        same weights in the same run.
 
 Audio-seconds count generated frames (80 ms each); Mimi decoding is not part of these figures.
 Usage: python bench/engine_bench.py [--part tiny|1b|all] [--frames N] [--json OUT]
+                                   [--quantize none,bf16,int8] [--compile eager|compiled|both]
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from csm_triton import GenerationRequest, Generator, load_csm_1b
 from csm_triton.engine.engine import Engine
 from csm_triton.engine.stream import Stream
 from csm_triton.model.config import CSM_1B
-from csm_triton.model.model import use_cpu_linear
+from csm_triton.model.model import CSM
+from csm_triton.model.quantize import quantize, weight_bytes
 from export.tiny import make_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -80,6 +84,16 @@ def bench_tiny(frames: int) -> dict:
     }
 
 
+PROMPT_TOKENS = torch.zeros(12, CSM_1B.frame_width, dtype=torch.long)
+PROMPT_TOKENS[:, -1] = torch.arange(128000, 128012)
+PROMPT_MASK = torch.zeros_like(PROMPT_TOKENS, dtype=torch.bool)
+PROMPT_MASK[:, -1] = True
+
+
+def batch(size: int, frame_count: int) -> list[Stream]:
+    return [Stream(PROMPT_TOKENS, PROMPT_MASK, frame_count, 0.9, 50, seed) for seed in range(size)]
+
+
 def timed_engine_run(engine: Engine, batch: list[Stream]) -> tuple[float, float]:
     """(wall seconds from submission to the last frame, mean seconds of a step once all are running)."""
     start = time.perf_counter()
@@ -94,35 +108,73 @@ def timed_engine_run(engine: Engine, batch: list[Stream]) -> tuple[float, float]
     return end - start, (end - steady_start) / steps
 
 
-def bench_1b(frames: int) -> dict:
+def read_bandwidth(gib: int = 1, repeats: int = 5) -> float:
+    """Bytes a second this process reads from memory (summing a table far larger than the caches)."""
+    table = torch.ones(gib << 28)
+    table.sum()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        table.sum()
+    return repeats * table.numel() * table.element_size() / (time.perf_counter() - start)
+
+
+def frame_bytes(model: CSM) -> int:
+    """Weight bytes one frame reads: the backbone and codebook-0 head once; the projection, the
+    depth decoder and one codebook's head for each of the 31 decoder steps (KV caches left out:
+    a few MB at these lengths)."""
+    steps = model.config.audio_num_codebooks - 1
+    decoder_step = weight_bytes(model.decoder) + weight_bytes(model.projection) + model.audio_head[0].nbytes
+    return weight_bytes(model.backbone) + weight_bytes(model.codebook0_head) + steps * decoder_step
+
+
+def bench_transformers(frames: int) -> float:
+    """transformers' CSM on the same random weights (fp32, batch 1): seconds a frame."""
     model = random_model(CSM_1B, torch.device("cpu"), torch.float32)
     hf_model = build_hf_model(model.state_dict(), CSM_1B)
-    use_cpu_linear(model)  # as load_model does on the CPU; the weights are packed, state_dict no longer holds them
-    prompt_tokens = torch.zeros(12, CSM_1B.frame_width, dtype=torch.long)
-    prompt_tokens[:, -1] = torch.arange(128000, 128012)
-    prompt_mask = torch.zeros_like(prompt_tokens, dtype=torch.bool)
-    prompt_mask[:, -1] = True
-    engine = Engine(model, slots=8)
+    del model
+    with torch.inference_mode():
+        hf_generate(hf_model, PROMPT_TOKENS, PROMPT_MASK, 2)  # warm-up
+        start = time.perf_counter()
+        hf_generate(hf_model, PROMPT_TOKENS, PROMPT_MASK, frames)
+    return (time.perf_counter() - start) / frames
 
-    def batch(size: int, frame_count: int) -> list[Stream]:
-        return [Stream(prompt_tokens, prompt_mask, frame_count, 0.9, 50, seed) for seed in range(size)]
 
-    results: dict = {"model": "1B + 100M, random weights, fp32", "frames_per_request": frames}
+def bench_scheme(scheme: str, compiled: bool, frames: int, bandwidth: float) -> dict:
+    """One quantization scheme on the real 1B + 100M architecture (random weights): batch 1 and 8."""
+    model = random_model(CSM_1B, torch.device("cpu"), torch.float32)
+    quantize(model, scheme, torch.device("cpu"))  # as load_model does on the CPU
+    load_start = time.perf_counter()
+    engine = Engine(model, slots=8, compile=compiled)  # compiled: every bucket of the fixed-shape step, now
+    result: dict = {"scheme": scheme, "compiled": compiled, "engine_ready_s": time.perf_counter() - load_start}
+    result["frame_weight_bytes"] = frame_bytes(model)
+    result["floor_s_per_frame"] = result["frame_weight_bytes"] / bandwidth
     with torch.inference_mode():
         timed_engine_run(engine, batch(1, 2))  # warm-up
-        for size in tqdm((1, 8), desc="our engine", leave=False):
+        for size in (1, 8):
             wall, step = timed_engine_run(engine, batch(size, frames))
-            results[f"ours_batch{size}_wall_s"] = wall
-            results[f"ours_batch{size}_s_per_frame_end_to_end"] = wall / frames
-            results[f"ours_batch{size}_s_per_step_steady"] = step
-        hf_generate(hf_model, prompt_tokens, prompt_mask, 2)  # warm-up
-        start = time.perf_counter()
-        hf_generate(hf_model, prompt_tokens, prompt_mask, frames)
-        results["transformers_batch1_wall_s"] = time.perf_counter() - start
-        results["transformers_batch1_s_per_frame_end_to_end"] = results["transformers_batch1_wall_s"] / frames
-    # Audio-seconds per wall second, 8 requests in one engine against one request alone.
-    results["batch8_throughput_vs_batch1"] = 8 * results["ours_batch1_wall_s"] / results["ours_batch8_wall_s"]
-    results["batch1_vs_transformers"] = results["ours_batch1_wall_s"] / results["transformers_batch1_wall_s"]
+            result[f"batch{size}_wall_s"] = wall
+            result[f"batch{size}_s_per_step_steady"] = step
+    result["batch1_fraction_of_floor"] = result["floor_s_per_frame"] / result["batch1_s_per_step_steady"]
+    result["batch1_real_time_factor"] = result["batch1_s_per_step_steady"] / (FRAME_MS / 1000)
+    # Audio-seconds per wall second, 8 requests in one engine against one alone.
+    result["batch8_throughput_vs_batch1"] = 8 * result["batch1_s_per_step_steady"] / result["batch8_s_per_step_steady"]
+    result["batch8_fraction_of_floor"] = result["floor_s_per_frame"] / result["batch8_s_per_step_steady"]
+    return result
+
+
+def bench_1b(frames: int, schemes: list[str], compile_modes: list[bool]) -> dict:
+    bandwidth = read_bandwidth()
+    results: dict = {
+        "model": "1B + 100M, random weights",
+        "frames_per_request": frames,
+        "threads": torch.get_num_threads(),
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "transformers_fp32_batch1_s_per_frame": bench_transformers(frames),
+        "schemes": [],
+    }
+    runs = [(scheme, compiled) for scheme in schemes for compiled in compile_modes]
+    for scheme, compiled in tqdm(runs, desc="schemes", leave=False):
+        results["schemes"].append(bench_scheme(scheme, compiled, frames, bandwidth))
     return results
 
 
@@ -130,6 +182,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["tiny", "1b", "all"], default="all")
     parser.add_argument("--frames", type=int, default=None, help="frames a request (default: 50 tiny, 8 for 1b)")
+    parser.add_argument("--quantize", default="none,bf16,int8", help="1b: the schemes to run, comma-separated (model/quantize.py)")
+    parser.add_argument(
+        "--compile",
+        choices=["eager", "compiled", "both"],
+        default="both",
+        help="1b: the eager dynamic step, the compiled fixed-shape one, or both",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -137,7 +196,8 @@ def main() -> None:
     if args.part in ("tiny", "all"):
         results.append(bench_tiny(args.frames or 50))
     if args.part in ("1b", "all"):
-        results.append(bench_1b(args.frames or 8))
+        compile_modes = {"eager": [False], "compiled": [True], "both": [False, True]}[args.compile]
+        results.append(bench_1b(args.frames or 8, args.quantize.split(","), compile_modes))
     for result in results:
         print(json.dumps(result, indent=2))
     if args.json:

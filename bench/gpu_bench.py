@@ -37,8 +37,9 @@ from csm_triton.engine.pacing import ChunkPlan
 from csm_triton.engine.stream import Chunk, Stream
 from csm_triton.engine.streaming import ServingLoop
 from csm_triton.model.codec import MimiCodec, StreamingDecoder
-from csm_triton.model.config import CSM_1B, TINY, ModelConfig
+from csm_triton.model.config import CSM_1B, QUANTIZE_SCHEMES, TINY, ModelConfig
 from csm_triton.model.model import CSM
+from csm_triton.model.quantize import quantize
 from export.staging import cast_tensors
 from export.tiny import INIT_STD, random_mimi
 
@@ -80,9 +81,12 @@ def prompt(config: ModelConfig, frames: int, seed: int) -> Stream:
     return Stream(tokens, mask, frames, 0.9, 50, seed)
 
 
-def floor_seconds(config: ModelConfig, dtype: torch.dtype, batch: int, position: int, bandwidth: float, flops: float) -> dict:
-    """The least time one frame can take that reads what the code reads: the weights, and the KV
-    caches of `batch` rows up to `position` (the frame step's batch and length buckets)."""
+def floor_seconds(
+    config: ModelConfig, dtype: torch.dtype, batch: int, position: int, bandwidth: float, flops: float, weight_size: int | None = None
+) -> dict:
+    """The least time one frame can take that reads what the code reads: the weights (`weight_size`
+    bytes each, default the dtype's: 1 for int8 and fp8), and the KV caches of `batch` rows up to
+    `position` (the frame step's batch and length buckets)."""
     size = torch.finfo(dtype).bits // 8
     backbone, decoder = config.backbone, config.decoder
 
@@ -95,7 +99,7 @@ def floor_seconds(config: ModelConfig, dtype: torch.dtype, batch: int, position:
     decoder_step_params = layer_params(decoder) + decoder.embed_dim * vocab + backbone.embed_dim * decoder.embed_dim  # + a head, projection
     steps = config.audio_num_codebooks - 1
     kv_per_position = 2 * backbone.num_layers * backbone.num_kv_heads * backbone.head_dim * size
-    weight_bytes = (backbone_params + steps * decoder_step_params) * size
+    weight_bytes = (backbone_params + steps * decoder_step_params) * (weight_size or size)
     kv_bytes = batch * position * kv_per_position
     frame_flops = batch * 2 * (backbone_params + steps * decoder_step_params)
     return {
@@ -155,6 +159,7 @@ def main() -> None:
     parser.add_argument("--ttfa-tries", type=int, default=5)
     parser.add_argument("--bandwidth-tbs", type=float, help="memory bandwidth for the floor (default: by device name)")
     parser.add_argument("--tflops", type=float, help="dense bf16 TFLOP/s for the floor (default: by device name)")
+    parser.add_argument("--quantize", choices=QUANTIZE_SCHEMES, default="none", help="the linear layers' scheme (model/quantize.py)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -168,13 +173,14 @@ def main() -> None:
     slots = max(args.batches)
 
     model = random_model(config, device, dtype)
+    quantize(model, args.quantize, device)
     with torch.inference_mode():
         engine = Engine(model, slots, prefill_chunk=CUDA_PREFILL_CHUNK if device.type == "cuda" else None)
     results = {
         "command": "python bench/" + Path(__file__).name,
         "device": name,
         "torch": torch.__version__,
-        "model": f"{args.model} random weights, {str(dtype).removeprefix('torch.')}",
+        "model": f"{args.model} random weights, {str(dtype).removeprefix('torch.')}, linear layers {args.quantize}",
         "slots": slots,
         "cuda_graphs": engine.graphs is not None and engine.graphs.capture,
         "peaks": {"bandwidth_bytes_s": bandwidth, "flops": flops},
@@ -189,7 +195,7 @@ def main() -> None:
         rows, length = batch, position
         if engine.graphs is not None:  # the rows and key positions the frame step reads
             rows, length = bucket(engine.graphs.batch_buckets, batch), bucket(engine.graphs.length_buckets, position + 1)
-        floor = floor_seconds(config, dtype, rows, length, bandwidth, flops)
+        floor = floor_seconds(config, dtype, rows, length, bandwidth, flops, 1 if args.quantize in ("int8", "fp8") else None)
         results["levels"].append({"batch": batch, "frame_ms": step_s * 1e3, "rtf": step_s * 1e3 / FRAME_MS, **floor})
     loop = ServingLoop(engine, StreamingDecoder(codec, 2 * slots), 2 * slots)
     try:

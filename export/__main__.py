@@ -1,4 +1,4 @@
-"""`python -m export {fetch,tiny} --out DIR`: stage a model directory for the server."""
+"""`python -m export {fetch,tiny,quantize} --out DIR`: stage a model directory for the server."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from . import fetch, tiny
+from . import fetch, quantize, tiny
 from .staging import DTYPES
 
 
@@ -27,7 +27,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     small = commands.add_parser("tiny", help="stage a small random-weight model (tests, first runs)")
     small.add_argument("--out", required=True, help="the staged model directory to create")
     small.add_argument("--seed", type=int, default=0, help="weights are a function of the seed")
+    small.add_argument(
+        "--size", choices=sorted(tiny.SIZES), default="tiny", help="1b: the real 1B + 100M architecture in bf16 (3 GB), for benchmarks"
+    )
     small.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    int8 = commands.add_parser("quantize", help="stage a copy of a staged model with int8 linear layers (for the CPU)")
+    int8.add_argument("--model", required=True, help="a staged model directory with the unquantized weights")
+    int8.add_argument("--out", required=True, help="the staged model directory to create")
+    int8.add_argument("--dtype", choices=sorted(DTYPES), help="cast the tensors kept unquantized (default: as the source has them)")
+    int8.add_argument("--no-smoothing", action="store_true", help="quantize the weights as they are (no calibration run)")
+    int8.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser.parse_args(argv)
 
 
@@ -46,8 +56,12 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 force=args.force,
             )
+        elif args.command == "quantize":
+            out = quantize.quantize_staged(
+                args.model, args.out, dtype=DTYPES.get(args.dtype), force=args.force, smoothing=not args.no_smoothing
+            )
         else:
-            out = tiny.make_tiny(args.out, seed=args.seed, force=args.force)
+            out = tiny.make_tiny(args.out, seed=args.seed, force=args.force, size=args.size)
     except (OSError, ValueError) as error:  # missing files, bad checkpoints, Hub errors (requests' are OSErrors)
         logging.getLogger("export").error("%s", error)
         return 1

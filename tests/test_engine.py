@@ -15,7 +15,7 @@ from csm_triton import GenerationRequest, Generator, Segment, load_csm_1b
 from csm_triton.engine.engine import Engine, StepResult
 from csm_triton.engine.stream import Stream
 from csm_triton.model.checkpoint import read_state_dict
-from csm_triton.model.model import CpuLinear, use_cpu_linear
+from csm_triton.model.quantize import CpuLinear, quantize
 from triton_tensors import LONG_TEXTS
 
 pytestmark = pytest.mark.engine
@@ -158,7 +158,7 @@ def test_cpu_linear_swap_keeps_the_codes(tiny_model_dir: Path) -> None:
     size threshold, so swap them all here and check the model says the same."""
     reference = load_csm_1b(tiny_model_dir, device="cpu", slots=2)
     swapped = load_csm_1b(tiny_model_dir, device="cpu", slots=2)
-    use_cpu_linear(swapped.engine.model, min_weight_elements=0)
+    quantize(swapped.engine.model, "none", torch.device("cpu"), min_weight_elements=0)
     assert any(isinstance(m, CpuLinear) for m in swapped.engine.model.modules())
     context = [Segment(speaker=1, text="A context turn.")]
     for topk in (1, 50):

@@ -1,7 +1,7 @@
 """The GPU hot path's model side, on the CPU: compiled pieces (`compile_hot_path`) give the
 transformers port's greedy codes and the eager sampled codes; fused projections keep the
-checkpoint's names and are still swapped by use_cpu_linear; the sampler's constant table is built
-once.
+checkpoint's names and are still swapped for packed CPU kernels, which compile too; the sampler's
+constant table is built once.
 
 One compiled model for the module (batch 1, top-k bucket 64), so each piece compiles once.
 """
@@ -22,7 +22,8 @@ from csm_triton.engine.engine import Engine
 from csm_triton.engine.stream import Stream
 from csm_triton.model.checkpoint import read_state_dict
 from csm_triton.model.config import TINY, ModelConfig
-from csm_triton.model.model import CSM, CpuLinear, compile_hot_path, use_cpu_linear
+from csm_triton.model.model import CSM, compile_hot_path
+from csm_triton.model.quantize import CpuLinear, quantize
 from csm_triton.model.sampling import Sampler, token_hashes
 from hf_reference import hf_generate
 
@@ -114,13 +115,17 @@ def test_fused_projections_keep_the_checkpoint_names(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not built in")
-def test_cpu_linear_swaps_the_fused_projections_and_refuses_compiling():
-    model = CSM(TINY)
-    use_cpu_linear(model, min_weight_elements=0)
+def test_packed_cpu_layers_replace_the_fused_projections_and_compile(random_pair, prompts):  # noqa: F811
+    """Packed oneDNN weights cannot enter a graph; the compiled pieces call them through the
+    csm::packed_linear op and still give the port's greedy codes."""
+    model = CSM(TINY).eval()  # not a deep copy: the module's `compiled` fixture compiled the pair's model
+    model.load_state_dict(random_pair[0].state_dict())
+    quantize(model, "none", torch.device("cpu"), min_weight_elements=0)
     layer = model.backbone.layers[0]
     assert isinstance(layer.attn.qkv_proj, CpuLinear) and isinstance(layer.mlp.w13, CpuLinear)
-    with pytest.raises(ValueError, match="cannot lower CpuLinear"):
-        compile_hot_path(model)
+    compile_hot_path(model)
+    tokens, mask = prompts["text"]
+    assert_same_frames(compiled_greedy(model, tokens, mask, FRAMES), hf_generate(random_pair[1], tokens, mask, FRAMES))
 
 
 class Ops(TorchDispatchMode):
@@ -167,6 +172,8 @@ def test_the_compiled_frame_step_gives_the_eager_codes(prompts):  # noqa: F811
     got, buckets = run_logged(engine, arrivals, cancels)
     assert model.compiled and {bucket[0] for bucket in buckets if bucket} == {1, 2, 4}
     assert {bucket[2] for bucket in buckets if bucket} == {64, 512}
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 6  # batch 1 and the others, for 3 pieces
+    # Every bucket is compiled at load: batch 1 and the others for each of the 3 pieces, and the
+    # backbone's whole-cache length bucket (its slice is the whole cache) for both batch graphs.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 8
     for want, have in zip(expected, got, strict=True):
         assert len(want) > 0 and torch.equal(want, have)

@@ -34,6 +34,7 @@ class Received:
 
     start: float
     chunks: list[np.ndarray] = field(default_factory=list)
+    codes: list[np.ndarray] = field(default_factory=list)  # each chunk's AUDIO_CODES [frames, 32]
     arrivals: list[float] = field(default_factory=list)
     error: Exception | None = None
     done: bool = False
@@ -74,6 +75,9 @@ class Streams:
         if error is not None:
             received.error, received.done = error, True
             return request_id, received
+        codes = result.as_numpy("AUDIO_CODES")
+        if codes is not None:
+            received.codes.append(codes[0])
         audio = result.as_numpy("AUDIO")
         if audio is not None:
             received.chunks.append(audio[0])

@@ -72,7 +72,8 @@ class Engine:
     (a slot that frees is filled by the highest busy one), so that the batch bucket follows the
     number of streams. Otherwise the step has the shapes of the slots it runs, which is fastest
     on the CPU. `compile` (default: on CUDA) compiles the frame step's pieces before they are
-    captured (model.compile_hot_path): a few fused kernels instead of thousands a frame."""
+    captured (model.compile_hot_path): a few fused kernels instead of thousands a frame. On the
+    CPU, compiling means the fixed-shape frame step (uncaptured), compiled bucket by bucket at load."""
 
     def __init__(
         self, model: CSM, slots: int, frame_graphs: bool | None = None, prefill_chunk: int | None = None, compile: bool | None = None
@@ -90,7 +91,7 @@ class Engine:
         self.stats = EngineStats()
         model.setup_caches(slots)
         if frame_graphs is None:
-            frame_graphs = self.device.type == "cuda"
+            frame_graphs = self.device.type == "cuda" or bool(compile)
         self.graphs = FrameGraphs(model, slots, capture=self.device.type == "cuda") if frame_graphs else None
         if compile is None:
             compile = self.device.type == "cuda"

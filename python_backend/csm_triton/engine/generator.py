@@ -23,6 +23,7 @@ from csm_client.contract import SAMPLE_RATE
 
 from ..model import checkpoint
 from ..model.codec import MimiCodec, StreamingDecoder
+from ..model.quantize import check_scheme
 from ..request import GenerationRequest, RequestLimits, Segment, check_chunking
 from .engine import Engine
 from .pacing import ADAPTIVE, STALL_TIMEOUT_S, ChunkPlan, chunk_plan
@@ -293,6 +294,7 @@ def load_csm_1b(
     stall_timeout_s: float = STALL_TIMEOUT_S,
     compile: bool | None = None,
     codes_cache_bytes: int | None = None,
+    quantize: str | None = None,
 ) -> Generator:
     """Load a staged model directory, `ckpt.pt` or `model.safetensors` (tokenizer and Mimi beside
     it). Weights are bf16 on CUDA and fp32 on the CPU unless `dtype` says otherwise. On the CPU,
@@ -301,14 +303,19 @@ def load_csm_1b(
     whole prompts on the CPU, where a step's cost hardly depends on them). Every request is checked
     against `limits` (default: RequestLimits' defaults for the loaded model). `max_waiting` and
     `stall_timeout_s` are the serving loop's (ServingLoop); `compile` the engine's (Engine).
-    `codes_cache_bytes` bounds the Mimi codes of context audio kept (CodesCache; None: its default)."""
+    `codes_cache_bytes` bounds the Mimi codes of context audio kept (CodesCache; None: its default).
+    `quantize` is how the linear layers are stored and run (model/quantize.py: "none", "bf16" or
+    "int8" on the CPU, "none", "int8" or "fp8" on CUDA; None: "int8" for a directory that holds
+    only `python -m export quantize`'s int8 weights, else "none")."""
     device = resolve_device(device)
     if device.type == "cuda":  # before anything is allocated or captured: the instance's GPU, not cuda:0
         torch.cuda.set_device(device)
     paths = checkpoint.resolve(ckpt_path)
+    quantize = quantize or paths.default_scheme()
+    check_scheme(quantize, device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = checkpoint.load_model(paths, device, dtype)
+    model = checkpoint.load_model(paths, device, dtype, quantize)
     codec = MimiCodec(paths.mimi, device, model.config.audio_num_codebooks)
     prompts = PromptBuilder(
         TextTokenizer(paths.tokenizer), codec, model.config.audio_num_codebooks, model.config.text_vocab_size, CodesCache(codes_cache_bytes)

@@ -218,6 +218,8 @@ class FrameGraphs:
     @torch.inference_mode()
     def _make_step(self, step: _Step) -> _Step:
         if not self.capture:
+            if self.model.compiled:  # compiled now, at warm-up, not under a stream's first frame; advances no slot
+                self._frame(step)
             return step
         # Warm-up on a side stream (cuBLAS and allocator set-up happen outside the capture), then
         # capture on it into a pool shared by all buckets, on the weights' device whichever is

@@ -19,6 +19,10 @@ from csm_client.contract import AUDIO_NUM_CODEBOOKS, AUDIO_VOCAB_SIZE
 
 MIB = 1 << 20
 
+# How the linear layers are stored and run (model/quantize.py), and which schemes each device has kernels for.
+QUANTIZE_SCHEMES = ("none", "bf16", "int8", "fp8")
+DEVICE_SCHEMES = {"cpu": ("none", "bf16", "int8"), "cuda": ("none", "int8", "fp8")}
+
 
 @dataclass(frozen=True)
 class TransformerConfig:

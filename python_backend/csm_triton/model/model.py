@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MIB, ModelConfig, TransformerConfig
+from .quantize import SCALE_SUFFIX
 from .sampling import Sampler
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 ROPE_LOW_FREQ_FACTOR = 1.0
 ROPE_HIGH_FREQ_FACTOR = 4.0
 ROPE_OLD_CONTEXT_LEN = 8192
+FUSED_SUFFIXES = ("weight", SCALE_SUFFIX)  # what a fused layer's parts hold: every layer a weight, an int8 one its scales
 
 
 def rope_table(config: TransformerConfig) -> torch.Tensor:
@@ -132,18 +134,21 @@ def fused_linear(parent: nn.Module, name: str, in_features: int, parts: dict[str
     features), its weight their rows stacked in order, so one matmul does their work. State dicts
     keep the parts' names: loading concatenates `{part}.weight` into `{name}.weight` (a pre-hook,
     so `assign=True` and meta-device loading work unchanged) and `state_dict()` splits it back
-    into copies (safetensors refuses tensors that share memory)."""
+    into copies (safetensors refuses tensors that share memory). An int8 layer's per-row
+    `weight_scale` (model/quantize.py) is joined and split the same way."""
     sizes = list(parts.values())
 
     def concatenate(module, state, prefix, *args) -> None:
-        keys = [f"{prefix}{part}.weight" for part in parts]
-        if all(key in state for key in keys):
-            state[f"{prefix}{name}.weight"] = torch.cat([state.pop(key) for key in keys])
+        for suffix in FUSED_SUFFIXES:
+            keys = [f"{prefix}{part}.{suffix}" for part in parts]
+            if all(key in state for key in keys):
+                state[f"{prefix}{name}.{suffix}"] = torch.cat([state.pop(key) for key in keys])
 
     def split(module, state, prefix, metadata) -> None:
-        weight = state.pop(f"{prefix}{name}.weight", None)  # absent once swapped for a CpuLinear
-        if weight is not None:
-            state.update((f"{prefix}{part}.weight", piece.clone()) for part, piece in zip(parts, weight.split(sizes), strict=True))
+        for suffix in FUSED_SUFFIXES:
+            fused = state.pop(f"{prefix}{name}.{suffix}", None)  # absent once packed for a CPU kernel
+            if fused is not None:
+                state.update((f"{prefix}{part}.{suffix}", piece.clone()) for part, piece in zip(parts, fused.split(sizes), strict=True))
 
     parent.register_load_state_dict_pre_hook(concatenate)
     parent.register_state_dict_post_hook(split)
@@ -227,32 +232,6 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, rows, positions, mask)
         return self.norm(x)
-
-
-class CpuLinear(nn.Module):
-    """A bias-free Linear for the CPU, its weight pre-packed once in oneDNN's blocked layout. MKL's
-    GEMM is compute-bound at the few rows of a decode step (3-4x slower at 8 rows than at 1 on
-    this project's machines); the packed oneDNN kernel stays near the memory-bandwidth floor
-    there and is faster for prefill's many rows too. Inference only: the packed weight is not a
-    parameter, so the swapped model's state_dict no longer holds it."""
-
-    PACKED_FOR_ROWS = 8  # oneDNN's layout hint; measured best from 1 to 512 rows
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), self.PACKED_FOR_ROWS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-
-
-def use_cpu_linear(model: nn.Module, min_weight_elements: int = 1 << 20) -> None:
-    """Swap bias-free nn.Linear modules for CpuLinear, from outside the model code. Small
-    matrices keep nn.Linear: oneDNN's ~20 us a call outweighs its gain there."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.bias is None and child.weight.numel() >= min_weight_elements:
-                setattr(parent, name, CpuLinear(child.weight))
 
 
 class CSM(nn.Module):
@@ -368,11 +347,12 @@ def compile_hot_path(model: CSM) -> None:
     calls, with symbolic shapes, whole graphs and no host synchronisation, so a compiled frame can
     still be captured as one CUDA graph. In float32 the
     compiled pieces sample the eager codes; in bfloat16 inductor keeps float32 between the ops it
-    fuses, rounding less often than eager, so sampled codes can differ from eager ones."""
+    fuses, rounding less often than eager, so sampled codes can differ from eager ones, as they can
+    with int8 layers (model/quantize.py), whose activations' rounding to integers magnifies the
+    fused kernels' different fp32 rounding. Packed CPU layers run inside the graphs through the
+    csm::packed_linear op."""
     if model._compiled is not None:
         return
-    if any(isinstance(module, CpuLinear) for module in model.modules()):
-        raise ValueError("compile_hot_path: inductor cannot lower CpuLinear's packed oneDNN weights; compile one without use_cpu_linear")
     # Batch, length and top-k symbolic, so that the buckets of the frame step share a few graphs:
     # two a piece were measured across batch, length and top-k buckets 64 and 256, batch 1 being
     # one (dynamo always specialises it); tests/test_hot_path.py bounds them at 6 in all. Duck

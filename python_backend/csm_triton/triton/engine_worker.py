@@ -93,6 +93,7 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
         stall_timeout_s=config.stall_timeout_s,
         compile=COMPILE[config.compile],
         codes_cache_bytes=codes_cache_bytes(config.codes_cache_mb),
+        quantize=None if config.quantize == "auto" else config.quantize,
     )
     with torch.inference_mode():  # each voice's clip encoded once, here; requests name it
         for clip in clips:

@@ -21,7 +21,7 @@ from csm_client.contract import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, INPUTS, STREAM
 from csm_client.segment import mono_samples
 
 from ..engine.pacing import STALL_TIMEOUT_S, ChunkPlan, chunk_plan
-from ..model.config import ModelConfig
+from ..model.config import QUANTIZE_SCHEMES, ModelConfig
 from ..request import GenerationRequest, RequestLimits, Segment, check_chunking
 
 _BYTES = np.dtype(object)
@@ -69,6 +69,7 @@ class ServingConfig:
     cpu_threads: int = 0  # 0: half the cores for each of the serving loop's two threads
     prefill_chunk: int = 0  # prompt positions prefilled per step at most; 0: load_csm_1b's default
     compile: str = "auto"  # the frame step's pieces torch.compile'd before capture: "auto" (on CUDA), "on" or "off"
+    quantize: str = "auto"  # how the linear layers run (model/quantize.py); "auto": what the staged directory holds
     kv_cache_memory_mb: int = 0  # MiB the KV caches of all slots may take; 0: no bound
     voices_dir: str = ""  # the voice library (csm_triton/triton/voices.py); "": none
     codes_cache_mb: int = 64  # MiB of context audio's Mimi codes kept (prompt.CodesCache); 0: none; CSM_CODES_CACHE_MB overrides
@@ -107,6 +108,8 @@ class ServingConfig:
         check_chunking(config.first_chunk_frames, config.chunk_frames, config.max_audio_length_ms)
         if config.compile not in COMPILE:
             raise ValueError(f'compile: must be "auto", "on" or "off", got {config.compile!r}')
+        if config.quantize != "auto" and config.quantize not in QUANTIZE_SCHEMES:
+            raise ValueError(f"quantize: must be auto or one of {', '.join(QUANTIZE_SCHEMES)}, got {config.quantize!r}")
         if config.chunk_schedule not in ("adaptive", "fixed"):
             raise ValueError(f'chunk_schedule: must be "adaptive" or "fixed", got {config.chunk_schedule!r}')
         return config
