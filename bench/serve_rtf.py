@@ -1,6 +1,7 @@
 """One stream at a time through a running speech gateway (`make serve`), as a person hears it:
 time to first audio, real-time factor (wall time / audio length, Mimi included) and streaming
-viability (each piece arrives before the audio received so far has finished playing).
+viability (each piece arrives before the audio received so far has finished playing), with the
+machine's memory bandwidth read just before (what a CPU frame's time follows).
 
 Requests are OpenAI speech requests for raw PCM (24 kHz, 16-bit mono), read as they stream in.
 Usage: python bench/serve_rtf.py [--url http://localhost:8080] [--requests 5] [--audio-ms 4000] [--json OUT]
@@ -16,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from engine_bench import read_bandwidth  # beside this script
 from tqdm import tqdm
 
 from csm_client.contract import SAMPLE_RATE
@@ -55,11 +57,13 @@ def main() -> None:
     parser.add_argument("--audio-ms", type=int, default=4000, help="the most audio a request asks for (random weights never end sooner)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    bandwidth = read_bandwidth()  # this machine's memory bandwidth now: on a shared VM it varies by the hour
     one_stream(args.url, "Warm up.", 800)
     runs = [one_stream(args.url, LINES[i % len(LINES)], args.audio_ms) for i in tqdm(range(args.requests), desc="streams")]
     results = {
         "command": "python bench/" + Path(__file__).name,
         "machine": platform.processor() or platform.machine(),
+        "read_bandwidth_gb_s_before": bandwidth / 1e9,
         "ttfa_s_median": statistics.median(run["ttfa_s"] for run in runs),
         "rtf_median": statistics.median(run["rtf"] for run in runs),
         "viable": sum(run["viable"] for run in runs) / len(runs),
