@@ -34,7 +34,7 @@ from csm_triton.model.quantize import quantize, weight_bytes
 from export.tiny import make_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from gpu_bench import random_model  # noqa: E402  (beside this script)
+from gpu_bench import prompt, random_model  # noqa: E402  (beside this script)
 
 from hf_reference import build_hf_model, hf_generate  # noqa: E402  (the independent implementation)
 
@@ -84,14 +84,9 @@ def bench_tiny(frames: int) -> dict:
     }
 
 
-PROMPT_TOKENS = torch.zeros(12, CSM_1B.frame_width, dtype=torch.long)
-PROMPT_TOKENS[:, -1] = torch.arange(128000, 128012)
-PROMPT_MASK = torch.zeros_like(PROMPT_TOKENS, dtype=torch.bool)
-PROMPT_MASK[:, -1] = True
-
-
 def batch(size: int, frame_count: int) -> list[Stream]:
-    return [Stream(PROMPT_TOKENS, PROMPT_MASK, frame_count, 0.9, 50, seed) for seed in range(size)]
+    """`size` requests of the short text prompt, seeds 0..size-1."""
+    return [prompt(CSM_1B, frame_count, seed) for seed in range(size)]
 
 
 def timed_engine_run(engine: Engine, batch: list[Stream]) -> tuple[float, float]:
@@ -133,9 +128,10 @@ def bench_transformers(frames: int) -> float:
     hf_model = build_hf_model(model.state_dict(), CSM_1B)
     del model
     with torch.inference_mode():
-        hf_generate(hf_model, PROMPT_TOKENS, PROMPT_MASK, 2)  # warm-up
+        request = prompt(CSM_1B, frames, 0)  # the same prompt as ours
+        hf_generate(hf_model, request.tokens, request.mask, 2)  # warm-up
         start = time.perf_counter()
-        hf_generate(hf_model, PROMPT_TOKENS, PROMPT_MASK, frames)
+        hf_generate(hf_model, request.tokens, request.mask, frames)
     return (time.perf_counter() - start) / frames
 
 

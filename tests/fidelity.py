@@ -82,7 +82,8 @@ def measure(reference: CSM, candidate: CSM, prompts: dict[str, tuple[torch.Tenso
         expected = teacher_forced_logits(reference, tokens, mask, codes)  # [frames, 32, vocab]
         got = teacher_forced_logits(candidate, tokens, mask, codes)
         cosines.append(F.cosine_similarity(expected, got, dim=-1))
-        kls.append((expected.log_softmax(-1).exp() * (expected.log_softmax(-1) - got.log_softmax(-1))).sum(-1))
+        expected_log = expected.log_softmax(-1)
+        kls.append((expected_log.exp() * (expected_log - got.log_softmax(-1))).sum(-1))
         agreements.append((expected.argmax(-1) == got.argmax(-1)).float())
     cosine, kl, top1 = (torch.cat(values) for values in (cosines, kls, agreements))  # [frames x prompts, 32]
     return Fidelity(cosine.mean(0), cosine.amin(0), kl.mean(0), top1.mean(0), greedy_equal, frames)

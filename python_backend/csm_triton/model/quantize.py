@@ -142,8 +142,9 @@ class Int8Linear(PackedLinear):
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, 1.0, ACTIVATION_LEVELS + 1, self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / ACTIVATION_LEVELS
-        return (self.matmul(x.float() / scale) * scale).to(x.dtype)
+        rows = x.float()
+        scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / ACTIVATION_LEVELS
+        return (self.matmul(rows / scale) * scale).to(x.dtype)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         if self.packed is None:  # on the meta device: the shapes a checkpoint must have
@@ -203,12 +204,30 @@ def weight_bytes(module: nn.Module) -> int:
     return total
 
 
-def linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
-    """(qualified name, parent, name, layer) of every bias-free nn.Linear."""
+def modules_of(model: nn.Module, kind: type[nn.Module]) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+    """(qualified name, parent, name, module) of every module of exactly `kind`."""
     for module_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.bias is None:
+            if type(child) is kind:
                 yield f"{module_name}.{name}" if module_name else name, parent, name, child
+
+
+def linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
+    """(qualified name, parent, name, layer) of every bias-free nn.Linear."""
+    return ((qualified, parent, name, layer) for qualified, parent, name, layer in modules_of(model, nn.Linear) if layer.bias is None)
+
+
+INT8_LAYERS = {nn.Linear: Int8Linear, nn.Embedding: Int8Embedding}  # what the int8 scheme puts in each one's place
+
+
+def int8_targets(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, module) of every module the int8 scheme replaces: the bias-free linear layers
+    not in KEPT, and the embedding tables."""
+    for qualified, parent, name, layer in linear_layers(model):
+        if qualified not in KEPT:
+            yield parent, name, layer
+    for _, parent, name, table in modules_of(model, nn.Embedding):
+        yield parent, name, table
 
 
 def check_scheme(scheme: str, device: torch.device) -> None:
@@ -230,12 +249,10 @@ def quantize(model: nn.Module, scheme: str, device: torch.device, min_weight_ele
     if not torch.backends.mkldnn.is_available():
         return
     if scheme == "int8":
-        for parent, name, table in embeddings(model):
-            setattr(parent, name, Int8Embedding.from_float(table.weight.detach()))
-    for qualified, parent, name, layer in linear_layers(model):
-        if scheme == "int8" and qualified not in KEPT:
-            setattr(parent, name, Int8Linear.from_float(layer.weight))
-        elif scheme == "bf16" and qualified not in KEPT:
+        for parent, name, module in int8_targets(model):
+            setattr(parent, name, INT8_LAYERS[type(module)].from_float(module.weight.detach()))
+    for qualified, parent, name, layer in linear_layers(model):  # those int8 left, or all
+        if scheme == "bf16" and qualified not in KEPT:
             setattr(parent, name, CpuLinear(layer.weight, torch.bfloat16))
         elif layer.weight.numel() >= min_weight_elements:
             setattr(parent, name, CpuLinear(layer.weight))
@@ -251,17 +268,7 @@ def _quantize_cuda(model: nn.Module, scheme: str) -> None:
 
 
 def empty_int8_layers(model: nn.Module) -> None:
-    """Ready a model built on the meta device to load an int8 checkpoint: each layer int8 replaces
+    """Ready a model built on the meta device to load an int8 checkpoint: each module int8 replaces
     becomes an empty `Int8Linear` (which packs its tensors as they load) or `Int8Embedding`."""
-    for qualified, parent, name, layer in linear_layers(model):
-        if qualified not in KEPT:
-            setattr(parent, name, Int8Linear(layer.out_features, layer.in_features))
-    for parent, name, table in embeddings(model):
-        setattr(parent, name, Int8Embedding(table.num_embeddings, table.embedding_dim))
-
-
-def embeddings(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Embedding]]:
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Embedding:
-                yield parent, name, child
+    for parent, name, module in int8_targets(model):
+        setattr(parent, name, INT8_LAYERS[type(module)](*module.weight.shape))
