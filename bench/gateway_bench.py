@@ -46,8 +46,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def triton(root: Path, model: Path, slots: int, env: dict[str, str] | None = None) -> Iterator[TritonServer]:
-    parameters = {"model_dir": str(root / "none"), "tiny_model_dir": str(model), "slots": str(slots)}
+def triton(
+    root: Path, model: Path, slots: int, env: dict[str, str] | None = None, parameters: dict[str, str] | None = None
+) -> Iterator[TritonServer]:
+    parameters = {"model_dir": str(root / "none"), "tiny_model_dir": str(model), "slots": str(slots), **(parameters or {})}
     options = ServerOptions.on_free_ports(model_repository_with(root / "model_repository", parameters))
     saved = dict(os.environ)
     os.environ.update(env or {})  # the server's processes inherit it
@@ -63,9 +65,10 @@ def triton(root: Path, model: Path, slots: int, env: dict[str, str] | None = Non
 
 
 @contextlib.contextmanager
-def gateway(grpc_url: str) -> Iterator[str]:
+def gateway(grpc_url: str, env: dict[str, str] | None = None) -> Iterator[str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "gateway", "--triton-url", grpc_url, "--port", str(port), "--log-level", "warning"])
+    command = [sys.executable, "-m", "gateway", "--triton-url", grpc_url, "--port", str(port), "--log-level", "warning"]
+    process = subprocess.Popen(command, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

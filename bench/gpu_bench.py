@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import tempfile
@@ -38,10 +39,9 @@ from csm_triton.engine.stream import Chunk, Stream
 from csm_triton.engine.streaming import ServingLoop
 from csm_triton.model.codec import MimiCodec, StreamingDecoder
 from csm_triton.model.config import CSM_1B, QUANTIZE_SCHEMES, TINY, ModelConfig
-from csm_triton.model.model import CSM
 from csm_triton.model.quantize import quantize
 from export.staging import cast_tensors
-from export.tiny import INIT_STD, random_mimi
+from export.tiny import random_mimi, random_model
 
 logger = logging.getLogger("gpu_bench")
 
@@ -51,26 +51,19 @@ WARMUP_STEPS = 3
 PEAKS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}
 
 
-def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> CSM:
-    """Weights as `export tiny` draws them, made in place on the device (the 1B model's would be
-    4.4 GB to write and read back in fp32)."""
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = CSM(config)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for name, parameter in tqdm(list(model.named_parameters()), desc="random weights", leave=False):
-            if name.endswith("scale"):
-                parameter.fill_(1.0)
-            else:
-                parameter.normal_(0.0, INIT_STD)
-    return model.to(dtype).eval()
-
-
 def random_codec(device: torch.device, folder: Path) -> MimiCodec:
     path = folder / "mimi.safetensors"
     save_file(cast_tensors(random_mimi(0).state_dict(), torch.bfloat16), path)
     return MimiCodec(path, device, num_codebooks=32)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name and core count (platform.processor() is empty on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), platform.machine())
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def prompt(config: ModelConfig, frames: int, seed: int) -> Stream:
@@ -166,7 +159,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = CSM_1B if args.model == "1b" else TINY
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = device_name(device)
     bandwidth, flops = next((peak for key, peak in PEAKS.items() if key in name), (1e12, 100e12))
     bandwidth = args.bandwidth_tbs * 1e12 if args.bandwidth_tbs else bandwidth
     flops = args.tflops * 1e12 if args.tflops else flops

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
+from tqdm import tqdm
 
 from csm_triton.model.checkpoint import CONFIG_FILE, MIMI_FILE, TOKENIZER_FILE, WEIGHTS_FILE, expected_shapes
 from csm_triton.model.config import CSM_1B, TINY, ModelConfig
+from csm_triton.model.model import CSM
 
 from .staging import StagedDir, cast_tensors
 
@@ -31,6 +33,22 @@ def random_weights(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
         name: torch.ones(shape) if name.endswith(".scale") else torch.empty(shape).normal_(0.0, INIT_STD, generator=generator)
         for name, shape in expected_shapes(config).items()
     }
+
+
+def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> CSM:
+    """Weights as `export tiny` draws them, made in place on the device, for benchmarks and tests
+    at full size (the 1B model's would be 4.4 GB to write and read back in fp32)."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = CSM(config)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, parameter in tqdm(list(model.named_parameters()), desc="random weights", leave=False):
+            if name.endswith("scale"):
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, INIT_STD)
+    return model.to(dtype).eval()
 
 
 def random_mimi(seed: int) -> MimiModel:

@@ -5,6 +5,10 @@ document's `POST /generate`, `/health`, `/metrics` and the page at `/`.
 A speech request becomes one csm_stream request (csm_client's AsyncCSMClient builds its tensors);
 its audio chunks are encoded and sent as they arrive, so the first bytes leave with the first
 chunk. A client that goes away closes the response's iterator, which cancels the Triton stream.
+
+A reply that completes comes with its turn's reference (csm_client.turns: its text, speaker and
+codes, signed with turn_key), which a later request's context names in place of the turn's audio,
+so that a conversation's client sends only its new line, to any replica that shares the key.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hmac
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,8 +34,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from csm_client import AsyncCSMClient, CSMError, Segment
-from csm_client.contract import AUDIO_NUM_CODEBOOKS, INPUTS, SAMPLES_PER_FRAME
+from csm_client import AsyncCSMClient, CSMError, Segment, TurnChunk
+from csm_client.contract import AUDIO_NUM_CODEBOOKS, CONTEXT_OVERFLOW_MODES, INPUTS, INT32_MAX, SAMPLES_PER_FRAME
+from csm_client.turns import TurnRecord, open_turn, sign_turn
 
 from . import audio, clips, request_ids
 from .body import parse_form, parse_model, read_body
@@ -42,6 +48,7 @@ from .voices import StoredVoice, VoiceError, VoiceLibrary
 
 logger = logging.getLogger("gateway")
 STATIC = Path(__file__).parent / "static"
+CONTEXT_USED = "x-context-used"  # the request's context turns the prompt held, comma-separated
 FORM_FIELDS_BYTES = 64 * 1024  # a voice upload's form fields besides its clip
 Model = TypeVar("Model", bound=BaseModel)
 SURROGATE = re.compile("[\ud800-\udfff]")
@@ -76,15 +83,19 @@ CodeFrame = Annotated[list[Annotated[int, bounded("CONTEXT_CODES")]], Field(min_
 
 
 class Turn(BaseModel):
-    """An earlier turn of the conversation: its text and speaker, and its audio as base64 (a clip
-    of gateway/clips.py's formats) or the Mimi codes the server returned for it ([frames][32]
-    integers: AUDIO_CODES), which csm_stream uses as they are, never encoding them."""
+    """An earlier turn of the conversation, in one of two forms (Gateway.turn checks which): its
+    text and speaker, with its audio as base64 (a clip of gateway/clips.py's formats) or the Mimi
+    codes the server returned for it ([frames][32] integers: AUDIO_CODES), which csm_stream uses as
+    they are, never encoding them; or the reference an earlier reply came with (`ref`), which
+    carries all three, and how much of that reply was played (`played_ms`)."""
 
     model_config = ConfigDict(extra="forbid")
-    text: Text
-    speaker: int = bounded("CONTEXT_SPEAKER")
+    text: Text | None = None
+    speaker: int | None = bounded("CONTEXT_SPEAKER", default=None)
     audio: str | None = None  # base64, whose decoder refuses anything but ASCII
     codes: list[CodeFrame] | None = Field(default=None, min_length=1)
+    ref: str | None = None  # open_turn bounds its length before any other work
+    played_ms: int | None = Field(default=None, ge=0, le=INT32_MAX)
 
 
 class Sampling(BaseModel):
@@ -96,6 +107,9 @@ class Sampling(BaseModel):
     topk: int | None = bounded("TOPK", default=None)
     max_audio_length_ms: int | None = bounded("MAX_AUDIO_LENGTH_MS", default=None)
     context: list[Turn] = Field(default_factory=list)
+    # A context whose prompt does not fit the model: refused (400), or its oldest turns left out
+    # until it fits (a voice's reference clip stays); the response says which turns were used.
+    context_overflow: Literal[CONTEXT_OVERFLOW_MODES] = CONTEXT_OVERFLOW_MODES[0]
 
 
 class SpeechRequest(Sampling):
@@ -126,6 +140,13 @@ class Job:
     context: list[Segment]
     options: dict[str, Any]
     text_param: str = "input"  # the route's name for the text, for csm_stream's errors about it
+    turns: int = 0  # the request's context turns, which follow the voice's clip (pinned) in `context`
+
+    def context_used(self, first: TurnChunk | None) -> list[int]:
+        """The request's context turns that the prompt held: all but the oldest the server dropped
+        to fit it (its first chunk says how many; it never drops the pinned voice clip)."""
+        dropped = first.context_dropped if first is not None and first.context_dropped is not None else 0
+        return list(range(dropped, self.turns))
 
 
 class Gateway:
@@ -139,6 +160,13 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.streams = 0
         self._client: AsyncCSMClient | None = None
+        self.turn_key = config.turn_key.encode("utf-8")
+        if not self.turn_key:
+            logger.warning(
+                "turn_key not set: turn references are signed with a random key of this process, so they open on this replica "
+                "only, and not after a restart (set CSM_GATEWAY_TURN_KEY, the same on every replica)"
+            )
+            self.turn_key = secrets.token_bytes(32)
 
     @property
     def client(self) -> AsyncCSMClient:
@@ -173,18 +201,16 @@ class Gateway:
         if len(request.context) > self.config.max_context_turns:
             message = f"context: {len(request.context)} turns, more than max_context_turns {self.config.max_context_turns}"
             raise APIError(400, message, "context", "invalid_value")
-        for index, turn in enumerate(request.context):
-            size, most = len(turn.text.encode("utf-8")), self.config.max_context_text_bytes
-            if size > most:
-                message = f"context[{index}].text: {size} bytes of UTF-8, more than max_context_text_bytes {most}"
-                raise APIError(400, message, "context", "string_above_max_length")
-            if turn.codes is not None and turn.audio is not None:
-                raise APIError(400, f"context[{index}]: holds both audio and codes; send one of them", "context", "invalid_value")
+        records = [self.turn(index, turn) for index, turn in enumerate(request.context)]
         context: list[Segment] = []
         budget = self.config.max_context_audio_s
-        if voice is not None and voice.samples is not None:
+        pinned = voice is not None and voice.samples is not None
+        if pinned:
             context.append(Segment(speaker=voice.speaker, text=voice.transcript, audio=voice.samples, sample_rate=voice.rate))
-        for index, turn in enumerate(request.context):
+        for index, (turn, record) in enumerate(zip(request.context, records, strict=True)):
+            if record is not None:  # its codes as they were generated (none: text only), never encoded
+                context.append(Segment(speaker=record.speaker, text=record.text, codes=record.codes if len(record.codes) else None))
+                continue
             clip, rate, codes = None, audio.SAMPLE_RATE, None
             if turn.codes is not None:
                 codes = np.array(turn.codes, dtype=np.int32)
@@ -208,8 +234,45 @@ class Gateway:
             "max_audio_length_ms": request.max_audio_length_ms,
             "first_chunk_frames": self.config.first_chunk_frames,
             "voice": voice.server_voice if voice is not None and voice.server_voice else None,
+            "context_overflow": request.context_overflow,
+            "context_pinned": 1 if pinned else None,  # the voice's clip stays (csm_stream pins a server voice itself)
         }
-        return Job(text, speaker, context, {key: value for key, value in options.items() if value is not None}, text_param)
+        options = {key: value for key, value in options.items() if value is not None}
+        return Job(text, speaker, context, options, text_param, len(request.context))
+
+    def turn(self, index: int, turn: Turn) -> TurnRecord | None:
+        """Checks a context turn's form and text; a turn by reference -> the turn it names, cut to
+        what was played (TurnRecord.played), else None (its audio is decoded after every check)."""
+        where = f"context[{index}]"
+        if turn.ref is not None:
+            if (turn.text, turn.speaker, turn.audio, turn.codes) != (None, None, None, None):
+                message = f"{where}: holds a ref and text, speaker, audio or codes; a turn by reference carries its own, send one form"
+                raise APIError(400, message, "context", "invalid_value")
+            try:
+                record = open_turn(self.turn_key, turn.ref)
+            except ValueError as error:
+                raise APIError(400, f"{where}.ref: {error}", "context", "invalid_turn_ref") from error
+            if turn.played_ms is not None:
+                record = record.played(turn.played_ms)
+            text = record.text
+        else:
+            if turn.played_ms is not None:
+                raise APIError(400, f"{where}.played_ms: goes with a ref, the turn whose playing it counts", "context", "invalid_value")
+            if turn.text is None or turn.speaker is None:
+                raise APIError(400, f"{where}: needs text and speaker (or a ref)", "context", "missing_field")
+            if turn.codes is not None and turn.audio is not None:
+                raise APIError(400, f"{where}: holds both audio and codes; send one of them", "context", "invalid_value")
+            text, record = turn.text, None
+        size, most = len(text.encode("utf-8")), self.config.max_context_text_bytes
+        if size > most:
+            message = f"{where}.text: {size} bytes of UTF-8, more than max_context_text_bytes {most}"
+            raise APIError(400, message, "context", "string_above_max_length")
+        return record
+
+    def reference(self, job: Job, codes: list[np.ndarray]) -> str:
+        """The reference of a reply that completed: its text, its speaker and its chunks' codes ([frames, 32] each)."""
+        frames = np.concatenate(codes) if codes else np.zeros((0, AUDIO_NUM_CODEBOOKS), np.int32)
+        return sign_turn(self.turn_key, job.text, job.speaker, frames)
 
     def acquire(self) -> None:
         """Takes one of max_streams (each `release`d once): a request past them is refused with 429
@@ -223,11 +286,11 @@ class Gateway:
         self.streams -= 1
         self.metrics.streams.set(self.streams)
 
-    async def open(self, job: Job, request_id: str) -> tuple[np.ndarray | None, AsyncIterator[np.ndarray]]:
+    async def open(self, job: Job, request_id: str) -> tuple[TurnChunk | None, AsyncIterator[TurnChunk]]:
         """Starts the Triton stream (its request id the HTTP request's) and waits for its first chunk,
-        so that an invalid request gets its status code before any byte is sent: (the first chunk or
-        None when no audio came, the rest)."""
-        chunks = self.client.stream(job.text, job.speaker, job.context, request_id=request_id, **job.options)
+        so that an invalid request gets its status code before any byte is sent: (the first chunk,
+        which says what context was dropped, or None when none came; the rest)."""
+        chunks = self.client.stream_turn(job.text, job.speaker, job.context, request_id=request_id, **job.options)
         try:
             return await anext(chunks), chunks
         except StopAsyncIteration:
@@ -259,7 +322,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     if config.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", request_ids.HEADER], expose_headers=[request_ids.HEADER],
+            allow_headers=["Authorization", "Content-Type", request_ids.HEADER], expose_headers=[request_ids.HEADER, CONTEXT_USED],
         )  # fmt: skip
     app.add_middleware(request_ids.RequestIds)
     request_ids.log_request_ids()
@@ -331,13 +394,13 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
             raise
         gateway.metrics.first_audio.labels("speech").observe(time.monotonic() - started)
         media_type = "text/event-stream" if body.stream_format == "sse" else audio.FORMATS[body.response_format].media_type
-        stream = speech_body(gateway, body, first, chunks)  # releases the stream's slot when it ends
+        used = job.context_used(first)
+        stream = speech_body(gateway, body, job, first, chunks)  # releases the stream's slot when it ends
         # Started here, so that its `finally` (the slot, the Triton stream) runs however the response
         # ends, even if the client is gone before the body is sent (then at its garbage collection).
         head = await anext(stream, b"")
-        return StreamingResponse(
-            joined(head, stream), media_type=media_type, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", CONTEXT_USED: ",".join(map(str, used))}
+        return StreamingResponse(joined(head, stream), media_type=media_type, headers=headers)
 
     @app.post("/generate", dependencies=[Depends(authorized)])
     async def generate(request: Request) -> JSONResponse:
@@ -353,9 +416,12 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
             raise from_triton(error, job.text_param) from error
         finally:
             gateway.release()
-        samples = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        samples = np.concatenate([part.audio for part in parts]) if parts else np.zeros(0, np.float32)
         gateway.metrics.audio_seconds.inc(len(samples) / audio.SAMPLE_RATE)
-        return JSONResponse({"audio": base64.b64encode(audio.wav_bytes(samples)).decode("ascii"), "sample_rate": audio.SAMPLE_RATE})
+        return JSONResponse({
+            "audio": base64.b64encode(audio.wav_bytes(samples)).decode("ascii"), "sample_rate": audio.SAMPLE_RATE,
+            "turn": gateway.reference(job, [part.codes for part in parts]), "context_used": job.context_used(first),
+        })  # fmt: skip
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict:
@@ -451,15 +517,17 @@ def model_card(name: str) -> dict:
 
 
 async def speech_body(
-    gateway: Gateway, request: SpeechRequest, first: np.ndarray | None, chunks: AsyncIterator[np.ndarray]
+    gateway: Gateway, request: SpeechRequest, job: Job, first: TurnChunk | None, chunks: AsyncIterator[TurnChunk]
 ) -> AsyncIterator[bytes]:
     """The response body: each chunk through the speed change and the encoder as it comes; for sse,
-    each piece as a `speech.audio.delta` event, then `speech.audio.done`. Closing it (the client
-    gone) closes `chunks`, which cancels the Triton stream."""
+    each piece as a `speech.audio.delta` event, then `speech.audio.done` with the turn's reference
+    and the context turns used. Closing it (the client gone) closes `chunks`, which cancels the
+    Triton stream."""
     sse = request.stream_format == "sse"
     encoder = audio.Encoder(request.response_format)
     tempo = audio.SpeedChange(request.speed) if request.speed != 1.0 else None
     frames = 0
+    codes: list[np.ndarray] = []  # the turn's, for its reference, which only sse has a place for
 
     def piece(data: bytes) -> bytes:
         if not sse:
@@ -473,16 +541,20 @@ async def speech_body(
         async with contextlib.aclosing(chunks):
             chunk = first
             while chunk is not None:
-                frames += len(chunk) // SAMPLES_PER_FRAME
-                gateway.metrics.audio_seconds.inc(len(chunk) / audio.SAMPLE_RATE)
-                if data := piece(encode(chunk)):
+                frames += len(chunk.audio) // SAMPLES_PER_FRAME
+                gateway.metrics.audio_seconds.inc(len(chunk.audio) / audio.SAMPLE_RATE)
+                if sse:
+                    codes.append(chunk.codes)
+                if len(chunk.audio) and (data := piece(encode(chunk.audio))):  # the first chunk may hold no audio
                     yield data
                 chunk = await anext(chunks, None)
         tail = (encoder.feed(tempo.finish()) if tempo else b"") + encoder.finish()
         if data := piece(tail):
             yield data
         if sse:
-            yield event({"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": frames, "total_tokens": frames}})
+            usage = {"input_tokens": 0, "output_tokens": frames, "total_tokens": frames}
+            turn = gateway.reference(job, codes)  # ~1 ms for the longest turn
+            yield event({"type": "speech.audio.done", "usage": usage, "turn": turn, "context_used": job.context_used(first)})
     except CSMError as failure:  # after the first chunk: the status line has gone already
         logger.warning("speech stream failed after %d frames: %s", frames, failure.message)
         if sse:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from csm_client.contract import INPUTS, MAX_CONTEXT_SAMPLE_RATE, MAX_CONTEXT_SEGMENTS, MAX_CONTEXT_TEXT_BYTES, MIN_CONTEXT_SAMPLE_RATE
+from csm_client.turns import MIN_KEY_CHARS
 
 ENV_PREFIX = "CSM_GATEWAY_"
 SPEAKER = INPUTS["SPEAKER"]  # a voice's speaker id is sent as this input
@@ -118,6 +119,14 @@ class GatewayConfig:
         default=MAX_CONTEXT_SAMPLE_RATE, metadata={"help": "highest sample rate of a clip (csm_stream's max_context_sample_rate)"}
     )
     max_clip_channels: int = field(default=8, metadata={"help": "channels of a clip at most (mixed down to mono)"})
+    turn_key: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "help": f"the key that signs turn references, at least {MIN_KEY_CHARS} characters, the same on every replica; "
+            "none: a random one per process, whose references no other replica opens"
+        },
+    )
     timeout_s: float = field(default=300.0, metadata={"help": "gRPC deadline of a stream"})
     first_chunk_frames: int | None = field(default=None, metadata={"help": "frames of the first chunk (none: the server's)"})
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
@@ -156,6 +165,8 @@ class GatewayConfig:
             raise ValueError("open_voices and voice_keys: open voices take no key; set one of them")
         if min(self.max_json_values, self.max_context_turns, self.max_context_text_bytes, self.max_clip_channels) < 1:
             raise ValueError("max_json_values, max_context_turns, max_context_text_bytes and max_clip_channels must be positive")
+        if self.turn_key and len(self.turn_key) < MIN_KEY_CHARS:
+            raise ValueError(f"turn_key: at least {MIN_KEY_CHARS} characters (openssl rand -hex 32), got {len(self.turn_key)}")
         if not 1 <= self.min_clip_sample_rate <= self.max_clip_sample_rate:
             raise ValueError("min_clip_sample_rate must be positive and at most max_clip_sample_rate")
 

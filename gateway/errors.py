@@ -26,6 +26,10 @@ TENSOR_PARAMS = {
     "CONTEXT_CODES": "context",
     "CONTEXT_CODES_LENGTHS": "context",
     "VOICE": "voice",
+    "CONTEXT_OVERFLOW": "context_overflow",
+    "CONTEXT_PINNED": "context",  # the gateway's own: 1 when a voice's clip goes first
+    "CONTEXT_TURN": "context",  # the gateway opens its turns' refs itself and sends their codes
+    "CONTEXT_PLAYED_MS": "context",
     "prompt": "input",  # a prompt (context + text) too long for the model
 }
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",

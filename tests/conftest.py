@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from csm_triton import Generator
 
 SERVER_SLOTS = 4
+# csm_stream's turn_key in the test servers, so that TURN and CONTEXT_TURN are served (test_turn_refs.py).
+TURN_KEY = "csm-triton-tests-turn-key-0123456789abcdef"
 EXIT_TIMEOUT_S = 5
 TIERS = ("unit", "engine", "server", "browser", "deploy", "gpu")
 # A unit test stages no model and starts no server: these fixtures do.
@@ -70,13 +72,18 @@ def tiny_server(
     extra_models: Sequence[Path] = (),
 ) -> Iterator[TritonServer]:
     """tritonserver on free ports serving a copy of the model repository in `root`, csm_stream on the
-    tiny model with `slots` slots, other models' parameters as `models` says, `extra_models` beside
-    them; `extra_args` go to tritonserver.
+    tiny model with `slots` slots and TURN_KEY, other models' parameters as `models` says,
+    `extra_models` beside them; `extra_args` go to tritonserver.
 
     Its exit timeout is EXIT_TIMEOUT_S: a request that was in flight in a stub a test killed never
     completes (python backend 24.10 cannot end it), and tritonserver waits that long for it at
     exit, 30 s by default."""
-    parameters = {"model_dir": str(root / "no-weights-staged"), "tiny_model_dir": str(tiny_model_dir), "slots": str(slots)}
+    parameters = {
+        "model_dir": str(root / "no-weights-staged"),
+        "tiny_model_dir": str(tiny_model_dir),
+        "slots": str(slots),
+        "turn_key": TURN_KEY,
+    }
     repository = model_repository_with(root / "model_repository", parameters, extra_models=extra_models)
     for model, values in models.items():
         set_parameters(repository / model / "config.pbtxt", values)

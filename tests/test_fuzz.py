@@ -1,9 +1,11 @@
 """Generated values for every input of `csm` (unary gRPC and HTTP) and `csm_stream` (gRPC
 streaming) in a real tritonserver: wrong datatypes and ranks, empty and huge tensors, NaN and
 infinity, extreme integers, invalid UTF-8, any sample rate, context codes out of range or not
-matching their lengths, VOICE names and paths that are no voice. Only INVALID_ARG errors that name an
-input come back, each within seconds; valid requests succeed; the model's memory stays bounded and
-a seeded request gives the same codes after the fuzzing as before."""
+matching their lengths, VOICE names and paths that are no voice, CONTEXT_OVERFLOW modes that are
+none, CONTEXT_PINNED past the context, turn references that are none or do not match their
+segments. Only INVALID_ARG errors that name an input come back,
+each within seconds; valid requests succeed; the model's memory stays bounded and a seeded request
+gives the same codes after the fuzzing as before."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from hypothesis import strategies as st
 from test_triton_stream import stream_model_processes, wait_for_idle_server
 from tritonclient.utils import InferenceServerException
 
-from csm_client.contract import INPUTS, STANDARD_SAMPLE_RATES
+from csm_client.contract import CONTEXT_OVERFLOW_MODES, INPUTS, STANDARD_SAMPLE_RATES
 from csm_triton.tools.server import TritonServer
 from triton_tensors import request, scalar, tensors, vector
 
@@ -64,6 +66,9 @@ def valid_requests(draw: st.DrawFn) -> dict[str, np.ndarray]:
             codes = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).integers(0, 2051, sum(frames) * 32)
             arrays["CONTEXT_CODES"] = vector(codes, np.int32)
             arrays["CONTEXT_CODES_LENGTHS"] = vector(frames, np.int32)
+    if draw(st.booleans()):  # what to do with a context too long for the prompt, some of it pinned
+        arrays["CONTEXT_OVERFLOW"] = scalar(draw(st.sampled_from(CONTEXT_OVERFLOW_MODES)).encode(), object)
+        arrays["CONTEXT_PINNED"] = scalar(draw(st.integers(0, segments)), np.int32)
     for name, values, dtype in (
         ("TEMPERATURE", st.floats(0.125, 2.0, width=32), np.float32),
         ("TOPK", st.integers(1, 2051), np.int32),
@@ -74,6 +79,8 @@ def valid_requests(draw: st.DrawFn) -> dict[str, np.ndarray]:
     return arrays
 
 
+NO_MODES = [b"", b"drop_newest", b"DROP_OLDEST", b"refuse "]  # CONTEXT_OVERFLOW values near its modes
+NO_REFERENCES = [b"csm1.", b"csm1.eJwDAAAAAAE." + b"A" * 43, b"csm1." + b"A" * 40_000 + b"." + b"A" * 43]  # CONTEXT_TURN near references
 # Values out of bounds or of no meaning, by input; a valid MAX_AUDIO_LENGTH_MS is never drawn
 # here, so that no request generates for long.
 BAD_VALUES = {
@@ -93,6 +100,11 @@ BAD_VALUES = {
     "FIRST_CHUNK_FRAMES": INT32.map(lambda v: [[v]]),
     "CHUNK_FRAMES": INT32.map(lambda v: [[v]]),
     "VOICE": st.one_of(st.binary(max_size=20), st.sampled_from([b"../csm_stream/config.pbtxt", b"/etc/passwd", b""])).map(lambda v: [[v]]),
+    "CONTEXT_OVERFLOW": st.one_of(st.binary(max_size=20), st.sampled_from(NO_MODES)).map(lambda v: [[v]]),
+    # More than the segments a valid request has (two at most), or fewer than none.
+    "CONTEXT_PINNED": st.one_of(st.integers(-(2**31), -1), st.integers(3, 2**31 - 1)).map(lambda v: [[v]]),
+    "CONTEXT_TURN": st.lists(st.one_of(st.binary(max_size=40), st.sampled_from(NO_REFERENCES)), max_size=4).map(lambda v: [v]),
+    "CONTEXT_PLAYED_MS": st.lists(INT32, max_size=4).map(lambda v: [v]),
 }
 DTYPES = [object, np.int32, np.int64, np.float32, np.float64, np.float16, np.uint8, np.bool_]
 
@@ -103,6 +115,7 @@ def retyped(array: np.ndarray, dtype) -> np.ndarray:
     return np.zeros(array.shape, dtype=dtype)
 
 
+OUTPUT_CHOICES = [["AUDIO_CODES"], ["AUDIO", "AUDIO_CODES"], ["AUDIO", "AUDIO_CODES", "CONTEXT_DROPPED"], ["AUDIO_CODES", "TURN"]]
 KINDS = ["value", "dtype", "rank", "batch of two", "empty", "huge", "missing", "unknown", "non-finite audio"]
 
 
@@ -122,7 +135,7 @@ def cases(draw: st.DrawFn) -> Case:
     # The transport, the input and the change are picked uniformly, by a generator seeded with the
     # request: hypothesis favours the first of a list, and draws the same few integers again.
     pick = random.Random(repr([draw(st.integers(0, 2**64 - 1)), *((name, array.tolist()) for name, array in sorted(arrays.items()))]))
-    transport, outputs = pick.choice(TRANSPORTS), pick.choice([["AUDIO_CODES"], ["AUDIO", "AUDIO_CODES"]])
+    transport, outputs = pick.choice(TRANSPORTS), pick.choice(OUTPUT_CHOICES)
     if pick.random() < 0.2:
         return Case(arrays, True, transport, outputs)
     name, kind = pick.choice(sorted(INPUTS)), pick.choice(KINDS)

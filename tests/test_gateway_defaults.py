@@ -158,7 +158,7 @@ def test_no_other_origin_may_call_the_gateway_unless_configured(make_serve: Make
         assert "access-control-allow-origin" not in other.headers
         read = httpx.get(f"{configured}/v1/models", headers={"Origin": PREFLIGHT["Origin"]})
         assert read.headers["access-control-allow-origin"] == PREFLIGHT["Origin"]
-        assert read.headers["access-control-expose-headers"] == "x-request-id"  # the page's script may read it
+        assert read.headers["access-control-expose-headers"] == "x-request-id, x-context-used"  # a page's script may read them
 
 
 def test_a_cross_origin_post_a_browser_sends_unasked_starts_nothing(url: str) -> None:

@@ -1,7 +1,7 @@
 """The gateway's input handling against `make serve` itself (tests/make_serve.py, every default
-kept): a fuzz of every route and field, JSON and multipart; a corpus of hostile media sent as
-context audio and as voice uploads; a chunked upload past its cap; and a large JSON body beside a
-stream.
+kept): a fuzz of every route and field, JSON (turn references, good, altered and forged, among
+the context) and multipart; a corpus of hostile media sent as context audio and as voice uploads;
+a chunked upload past its cap; and a large JSON body beside a stream.
 
 Every refusal is a 4xx in OpenAI's error body naming the parameter (or, for a body that is no
 request at all, none), within seconds; a voice the gateway makes is usable at once; the gateway's
@@ -41,6 +41,7 @@ from test_fuzz import FUZZ
 from test_gateway_units import encoded, tone, wav_with
 
 from csm_client import CSMClient
+from csm_client.turns import sign_turn
 from gateway import GatewayConfig
 from gateway.app import FORM_FIELDS_BYTES, GenerateRequest, SpeechRequest
 from gateway.audio import FORMATS, wav_bytes
@@ -96,6 +97,16 @@ def seeded_audio(server: MakeServe) -> np.ndarray:
 def seeded_codes(server: MakeServe) -> np.ndarray:
     with CSMClient(server.grpc_url, model_name="csm") as client:
         return client.generate_codes(SEEDED["input"], 0, seed=SEEDED["seed"], max_audio_length_ms=SEEDED["max_audio_length_ms"])
+
+
+@pytest.fixture(scope="module")
+def reference(make_serve: MakeServe) -> str:
+    """A turn reference of make serve's gateway (signed with its key), for the fuzz's bodies to name."""
+    response = httpx.post(
+        f"{make_serve.gateway_url}/generate", json={"text": "Earlier.", "seed": 2, "max_audio_length_ms": 240}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["turn"]
 
 
 @pytest.fixture(scope="module")
@@ -249,9 +260,28 @@ codes = st.one_of(
     st.lists(st.lists(integers, max_size=33), max_size=2),
     junk,
 )
-turns = st.fixed_dictionaries(
-    {"text": st.one_of(texts, strings, junk, st.just("x" * 5000)), "speaker": st.one_of(st.integers(0, 3), integers, junk)},
-    optional={"audio": st.one_of(clips.map(lambda clip: base64.b64encode(clip).decode()), strings), "codes": codes},
+# Turn references: make serve's gateway signs with a key of its own, so a valid reference comes from
+# it (the `reference` fixture) and stands where a body drawn here holds one of these markers, as
+# itself or altered.
+REFERENCE_FORMS: dict[str, Callable[[str], str]] = {
+    "<a reference>": lambda reference: reference,
+    "<a reference cut short>": lambda reference: reference[:-1],
+    "<a reference altered>": lambda reference: reference[:12] + ("A" if reference[12] != "A" else "B") + reference[13:],
+}
+references = st.one_of(
+    st.sampled_from(list(REFERENCE_FORMS)),
+    st.just(sign_turn(b"another gateway's key", "Earlier.", 0, np.zeros((2, 32), np.int32))),
+    st.just("csm1." + "A" * 40_000),
+    strings,
+    junk,
+)
+played = st.one_of(st.integers(0, 2000), integers, junk)
+turns = st.one_of(
+    st.fixed_dictionaries(
+        {"text": st.one_of(texts, strings, junk, st.just("x" * 5000)), "speaker": st.one_of(st.integers(0, 3), integers, junk)},
+        optional={"audio": st.one_of(clips.map(lambda clip: base64.b64encode(clip).decode()), strings), "codes": codes, "ref": references},
+    ),
+    st.fixed_dictionaries({"ref": references}, optional={"played_ms": played, "text": texts}),
 )
 MUTATIONS = {
     "model": st.one_of(junk, st.just("x" * 300)),
@@ -267,6 +297,7 @@ MUTATIONS = {
     # a valid length past 240 ms would only take long: those drawn become invalid
     "max_audio_length_ms": junk.map(lambda value: -value if isinstance(value, int) and 240 < value <= 30_000 else value),
     "context": st.one_of(st.lists(turns, max_size=3), junk, st.just([{"text": "a", "speaker": 0}] * 40)),
+    "context_overflow": st.one_of(junk, st.sampled_from(["drop_oldest", "drop_newest"])),
     "text": st.one_of(junk, st.sampled_from([" ", "é" * 3000])),
     "speaker": junk,
     "unknown_option": junk,
@@ -287,6 +318,16 @@ class Case:
     size: int
 
 
+def referring(options: dict[str, Any], reference: str) -> dict[str, Any]:
+    """A case's request options with `reference` (as REFERENCE_FORMS make it) where its body names one."""
+    content = options.get("content")
+    if content is None:
+        return options
+    for marker, form in REFERENCE_FORMS.items():
+        content = content.replace(marker.encode(), form(reference).encode())
+    return {**options, "content": content}
+
+
 def json_case(path: str, body: Any, fields: set[str], valid: bool) -> Case:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()  # NaN and infinities: invalid JSON, as they are
     allowed = fields | (set(body) if isinstance(body, dict) else set())
@@ -298,10 +339,11 @@ def speech_cases(draw: st.DrawFn) -> Case:
     body = {"model": draw(st.sampled_from(DEFAULT_MODELS)), "input": draw(texts), "voice": draw(st.sampled_from(OPENAI_VOICES[:4])),
             "response_format": draw(st.sampled_from(list(FORMATS))), "speed": draw(st.sampled_from([0.5, 1.0, 1.5, 4.0])),
             "seed": draw(st.integers(0, 2**63 - 1)), "max_audio_length_ms": draw(st.integers(80, 240))}  # fmt: skip
-    if draw(st.booleans()):  # a valid context turn: a short clip of an allowed format, or codes
+    if draw(st.booleans()):  # a valid context turn: a short clip of an allowed format, codes, or a reference
         turn = {"text": "Earlier.", "speaker": draw(st.integers(0, 3))}
         turn |= draw(st.sampled_from([{"audio": base64.b64encode(clip).decode()} for clip in SMALL_CLIPS] + [{"codes": [[7] * 32] * 2}]))
-        body["context"] = [turn]
+        by_reference = draw(st.fixed_dictionaries({"ref": st.just("<a reference>")}, optional={"played_ms": st.integers(0, 2000)}))
+        body["context"] = [draw(st.sampled_from([turn, by_reference]))]
     mutated = draw(st.lists(st.sampled_from(sorted(set(MUTATIONS) - {"text", "speaker"})), max_size=2, unique=True))
     for name in mutated:
         if draw(st.integers(0, 5)) == 0:
@@ -367,11 +409,13 @@ path_cases = st.one_of(
 
 @FUZZ  # test_fuzz's: 300 examples, the same on every run, never shrunk (each step a server call)
 @given(case=st.one_of(speech_cases(), speech_cases(), generate_cases(), voice_cases(), voice_cases(), path_cases))
-def test_every_route_and_field_answers_a_success_or_a_4xx_naming_its_parameter(make_serve: MakeServe, before, case: Case) -> None:
-    gateway = make_serve.gateway()
+def test_every_route_and_field_answers_a_success_or_a_4xx_naming_its_parameter(
+    make_serve: MakeServe, before, reference: str, case: Case
+) -> None:
+    gateway, options = make_serve.gateway(), referring(case.options, reference)
     with httpx.Client(base_url=make_serve.gateway_url, headers=voices_key(make_serve), timeout=60) as client:
         started = time.monotonic()
-        response, growth = peak_growth(gateway, lambda: client.request(case.method, case.path, **case.options))
+        response, growth = peak_growth(gateway, lambda: client.request(case.method, case.path, **options))
         check_answer(response, time.monotonic() - started, case.allowed)
         event(f"{case.method} {case.path if case.method == 'POST' else case.path.rsplit('/', 1)[0]}: {response.status_code}")
         assert growth < request_memory(case.size), f"the gateway's peak grew by {growth / MIB:.0f} MiB"

@@ -8,6 +8,7 @@ never under CI (the CI variable set), where a missing browser fails it."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -47,19 +48,30 @@ def gateway(triton_server: TritonServer) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def page(gateway: str) -> Iterator[tuple[Page, list[str]]]:
-    """The page loaded, and the console errors and uncaught exceptions it has logged so far."""
+@contextlib.contextmanager
+def loaded(url: str, *args: str) -> Iterator[tuple[Page, list[str]]]:
+    """The page at `url` in headless chromium (with `args` besides the test's own), and the console
+    errors and uncaught exceptions it has logged so far."""
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required", *args]
+        )
         tab = browser.new_page(accept_downloads=True)
         errors: list[str] = []
         tab.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
         tab.on("pageerror", lambda error: errors.append(str(error)))
-        tab.goto(gateway)
+        tab.goto(url)
         tab.wait_for_function("document.querySelectorAll('#voice option').length > 0")
-        yield tab, errors
-        browser.close()
+        try:
+            yield tab, errors
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(gateway: str) -> Iterator[tuple[Page, list[str]]]:
+    with loaded(gateway) as tab_and_errors:
+        yield tab_and_errors
 
 
 def test_the_page_speaks_a_line_in_chunks_and_downloads_it(page: tuple[Page, list[str]], tmp_path: Path) -> None:

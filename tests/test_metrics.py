@@ -12,6 +12,7 @@ import dataclasses
 import re
 import time
 import urllib.request
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -19,7 +20,9 @@ from test_triton_stream import Streams, wait_for_idle_server
 
 from conftest import SERVER_SLOTS
 from csm_client.contract import FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
-from csm_triton import GenerationRequest, Generator
+from csm_triton import GenerationRequest, Generator, Segment
+from csm_triton.engine.prefix_pool import BLOCK_POSITIONS, block_bytes
+from csm_triton.model.config import DEFAULT_PREFIX_CACHE_MB, MIB
 from csm_triton.tools.server import TritonServer
 from triton_tensors import long_prompt, request, scalar, vector
 
@@ -27,6 +30,7 @@ pytestmark = pytest.mark.server
 
 FRAME_S = FRAME_MS / 1000
 REPORT_INTERVAL_S = 0.5  # METRICS_INTERVAL_S of csm_triton/triton/csm_stream.py
+OPENER = 7341  # a speaker no other test uses: every prompt's first block is BOS and "[speaker]", shared by the others
 
 
 def series(name: str, **labels: str) -> str:
@@ -185,3 +189,53 @@ def test_the_engine_counts_every_slot_of_every_step(generator: Generator) -> Non
     assert engine.stats.frames - before.frames == sum(frames.values())
     assert engine.stats.slot_steps - before.slot_steps == sum(frames.values()) + len(ended_on_eos)
     assert engine.stats.steps - before.steps == max(count + (rid in ended_on_eos) for rid, count in frames.items())
+
+
+def test_the_prefix_pool_counts_a_conversations_reuse(triton_server: TritonServer, generator: Generator) -> None:
+    """A turn, then the next with that turn's reply as codes: a miss, then a hit that reused the
+    whole history the first left in the pool (up to its last whole block); the pool's bytes, and
+    each turn's time to first audio under its prompt's length range."""
+    opening = "A first line long enough for a few blocks of the pool, spoken once."
+    first_text, reply_text, max_ms = "Then a reply to it.", "And a second turn after that reply.", 1200
+    first = request(first_text, 1, CONTEXT_TEXT=vector([opening.encode()], object), CONTEXT_SPEAKER=vector([OPENER], np.int32),
+                    MAX_AUDIO_LENGTH_MS=scalar(max_ms, np.int32))  # fmt: skip
+    before = settled(triton_server)
+    streams = Streams(triton_server)
+    try:
+        streams.send("first", first)
+        streams.run_until_done(["first"])
+        codes = np.concatenate(streams.received["first"].codes)
+        second = request(
+            reply_text, 0,
+            CONTEXT_TEXT=vector([opening.encode(), first_text.encode()], object), CONTEXT_SPEAKER=vector([OPENER, 1], np.int32),
+            CONTEXT_CODES=vector(codes.reshape(-1), np.int32), CONTEXT_CODES_LENGTHS=vector([0, len(codes)], np.int32),
+        )  # fmt: skip
+        streams.send("second", second)
+        streams.run_until_done(["second"])
+    finally:
+        streams.close()
+    after = settled(triton_server)
+    assert all(streams.received[name].error is None for name in ("first", "second"))
+
+    context = [Segment(OPENER, opening)]
+    first_positions = len(generator.prompt(first_text, 1, context)[0])
+    context.append(Segment(1, first_text, codes=codes))
+    second_positions = len(generator.prompt(reply_text, 0, context)[0])
+    fed = len(codes) - (len(codes) == max_ms // FRAME_MS)  # a turn cut by its length never fed its last frame back
+    assert moved(before, after, series("csm_prefix_pool_misses_total")) == 1
+    assert moved(before, after, series("csm_prefix_pool_hits_total")) == 1
+    reused = min((first_positions + fed) // BLOCK_POSITIONS * BLOCK_POSITIONS, second_positions - 1)
+    assert moved(before, after, series("csm_prefix_pool_positions_reused_total")) == reused
+    block = block_bytes(generator.engine.model.config, generator.engine.model.audio_head.dtype)
+    stored = moved(before, after, series("csm_prefix_pool_bytes"))
+    assert stored >= (first_positions + fed) // BLOCK_POSITIONS * block and stored % block == 0
+    assert after[series("csm_prefix_pool_bytes")] <= after[series("csm_prefix_pool_max_bytes")]
+    assert after[series("csm_prefix_pool_max_bytes")] == DEFAULT_PREFIX_CACHE_MB * MIB // block * block  # config.pbtxt's prefix_cache_mb
+
+    family = "csm_time_to_first_audio_by_prompt_seconds_count"
+    leasts = sorted(int(value) for value in re.findall(family + r'\{.*prompt_positions="(\d+)"', "\n".join(after)))
+    assert leasts[0] == 0 and len(leasts) > 2
+    ranges = Counter(max(least for least in leasts if least <= positions) for positions in (first_positions, second_positions))
+    for least in leasts:
+        key = series(family, prompt_positions=str(least))
+        assert moved(before, after, key) == ranges[least]

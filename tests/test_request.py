@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from csm_client.contract import INPUTS, MAX_RESAMPLING_FILTER, STANDARD_SAMPLE_RATES, resampling_filter_elements
+from csm_client.turns import open_turn, sign_turn
 from csm_triton.engine.pacing import ChunkPlan
 from csm_triton.model.config import TINY
 from csm_triton.request import API_NAMES, GenerationRequest, RequestLimits, Segment, audio_positions
 from csm_triton.tools.server import PROJECT_ROOT
-from csm_triton.triton.serving import ServingConfig, read_chunking, read_request
+from csm_triton.triton.serving import ServingConfig, read_chunking, read_request, turn_output
 from triton_tensors import request, scalar, vector
 
 pytestmark = pytest.mark.unit
@@ -25,25 +26,34 @@ LIMITS = RequestLimits.for_model(TINY)
 CONFIG = ServingConfig()
 # A voice library as the engine process names it to the stub (its clips' codes stay in the engine process).
 VOICES = ("narrator",)
+KEY = b"the turn key of these tests, 32+ bytes"  # csm_stream's turn_key
+# An earlier turn's reference (TURN), 3 frames of codes.
+TURN_CODES = (np.arange(3 * 32) * 7 % 2051).reshape(3, 32)
+REFERENCE = sign_turn(KEY, "By reference.", 2, TURN_CODES).encode()
 
 
 def every_input() -> dict[str, np.ndarray]:
-    """A valid request that gives every input: a text-only, an audio and a codes context segment."""
+    """A valid request that gives every input: a text-only, an audio, a codes and a by-reference
+    context segment (the last cut to the 2 frames of 160 ms played)."""
     return request(
         "Every input.",
         1,
-        CONTEXT_TEXT=vector([b"Before.", b"With audio.", b"With codes."], object),
-        CONTEXT_SPEAKER=vector([0, 1, 0], np.int32),
+        CONTEXT_TEXT=vector([b"Before.", b"With audio.", b"With codes.", b""], object),
+        CONTEXT_SPEAKER=vector([0, 1, 0, 0], np.int32),
         CONTEXT_AUDIO=vector(np.zeros(1600, dtype=np.float32), np.float32),
-        CONTEXT_AUDIO_LENGTHS=vector([0, 1600, 0], np.int32),
+        CONTEXT_AUDIO_LENGTHS=vector([0, 1600, 0, 0], np.int32),
         CONTEXT_SAMPLE_RATE=scalar(16_000, np.int32),
         CONTEXT_CODES=vector(np.arange(64) * 32, np.int32),
-        CONTEXT_CODES_LENGTHS=vector([0, 0, 2], np.int32),
+        CONTEXT_CODES_LENGTHS=vector([0, 0, 2, 0], np.int32),
+        CONTEXT_TURN=vector([b"", b"", b"", REFERENCE], object),
+        CONTEXT_PLAYED_MS=vector([-1, -1, -1, 160], np.int32),
         TEMPERATURE=scalar(0.7, np.float32),
         TOPK=scalar(20, np.int32),
         FIRST_CHUNK_FRAMES=scalar(1, np.int32),
         CHUNK_FRAMES=scalar(4, np.int32),
         VOICE=np.array([[b"narrator"]], dtype=object),
+        CONTEXT_OVERFLOW=np.array([[b"drop_oldest"]], dtype=object),
+        CONTEXT_PINNED=scalar(1, np.int32),
     )
 
 
@@ -74,26 +84,31 @@ def summary(generation: GenerationRequest) -> tuple:
         generation.max_audio_length_ms,
         generation.seed,
         generation.voice,
+        generation.context_overflow,
+        generation.context_pinned,
     )
 
 
-def refused(arrays: dict[str, np.ndarray], message: str, limits: RequestLimits = LIMITS) -> None:
+def refused(arrays: dict[str, np.ndarray], message: str, limits: RequestLimits = LIMITS, key: bytes | None = KEY) -> None:
     with pytest.raises(ValueError, match=f"^{message}"):
-        read_request(arrays, limits, VOICES)
+        read_request(arrays, limits, VOICES, key)
 
 
 def test_every_input_is_read() -> None:
-    generation = read_request(every_input(), LIMITS, VOICES)
+    generation = read_request(every_input(), LIMITS, VOICES, KEY)
     assert (generation.text, generation.speaker, generation.temperature, generation.topk) == ("Every input.", 1, pytest.approx(0.7), 20)
     assert (generation.max_audio_length_ms, generation.seed) == (400, 3)
     assert [(s.speaker, s.text, s.audio is None, s.codes is None) for s in generation.context] == [
         (0, "Before.", True, True),
         (1, "With audio.", False, True),
         (0, "With codes.", True, False),
+        (2, "By reference.", True, False),
     ]
     assert generation.voice == "narrator"  # by name: the engine process puts its clip first (test_generator)
+    assert (generation.context_overflow, generation.context_pinned) == ("drop_oldest", 1)
     assert generation.context[1].sample_rate == 16_000 and generation.context[1].audio.shape == (1600,)  # not resampled
     assert generation.context[2].codes.tolist() == (np.arange(64) * 32).reshape(2, 32).tolist()  # frame by frame, as sent
+    assert generation.context[3].codes.tolist() == TURN_CODES[:2].tolist()  # 160 ms played: 2 frames
     assert read_chunking(every_input(), CONFIG) == ChunkPlan(1, 4, adaptive=False)
 
 
@@ -108,6 +123,7 @@ def test_optional_inputs_take_their_defaults() -> None:
         None,
         [],
     )
+    assert (generation.context_overflow, generation.context_pinned) == ("refuse", 0)
     assert read_chunking(arrays, CONFIG) == ChunkPlan(2, 12, adaptive=True)  # the config's, adaptive
     assert read_chunking(arrays, dataclasses.replace(CONFIG, chunk_schedule="fixed")) == ChunkPlan(2, 12, adaptive=False)
     only_first = request(FIRST_CHUNK_FRAMES=scalar(4, np.int32))
@@ -117,7 +133,7 @@ def test_optional_inputs_take_their_defaults() -> None:
 
 def test_inputs_without_the_batch_dimension_are_read() -> None:
     arrays = {name: array.reshape(-1) for name, array in every_input().items()}
-    assert summary(read_request(arrays, LIMITS, VOICES)) == summary(read_request(every_input(), LIMITS, VOICES))
+    assert summary(read_request(arrays, LIMITS, VOICES, KEY)) == summary(read_request(every_input(), LIMITS, VOICES, KEY))
 
 
 WRONG_DTYPES = {"BYTES": np.int32, "INT32": np.int64, "FP32": np.float64, "INT64": np.int32}
@@ -401,6 +417,30 @@ def test_context_codes_must_fit_the_prompt_before_any_is_read() -> None:
     refused(arrays, "CONTEXT_CODES: segment 1 holds 1045 frames, which bring the context audio to 2047 prompt positions")
 
 
+def test_under_drop_oldest_context_codes_must_fit_the_prompt_each_alone() -> None:
+    """The engine leaves out the oldest segments until the rest fit (test_context_overflow.py)."""
+    drop = {"CONTEXT_OVERFLOW": np.array([[b"drop_oldest"]], dtype=object)}
+    refused(with_codes([1500, 1500]), "CONTEXT_CODES_LENGTHS: 3000 frames of context codes take 3002 prompt positions, more than the 2046")
+    assert [len(s.codes) for s in read_request(with_codes([1500, 1500], **drop), LIMITS).context] == [1500, 1500]
+    refused(with_codes([10, 2046], **drop), "CONTEXT_CODES_LENGTHS: 2046 frames of context codes take 2047 prompt positions")
+    refused(with_codes([2**31 - 1, 2**31 - 1], np.zeros(0, np.int32), **drop), "CONTEXT_CODES_LENGTHS: .* prompt positions, more than")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"CONTEXT_OVERFLOW": np.array([[b"newest"]], dtype=object)}, "CONTEXT_OVERFLOW: must be 'refuse' or 'drop_oldest', got 'newest'"),
+        ({"CONTEXT_OVERFLOW": np.array([[b""]], dtype=object)}, "CONTEXT_OVERFLOW: must be 'refuse' or 'drop_oldest', got ''"),
+        ({"CONTEXT_OVERFLOW": np.array([[b"\xff"]], dtype=object)}, "CONTEXT_OVERFLOW: is not valid UTF-8"),
+        ({"CONTEXT_PINNED": scalar(2, np.int32)}, r"CONTEXT_PINNED: must be in \[0, 1\], at most the number of context .*got 2"),
+        ({"CONTEXT_PINNED": scalar(-1, np.int32)}, r"CONTEXT_PINNED: must be in \[0, 1\], .*got -1"),
+    ],
+    ids=["unknown mode", "empty mode", "invalid UTF-8", "more pinned than segments", "negative"],
+)
+def test_the_overflow_inputs_are_checked_naming_the_input(extra: dict, message: str) -> None:
+    refused(with_codes([1]) | extra, message)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -510,3 +550,109 @@ def test_limit_parameters_are_read_from_config_pbtxt() -> None:
         ServingConfig.from_parameters({"codes_cache_mb": {"string_value": "-1"}})
     with pytest.raises(ValueError, match=r"^chunk_frames: must be in \[1, 10\] frames of 80 ms, got 12"):
         ServingConfig.from_parameters({"max_audio_length_ms": {"string_value": "800"}})
+
+
+# Turns by reference (CONTEXT_TURN, CONTEXT_PLAYED_MS) and a stream's own (TURN).
+
+
+def by_reference(*references: bytes, played_ms: list[int] | None = None, **extra: np.ndarray) -> dict[str, np.ndarray]:
+    """A request whose context is a text-only segment, then one turn by reference per `references`."""
+    count = len(references)
+    context = {
+        "CONTEXT_TEXT": vector([b"Before.", *[b""] * count], object),
+        "CONTEXT_SPEAKER": vector([0] * (count + 1), np.int32),
+        "CONTEXT_TURN": vector([b"", *references], object),
+        "CONTEXT_PLAYED_MS": vector([-1, *(played_ms or [-1] * count)], np.int32),
+    }
+    return request(**context | extra)
+
+
+def test_a_turn_by_reference_is_its_text_speaker_and_codes_cut_where_it_was_played() -> None:
+    segment = read_request(by_reference(REFERENCE), LIMITS, turn_key=KEY).context[1]
+    assert (segment.speaker, segment.text, segment.audio) == (2, "By reference.", None)
+    assert segment.codes.tolist() == TURN_CODES.tolist()
+    for played_ms, frames in ((0, 0), (79, 0), (80, 1), (239, 2), (2**31 - 1, 3)):
+        segment = read_request(by_reference(REFERENCE, played_ms=[played_ms]), LIMITS, turn_key=KEY).context[1]
+        assert (0 if segment.codes is None else len(segment.codes), segment.text) == (frames, "By reference."), played_ms  # 0: text alone
+
+
+def altered(reference: bytes) -> bytes:
+    """The reference with one character of its payload changed."""
+    return reference[:20] + (b"A" if reference[20:21] != b"A" else b"B") + reference[21:]
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        (sign_turn(b"another key of 32 or more bytes!!", "By reference.", 2, TURN_CODES).encode(), "its signature does not match"),
+        (altered(REFERENCE), "its signature does not match"),
+        (REFERENCE[:-3], "is no turn reference"),
+        (b"hello", r"is not a turn reference \(one starts with 'csm1.'\)"),
+        (b"csm1.\xff\xfe." + b"A" * 43, "is no turn reference"),
+        (b"csm1." + b"A" * 100_000, "is 100005 characters, longer than any turn reference"),
+    ],
+    ids=["forged", "altered", "cut short", "garbage", "not UTF-8", "too long"],
+)
+def test_a_bad_reference_is_refused_naming_context_turn_and_its_segment(reference: bytes, message: str) -> None:
+    refused(by_reference(REFERENCE, reference), f"CONTEXT_TURN: segment 2: {message}")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"CONTEXT_TEXT": vector([b"Before.", b"Said."], object)}, "CONTEXT_TURN: segment 1 is a turn by reference, which carries its own"),
+        (
+            {"CONTEXT_CODES": vector(np.zeros(32), np.int32), "CONTEXT_CODES_LENGTHS": vector([0, 1], np.int32)},
+            "CONTEXT_TURN: segment 1 is a turn by reference",
+        ),
+        ({"CONTEXT_TURN": vector([b"", REFERENCE, b""], object)}, r"CONTEXT_TURN: one entry per context segment \(2\), got 3"),
+        ({"CONTEXT_PLAYED_MS": vector([-1], np.int32)}, r"CONTEXT_PLAYED_MS: one entry per context segment \(2\), got 1"),
+        ({"CONTEXT_PLAYED_MS": vector([-1, -2], np.int32)}, r"CONTEXT_PLAYED_MS: milliseconds must be >= 0, or -1 for a whole turn"),
+        ({"CONTEXT_PLAYED_MS": vector([0, -1], np.int32)}, r"CONTEXT_PLAYED_MS: segment 0 is no turn by reference \(CONTEXT_TURN\)"),
+    ],
+    ids=["with text", "with codes", "more references", "fewer played", "below -1", "played without a reference"],
+)
+def test_the_reference_arrays_must_agree(extra: dict, message: str) -> None:
+    refused(by_reference(REFERENCE, **extra), message)
+
+
+NO_KEY = "turn references are off on this server: set csm_stream's turn_key parameter or CSM_TURN_KEY"
+# csm_stream's outputs: what Triton asks for on behalf of a request that names none.
+OUTPUTS = ("AUDIO", "AUDIO_CODES", "CONTEXT_DROPPED", "TURN", "ERROR", "ERROR_CODE")
+
+
+def test_without_a_turn_key_turn_references_are_refused_and_everything_else_served() -> None:
+    refused(by_reference(REFERENCE), f"CONTEXT_TURN: {NO_KEY}", key=None)
+    generation = read_request(request("Now."), LIMITS)
+    with pytest.raises(ValueError, match=f"^TURN: {NO_KEY}"):
+        turn_output(["AUDIO", "TURN"], OUTPUTS, generation, None)
+    assert turn_output(OUTPUTS, OUTPUTS, generation, None) is None  # a request that names no output: all the rest
+    assert turn_output(["AUDIO"], OUTPUTS, generation, None) is None
+
+
+def test_turn_is_the_requests_text_and_speaker_and_every_code_sent() -> None:
+    generation = read_request(request("Now.", 4), LIMITS)
+    assert turn_output(["AUDIO", "AUDIO_CODES"], OUTPUTS, generation, KEY) is None  # only when asked for
+    for wanted in (["TURN"], OUTPUTS):
+        turn = turn_output(wanted, OUTPUTS, generation, KEY)
+        for chunk in (TURN_CODES[:1], TURN_CODES[1:], TURN_CODES[:0]):
+            turn.add(chunk)
+        record = open_turn(KEY, turn.tensor()[0, 0].decode())
+        assert (record.text, record.speaker, record.codes.tolist()) == ("Now.", 4, TURN_CODES.tolist())
+    silent = turn_output(["TURN"], OUTPUTS, generation, KEY)  # a turn that made no frame
+    assert open_turn(KEY, silent.tensor()[0, 0].decode()).codes.shape == (0, 32)
+
+
+def test_the_turn_key_is_the_parameter_or_csm_turn_key_and_never_made_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CSM_TURN_KEY", raising=False)
+    assert ServingConfig().signing_key() is None
+    assert ServingConfig.from_parameters({"turn_key": {"string_value": "k" * 32}}).signing_key() == b"k" * 32
+    with pytest.raises(ValueError, match=r"^turn_key: must be at least 32 characters \(openssl rand -hex 32\), got 5$"):
+        ServingConfig(turn_key="short").signing_key()
+    with pytest.raises(ValueError, match="^turn_key: a turn reference holds at most 30000 ms of audio and 4096 bytes of text"):
+        ServingConfig(turn_key="k" * 32, max_audio_length_ms=60_000).signing_key()
+    monkeypatch.setenv("CSM_TURN_KEY", "e" * 40)
+    assert ServingConfig(turn_key="k" * 32).signing_key() == b"e" * 40
+    monkeypatch.setenv("CSM_TURN_KEY", "e" * 8)
+    with pytest.raises(ValueError, match=r"^turn_key: must be at least 32 characters .*got 8 \(from CSM_TURN_KEY\)"):
+        ServingConfig(turn_key="k" * 32).signing_key()

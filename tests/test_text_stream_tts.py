@@ -16,11 +16,13 @@ import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
+from test_context_overflow import CONVERSATION
 from test_metrics import scrape, series, settled
 from test_model_control import stubs
 from test_triton_stream import wait_for_idle_server
 
 from conftest import tiny_server
+from csm_client.segment import context_arrays
 from csm_triton.tools.server import TritonServer
 from csm_triton.triton.sentences import split_sentences
 from triton_tensors import scalar, tensors, vector
@@ -181,6 +183,19 @@ def test_context_codes_are_passed_on_with_every_sentence(server: TritonServer) -
         assert np.array_equal(outputs["AUDIO_CODES"], joined(stream(server, "csm_stream", arrays), "AUDIO_CODES")), sentence
     bad = stream(server, MODEL, speech_inputs(PROMPT=prompt("Hello there."), **codes_context(np.full((1, 32), 2051))))
     assert bad.responses == [] and bad.error.message() == "CONTEXT_CODES: segment 0 codes must be in [0, 2050], got 2051"
+
+
+def test_each_sentences_first_chunk_says_how_many_context_turns_it_dropped(server: TritonServer) -> None:
+    """CONTEXT_OVERFLOW drop_oldest goes to csm_stream with every sentence; each one's CONTEXT_DROPPED is sent on."""
+    context = context_arrays(CONVERSATION) | {"CONTEXT_OVERFLOW": prompt("drop_oldest"), "CONTEXT_PINNED": scalar(1, np.int32)}
+    arrays = speech_inputs(PROMPT=prompt("Hello there. How are you?"), **context)
+    spoken = stream(server, MODEL, arrays, outputs=("AUDIO", "TEXT", "CONTEXT_DROPPED"))
+    assert spoken.error is None
+    captions = [arrays["TEXT"][0, 0] for arrays in spoken.responses]
+    assert len(set(captions)) == 2
+    firsts = [index == 0 or caption != captions[index - 1] for index, caption in enumerate(captions)]
+    dropped = [arrays["CONTEXT_DROPPED"].tolist() if "CONTEXT_DROPPED" in arrays else None for arrays in spoken.responses]
+    assert dropped == [[[2]] if first else None for first in firsts]
 
 
 def test_only_the_asked_outputs_are_sent(server: TritonServer) -> None:

@@ -13,14 +13,15 @@ import importlib
 import logging
 import queue
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import numpy as np
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from .contract import INPUTS, SAMPLE_RATE
+from .contract import AUDIO_NUM_CODEBOOKS, INPUTS, SAMPLE_RATE
 from .control import PROBE, SILENCE_PROBE_S, stream_model_gone
 from .segment import context_arrays
 
@@ -81,11 +82,14 @@ def request_arrays(
     first_chunk_frames: int | None = None,
     chunk_frames: int | None = None,
     voice: str | None = None,
+    context_overflow: str | None = None,
+    context_pinned: int | None = None,
 ) -> dict[str, np.ndarray]:
     """One request's input arrays, each with its batch dimension of 1. Optional inputs left as
     None are not sent, so the server's defaults apply. The chunk sizes (frames of 80 ms) are
     inputs of the streaming model only. `voice` names a voice of csm_stream's voice library (its
-    clip becomes the first context segment)."""
+    clip becomes the first context segment). `context_overflow` "drop_oldest" lets the server drop
+    the oldest context segments, all but the first `context_pinned`, until the prompt fits."""
     if not isinstance(text, str):
         raise ValueError(f"text: must be a string, got {type(text).__name__}")
     arrays = {
@@ -101,6 +105,8 @@ def request_arrays(
         "FIRST_CHUNK_FRAMES": first_chunk_frames,
         "CHUNK_FRAMES": chunk_frames,
         "VOICE": None if voice is None else voice.encode("utf-8"),
+        "CONTEXT_OVERFLOW": None if context_overflow is None else context_overflow.encode("utf-8"),
+        "CONTEXT_PINNED": context_pinned,
     }
     for name, value in optional.items():
         if value is not None:
@@ -110,8 +116,8 @@ def request_arrays(
 
 def build_inputs(module: ModuleType, text: str, speaker: int, context: Sequence[Any] = (), **options: Any) -> list:
     """The InferInput list of one request for a tritonclient protocol module (tritonclient.grpc,
-    tritonclient.http or their .aio). `options`: temperature, topk, max_audio_length_ms, seed, and
-    for the streaming model first_chunk_frames, chunk_frames."""
+    tritonclient.http or their .aio). `options`: request_arrays' (temperature, topk, ..., and for
+    the streaming model first_chunk_frames, chunk_frames)."""
     inputs = []
     for name, array in request_arrays(text, speaker, context, **options).items():
         infer_input = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -153,6 +159,36 @@ class Options(TypedDict, total=False):
     max_audio_length_ms: int
     seed: int
     voice: str  # a voice of csm_stream's voice library
+    context_overflow: str  # "refuse" (the default) or "drop_oldest": what the server does with a context too long for the prompt
+    context_pinned: int  # under drop_oldest, the first context segments that are never dropped
+
+
+@dataclass(frozen=True)
+class TurnChunk:
+    """One chunk of a streamed turn (`stream_turn`), with what a conversation keeps of it: its codes,
+    which go back as the turn's context codes next time (never encoded again), on the first
+    chunk how many of the request's context segments the server dropped to fit the prompt
+    (context_overflow "drop_oldest"), so that the caller can forget them too, and, on the last
+    chunk of a turn streamed `with_reference`, the turn's reference: one string that goes back in
+    their place (`TurnRef(chunk.turn)`)."""
+
+    audio: np.ndarray  # [samples] float32 at 24 kHz
+    codes: np.ndarray  # [frames, 32] int32: this chunk's Mimi codes (AUDIO_CODES)
+    context_dropped: int | None = None  # on the first chunk only
+    turn: str | None = None  # on the last chunk only, of a turn that completed (TURN)
+
+
+# What each kind of stream asks for.
+AUDIO_OUTPUTS = ("AUDIO",)
+TURN_OUTPUTS = ("AUDIO", "AUDIO_CODES", "CONTEXT_DROPPED")
+
+
+def _turn_outputs(with_reference: bool) -> tuple[str, ...]:
+    """What a stream_turn asks for: TURN only when asked, since a server without a turn key refuses it."""
+    return (*TURN_OUTPUTS, "TURN") if with_reference else TURN_OUTPUTS
+
+
+Chunk = TypeVar("Chunk")
 
 
 def _audio(result: Any) -> np.ndarray:
@@ -167,6 +203,40 @@ def _chunk(result: Any) -> np.ndarray | None:
     """A streamed response's samples; None for an empty one (the final flag alone, or zero samples)."""
     audio = result.as_numpy("AUDIO")
     return audio[0].copy() if audio is not None and audio.size else None
+
+
+def _turn_chunk(result: Any) -> TurnChunk | None:
+    """A streamed response as a TurnChunk; None for an empty one, unless it is the first or the
+    last: they carry CONTEXT_DROPPED and TURN, also for a turn that has no frame."""
+    dropped, turn = result.as_numpy("CONTEXT_DROPPED"), result.as_numpy("TURN")
+    audio = _chunk(result)
+    if audio is None and dropped is None and turn is None:
+        return None
+    codes = result.as_numpy("AUDIO_CODES")
+    return TurnChunk(
+        np.zeros(0, np.float32) if audio is None else audio,
+        np.zeros((0, AUDIO_NUM_CODEBOOKS), np.int32) if codes is None else codes[0].copy(),  # [1, frames, 32] -> [frames, 32]
+        None if dropped is None else int(dropped.reshape(-1)[0]),
+        None if turn is None else turn.reshape(-1)[0].decode("ascii"),
+    )
+
+
+def _stream_inputs(
+    client: CSMClient | AsyncCSMClient,
+    text: str,
+    speaker: int,
+    context: Sequence[Any],
+    first_chunk_frames: int | None,
+    chunk_frames: int | None,
+    options: dict[str, Any],
+) -> list:
+    """A stream's request, built before its iterator starts, so that a bad argument raises at the call."""
+    check_streaming(client.protocol)
+    inputs = build_inputs(
+        client.module, text, speaker, context, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames, **options
+    )
+    logger.debug("stream %s: speaker %d, %d context segments, %s", client.url, speaker, len(context), options)
+    return inputs
 
 
 def _is_final(result: Any) -> bool:
@@ -277,14 +347,30 @@ class CSMClient:
         and raises CSMError (UNAVAILABLE) when its process has died: such a stream never ends
         otherwise. `request_id` is the Triton request's id (in Triton's log and its responses).
         gRPC only."""
-        check_streaming(self.protocol)
-        inputs = build_inputs(
-            self.module, text, speaker, context, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames, **options
-        )
-        logger.debug("stream %s: speaker %d, %d context segments, %s", self.url, speaker, len(context), options)
-        return self._chunks(inputs, request_id)
+        inputs = _stream_inputs(self, text, speaker, context, first_chunk_frames, chunk_frames, options)
+        return self._chunks(inputs, request_id, AUDIO_OUTPUTS, _chunk)
 
-    def _chunks(self, inputs: list, request_id: str) -> Iterator[np.ndarray]:
+    def stream_turn(
+        self,
+        text: str,
+        speaker: int,
+        context: Sequence[Any] = (),
+        *,
+        first_chunk_frames: int | None = None,
+        chunk_frames: int | None = None,
+        request_id: str = "",
+        with_reference: bool = False,
+        **options: Unpack[Options],
+    ) -> Iterator[TurnChunk]:
+        """`stream` for a conversation's turn: TurnChunks, each chunk's codes beside its audio, the
+        first with how many context segments the server dropped (context_overflow), and
+        `with_reference` the last with the turn's reference (TurnChunk.turn; a server without a
+        turn key refuses it). gRPC only."""
+        inputs = _stream_inputs(self, text, speaker, context, first_chunk_frames, chunk_frames, options)
+        return self._chunks(inputs, request_id, _turn_outputs(with_reference), _turn_chunk)
+
+    def _chunks(self, inputs: list, request_id: str, outputs: Sequence[str], read: Callable[[Any], Chunk | None]) -> Iterator[Chunk]:
+        """The stream's responses, `outputs` asked for, as `read` makes them (None: an empty one, skipped)."""
         # tritonclient allows one stream per client: the first uses our client (its channel is
         # already connected), a stream opened while it runs gets a client of its own.
         own = self._streaming
@@ -295,10 +381,10 @@ class CSMClient:
         try:
             triton.start_stream(lambda result, error: responses.put((result, error)), stream_timeout=self.timeout_s, headers=STREAM_HEADERS)
             # The empty final response (of a request the server cancels) tells that the request ended.
-            outputs = [self.module.InferRequestedOutput("AUDIO")]
+            requested = [self.module.InferRequestedOutput(name) for name in outputs]
             try:
                 triton.async_stream_infer(
-                    self.stream_model_name, inputs, outputs=outputs, request_id=request_id, enable_empty_final_response=True
+                    self.stream_model_name, inputs, outputs=requested, request_id=request_id, enable_empty_final_response=True
                 )
             except InferenceServerException:
                 # The stream broke before the request went out (an unreachable server): its callback has the reason.
@@ -318,9 +404,9 @@ class CSMClient:
                 if error is not None:
                     raise CSMError.wrap(error, self.url) from error
                 finished = _is_final(result)
-                audio = _chunk(result)
-                if audio is not None:
-                    yield audio
+                chunk = read(result)
+                if chunk is not None:
+                    yield chunk
         except self._errors as error:
             raise CSMError.wrap(error, self.url) from error
         finally:
@@ -439,20 +525,35 @@ class AsyncCSMClient:
         Closing it early (aclose(), or cancelling the task that iterates) cancels the request on
         the server; after a `break`, wrap it in contextlib.aclosing to cancel at once rather than
         when it is garbage-collected. gRPC only."""
-        check_streaming(self.protocol)
-        inputs = build_inputs(
-            self.module, text, speaker, context, first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames, **options
-        )
-        logger.debug("stream.aio %s: speaker %d, %d context segments, %s", self.url, speaker, len(context), options)
-        return self._chunks(inputs, request_id)
+        inputs = _stream_inputs(self, text, speaker, context, first_chunk_frames, chunk_frames, options)
+        return self._chunks(inputs, request_id, AUDIO_OUTPUTS, _chunk)
 
-    async def _chunks(self, inputs: list, request_id: str) -> AsyncIterator[np.ndarray]:
+    def stream_turn(
+        self,
+        text: str,
+        speaker: int,
+        context: Sequence[Any] = (),
+        *,
+        first_chunk_frames: int | None = None,
+        chunk_frames: int | None = None,
+        request_id: str = "",
+        with_reference: bool = False,
+        **options: Unpack[Options],
+    ) -> AsyncIterator[TurnChunk]:
+        """CSMClient.stream_turn as an async iterator; closing it early cancels, as for `stream`. gRPC only."""
+        inputs = _stream_inputs(self, text, speaker, context, first_chunk_frames, chunk_frames, options)
+        return self._chunks(inputs, request_id, _turn_outputs(with_reference), _turn_chunk)
+
+    async def _chunks(
+        self, inputs: list, request_id: str, outputs: Sequence[str], read: Callable[[Any], Chunk | None]
+    ) -> AsyncIterator[Chunk]:
+        """CSMClient._chunks for asyncio."""
         import grpc  # grpc.aio's stream call raises its own errors, not tritonclient's
 
         async def requests() -> AsyncIterator[dict]:
             # One request, then the request side closes: the server ends the call after the last response.
-            outputs = [self.module.InferRequestedOutput("AUDIO")]
-            yield {"model_name": self.stream_model_name, "inputs": inputs, "outputs": outputs, "request_id": request_id}
+            requested = [self.module.InferRequestedOutput(name) for name in outputs]
+            yield {"model_name": self.stream_model_name, "inputs": inputs, "outputs": requested, "request_id": request_id}
 
         responses = self._triton().stream_infer(requests(), stream_timeout=self.timeout_s, headers=STREAM_HEADERS)
         pending: asyncio.Future | None = None  # the next response, awaited across silence probes
@@ -471,9 +572,9 @@ class AsyncCSMClient:
                 result, error = item
                 if error is not None:
                     raise CSMError.wrap(error, self.url) from error
-                audio = _chunk(result)
-                if audio is not None:
-                    yield audio
+                chunk = read(result)
+                if chunk is not None:
+                    yield chunk
             finished = True
         except grpc.RpcError as error:
             raise CSMError.wrap(InferenceServerException(error.details(), str(error.code())), self.url) from error

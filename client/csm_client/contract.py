@@ -41,6 +41,10 @@ MAX_AUDIO_LENGTH_MS = 30_000  # MAX_AUDIO_LENGTH_MS's upper bound
 
 STANDARD_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 
+# CONTEXT_OVERFLOW's values: what the server does with a context whose prompt does not fit the model.
+# "refuse": an INVALID_ARG; "drop_oldest": the oldest segments, but for the pinned ones, are left out until it fits.
+CONTEXT_OVERFLOW_MODES = ("refuse", "drop_oldest")
+
 MAX_RESAMPLING_FILTER = 1_000_000
 """Elements of torchaudio's resampling filter that a context sample rate may need.
 
@@ -94,6 +98,12 @@ INPUTS: dict[str, Tensor] = {
     "FIRST_CHUNK_FRAMES": Tensor("INT32", _INT32, _ONE, default=FIRST_CHUNK_FRAMES, least=1),
     "CHUNK_FRAMES": Tensor("INT32", _INT32, _ONE, default=CHUNK_FRAMES, least=1),  # absent: adaptive, up to CHUNK_FRAMES
     "VOICE": Tensor("BYTES", _BYTES, _ONE),
+    "CONTEXT_OVERFLOW": Tensor("BYTES", _BYTES, _ONE, default=CONTEXT_OVERFLOW_MODES[0]),  # one of CONTEXT_OVERFLOW_MODES
+    "CONTEXT_PINNED": Tensor("INT32", _INT32, _ONE, default=0, least=0),  # at most the context's segments
+    # Each segment's turn by reference (csm_client.turns; b"" for one sent as text, audio or codes),
+    # which csm_stream opens with its turn_key, and how much of that turn was played (-1: all of it).
+    "CONTEXT_TURN": Tensor("BYTES", _BYTES, _LIST),
+    "CONTEXT_PLAYED_MS": Tensor("INT32", _INT32, _LIST, default=-1, least=-1),
 }
 # Inputs of the streaming models only (csm_stream, text_stream_tts): the unary csm model has no chunks.
 STREAM_INPUTS = ("FIRST_CHUNK_FRAMES", "CHUNK_FRAMES")
@@ -101,6 +111,8 @@ STREAM_INPUTS = ("FIRST_CHUNK_FRAMES", "CHUNK_FRAMES")
 OUTPUTS: dict[str, Tensor] = {
     "AUDIO": Tensor("FP32", _FP32, _LIST),  # 24 kHz mono samples
     "AUDIO_CODES": Tensor("INT32", _INT32, (-1, AUDIO_NUM_CODEBOOKS)),  # [frames, 32]
+    "CONTEXT_DROPPED": Tensor("INT32", _INT32, _ONE),  # on a stream's first response: the context segments dropped
+    "TURN": Tensor("BYTES", _BYTES, _ONE),  # on a completed stream's final response: the turn's reference (csm_client.turns)
 }
 
 

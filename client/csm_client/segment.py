@@ -1,5 +1,6 @@
 """Conversation segments: the record of one turn, shared by the client and the server's in-process
-API (csm_triton.request imports it), and its packing into the model's context tensors.
+API (csm_triton.request imports it), a turn by reference (`TurnRef`, for a server's csm_stream to
+open), and their packing into the model's context tensors.
 
 Numpy only, so the client installs with numpy and tritonclient alone; torch is imported only when
 resampling is needed.
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .contract import INPUTS, SAMPLE_RATE
+from .contract import INPUTS, INT32_MAX, SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,24 @@ class Segment:
                 raise ValueError("segment audio: must hold at least one sample; leave audio=None for a text-only segment")
 
 
+@dataclass(frozen=True)
+class TurnRef:
+    """An earlier turn named by its reference (`TurnChunk.turn` of a stream asked `with_reference`,
+    or the gateway's `turn`), which carries its text, speaker and codes: the request sends this
+    string in their place, and csm_stream opens it with its turn key. `played_ms`: how much of the
+    turn was played before it was stopped (its first floor(played_ms / 80) frames enter the
+    prompt); None: all of it."""
+
+    ref: str
+    played_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ref, str) or not self.ref:
+            raise ValueError(f"turn ref: must be a turn reference string, got {self.ref!r:.80}")
+        if self.played_ms is not None and not 0 <= whole_number(self.played_ms, "turn played_ms:") <= INT32_MAX:
+            raise ValueError(f"turn played_ms: must be in [0, {INT32_MAX}], got {self.played_ms}")
+
+
 def resample(audio: np.ndarray, sample_rate: int, new_rate: int) -> np.ndarray:
     """torchaudio's resampler, the one the server uses, so a segment resampled here is encoded
     exactly as it would be in process."""
@@ -126,14 +145,26 @@ def resample(audio: np.ndarray, sample_rate: int, new_rate: int) -> np.ndarray:
 def context_arrays(context: Sequence[Any]) -> dict[str, np.ndarray]:
     """Context segments (`Segment`s, or anything with `.speaker`, `.text`, `.audio` and
     `.sample_rate`, and optionally `.codes`: the AUDIO_CODES the server returned for that turn,
-    [frames, 32], sent instead of its audio and never encoded) -> the CONTEXT_* input arrays of one
-    request, each with its batch dimension of 1. Empty context -> no arrays; text-only context -> no
-    audio arrays; no codes -> no codes arrays."""
+    [frames, 32], sent instead of its audio and never encoded; or `TurnRef`s) -> the CONTEXT_*
+    input arrays of one request, each with its batch dimension of 1. Empty context -> no arrays;
+    text-only context -> no audio arrays; no codes -> no codes arrays; no TurnRef -> no
+    CONTEXT_TURN nor CONTEXT_PLAYED_MS (a server without a turn key refuses them)."""
     if not context:
         return {}
-    texts, speakers, clips, rates, codes = [], [], [], [], []
+    texts, speakers, clips, rates, codes, references, played = [], [], [], [], [], [], []
     for index, segment in enumerate(context):
         field = f"context[{index}]"
+        if isinstance(segment, TurnRef):  # its text, speaker and codes are the reference's own
+            texts.append(b"")
+            speakers.append(0)
+            clips.append(None)
+            codes.append(None)
+            rates.append(SAMPLE_RATE)
+            references.append(segment.ref.encode("utf-8"))
+            played.append(-1 if segment.played_ms is None else segment.played_ms)
+            continue
+        references.append(b"")
+        played.append(-1)
         if not isinstance(segment.text, str):
             raise ValueError(f"{field}.text: must be a string, got {type(segment.text).__name__}")
         audio = getattr(segment, "audio", None)
@@ -161,6 +192,9 @@ def context_arrays(context: Sequence[Any]) -> dict[str, np.ndarray]:
     if any(frames is not None for frames in codes):
         arrays["CONTEXT_CODES"] = np.concatenate([frames.reshape(-1) for frames in codes if frames is not None]).astype(np.int32)[None]
         arrays["CONTEXT_CODES_LENGTHS"] = np.array([[0 if frames is None else len(frames) for frames in codes]], dtype=np.int32)
+    if any(references):
+        arrays["CONTEXT_TURN"] = np.array([references], dtype=np.object_)
+        arrays["CONTEXT_PLAYED_MS"] = np.array([played], dtype=np.int32)
     audio_rates = {rate for rate, clip in zip(rates, clips, strict=True) if clip is not None}
     if not audio_rates:
         return arrays

@@ -23,6 +23,7 @@ import numpy as np
 from csm_client.contract import (
     AUDIO_NUM_CODEBOOKS,
     AUDIO_VOCAB_SIZE,
+    CONTEXT_OVERFLOW_MODES,
     FRAME_MS,
     INPUTS,
     INT64_MAX,
@@ -61,6 +62,8 @@ API_NAMES: Mapping[str, str] = {
     "first_chunk_frames": "first_chunk_frames:",
     "chunk_frames": "chunk_frames:",
     "voice": "voice:",
+    "context_overflow": "context_overflow:",
+    "context_pinned": "context_pinned:",
 }
 
 
@@ -109,6 +112,10 @@ class GenerationRequest:
     # A voice of the serving Generator's library (Generator.voices), by name: its clip's codes,
     # encoded once, go before `context`. Never the clip itself, so it is never sent or hashed again.
     voice: str | None = None
+    # A context too long for the prompt: refused ("refuse"), or its oldest segments dropped until it
+    # fits ("drop_oldest"), all but the first `context_pinned` (and the voice's clip), which stay.
+    context_overflow: str = INPUTS["CONTEXT_OVERFLOW"].default
+    context_pinned: int = INPUTS["CONTEXT_PINNED"].default
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
@@ -124,6 +131,9 @@ class GenerationRequest:
             self.seed = whole_number(self.seed, "seed:")
         if self.voice is not None and not isinstance(self.voice, str):
             raise ValueError(f"voice: must be a voice's name, got {type(self.voice).__name__}")
+        if not isinstance(self.context_overflow, str):
+            raise ValueError(f"context_overflow: must be a string, got {type(self.context_overflow).__name__}")
+        self.context_pinned = whole_number(self.context_pinned, "context_pinned:")
 
     @property
     def max_frames(self) -> int:
@@ -194,9 +204,13 @@ class RequestLimits:
 
     @property
     def max_prompt_positions(self) -> int:
-        """The longest prompt that leaves room for one frame: the prompt and every frame but the
-        last must fit below the last position (see Engine.check_fields)."""
-        return self.max_positions - 2
+        """The longest prompt that leaves room for one frame."""
+        return self.prompt_room(1)
+
+    def prompt_room(self, max_frames: int) -> int:
+        """The longest prompt that leaves room for `max_frames` frames: the prompt and every frame
+        but the last must fit below the last position (Engine.check_fields)."""
+        return self.max_positions - max_frames - 1
 
     def max_context_samples(self, sample_rate: int) -> int:
         """The most samples at `sample_rate` whose audio alone fits the prompt."""
@@ -208,8 +222,12 @@ class RequestLimits:
         _check_text(request.text, names["text"], self.max_text_bytes, "max_text_bytes")
         check_input_range(request.speaker, "SPEAKER", INPUTS["SPEAKER"].most, names["speaker"])
         self.check_segment_count(len(request.context), names)
+        check_overflow(request.context_overflow, request.context_pinned, len(request.context), names)
         audio_so_far = 0  # prompt positions of the context audio (and codes) up to the segment checked
         for index, segment in enumerate(request.context):
+            if request.context_overflow == "drop_oldest":
+                # The context may hold more than the prompt (Generator.stream keeps what fits); each segment must fit alone.
+                audio_so_far = 0
             has_audio = segment.audio is not None or segment.codes is not None
             label = _label(names, "context.text", index)
             _check_text(segment.text, label, self.max_context_text_bytes, "max_context_text_bytes", may_be_empty=has_audio)
@@ -258,6 +276,18 @@ class RequestLimits:
                 f"positions, more than the {self.max_prompt_positions} that fit the model's {self.max_positions}; at "
                 f"{sample_rate} Hz at most {self.max_context_samples(sample_rate)} samples fit"
             )
+
+
+def check_overflow(mode: str, pinned: int, segments: int, names: Mapping[str, str] = API_NAMES) -> None:
+    """context_overflow is a known mode, and context_pinned counts from none to every context segment."""
+    if mode not in CONTEXT_OVERFLOW_MODES:
+        modes = " or ".join(repr(known) for known in CONTEXT_OVERFLOW_MODES)
+        raise ValueError(f"{names['context_overflow']} must be {modes}, got {mode[:80]!r}")
+    if not INPUTS["CONTEXT_PINNED"].least <= pinned <= segments:
+        raise ValueError(
+            f"{names['context_pinned']} must be in [{INPUTS['CONTEXT_PINNED'].least}, {segments}], at most the number of "
+            f"context segments ({segments}), got {pinned}"
+        )
 
 
 def _check_text(text: str, label: str, max_bytes: int, parameter: str, may_be_empty: bool = False) -> None:

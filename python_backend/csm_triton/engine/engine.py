@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -19,6 +19,7 @@ import torch
 from ..model.model import CSM, compile_hot_path
 from ..model.sampling import Sampler
 from .graphs import FrameGraphs, SlotStart
+from .prefix_pool import PrefixPool, block_keys
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class _Slot:
     frames: int = 0  # frames generated so far
     pending: torch.Tensor | None = None  # [32] last frame, fed to the backbone next step (dynamic path)
     in_graph: bool = False  # running on the frame step, which keeps its state on the device
+    keys: list[bytes] = field(default_factory=list)  # the prefix pool's keys of its prompt's whole blocks
+    generated: list[torch.Tensor] = field(default_factory=list)  # [32] codes of each frame, on the host
 
 
 class Engine:
@@ -73,10 +76,18 @@ class Engine:
     number of streams. Otherwise the step has the shapes of the slots it runs, which is fastest
     on the CPU. `compile` (default: on CUDA) compiles the frame step's pieces before they are
     captured (model.compile_hot_path): a few fused kernels instead of thousands a frame. On the
-    CPU, compiling means the fixed-shape frame step (uncaptured), compiled bucket by bucket at load."""
+    CPU, compiling means the fixed-shape frame step (uncaptured), compiled bucket by bucket at load.
+    `prefix_pool_bytes` (0: none) bounds the PrefixPool, from which a prompt's cached beginning is
+    copied instead of prefilled; a prompt, and a stream's prompt and frames when it ends, go into it."""
 
     def __init__(
-        self, model: CSM, slots: int, frame_graphs: bool | None = None, prefill_chunk: int | None = None, compile: bool | None = None
+        self,
+        model: CSM,
+        slots: int,
+        frame_graphs: bool | None = None,
+        prefill_chunk: int | None = None,
+        compile: bool | None = None,
+        prefix_pool_bytes: int = 0,
     ) -> None:
         if slots <= 0:
             raise ValueError(f"slots: must be positive, got {slots}")
@@ -99,6 +110,7 @@ class Engine:
             if compile:
                 compile_hot_path(model)
             self.graphs.warm_up()
+        self.prefix_pool = PrefixPool(model, prefix_pool_bytes) if prefix_pool_bytes else None
         self._slots: list[_Slot | None] = [None] * slots
         self._cancelled: list[StepResult] = []  # reported by the next step
         self._ids = itertools.count()
@@ -120,7 +132,8 @@ class Engine:
         if positions >= self.max_seq_len - max_frames:
             raise ValueError(
                 f"prompt: {positions} positions of context and text plus up to {max_frames} frames "
-                f"exceed the model's {self.max_seq_len}-position limit; shorten the context or the maximum audio length"
+                f"exceed the model's {self.max_seq_len}-position limit; shorten the context or the maximum audio length, "
+                "or let context_overflow 'drop_oldest' leave out the oldest turns"
             )
 
     def start(self, request: SlotRequest) -> int:
@@ -131,7 +144,11 @@ class Engine:
         if index is None:
             raise RuntimeError(f"every one of the {self.num_slots} slots is busy")
         request_id = next(self._ids)
-        self._slots[index] = _Slot(request_id, request)
+        slot = self._slots[index] = _Slot(request_id, request)
+        if self.prefix_pool is not None:
+            slot.keys = block_keys(request.tokens, request.mask, [], self.prefix_pool.root)
+            # At least the prompt's last position is fed: its output samples the first frame.
+            slot.position = self.prefix_pool.reuse(index, slot.keys, len(request.tokens) - 1)
         return request_id
 
     def cancel(self, request_id: int) -> None:
@@ -139,6 +156,7 @@ class Engine:
         "cancelled"; an id in no slot (already ended) is ignored."""
         for index, slot in enumerate(self._slots):
             if slot is not None and slot.request_id == request_id:
+                self._remember(index)
                 self._free(index)
                 self._cancelled.append(StepResult(request_id, None, "cancelled"))
 
@@ -200,6 +218,23 @@ class Engine:
             self.graphs.state.stop(index)
         self._slots[index] = None
 
+    def _remember(self, index: int) -> None:
+        """Put what slot `index` has cached into the prefix pool: its prompt and the frames it fed
+        back, as the next turn's prompt holds them (audio frames: codes, no text)."""
+        slot = self._slots[index]
+        if self.prefix_pool is None:
+            return
+        tokens, mask = slot.request.tokens, slot.request.mask
+        fed = slot.position - len(tokens)  # frames fed back after the prompt
+        if fed > 0:
+            frames = torch.zeros(fed, self.num_codebooks + 1, dtype=torch.long)
+            frames[:, :-1] = torch.stack(slot.generated[:fed])
+            frame_mask = torch.zeros_like(frames, dtype=torch.bool)
+            frame_mask[:, :-1] = True
+            tokens, mask = torch.cat([tokens, frames]), torch.cat([mask, frame_mask])
+            slot.keys = block_keys(tokens, mask, slot.keys, self.prefix_pool.root)
+        self.prefix_pool.store(index, slot.keys, slot.position)
+
     def _compact(self) -> None:
         """Move the highest busy slots into the free rows below them (their KV cache rows and
         device state with them), so that the busy slots are rows 0..n-1."""
@@ -250,6 +285,8 @@ class Engine:
         for row, (index, first, count) in enumerate(pieces):
             slot = self._slots[index]
             slot.position = first + count
+            if slot.position == self._prompt_end(slot):
+                self._remember(index)
             if slot.position == len(slot.request.tokens):
                 completed[index] = hidden[row, count - 1]
         return completed
@@ -322,11 +359,15 @@ class Engine:
         slot = self._slots[index]
         on_device = None if codes.device == codes_host.device else codes
         if not codes_host.any():  # an all-zero frame is the end of the utterance; it is not audio
+            self._remember(index)
             self._slots[index] = None
             return StepResult(slot.request_id, None, "eos")
         slot.frames += 1
         self.stats.frames += 1
+        if self.prefix_pool is not None:
+            slot.generated.append(codes_host)
         if slot.frames == slot.request.max_frames:
+            self._remember(index)
             self._slots[index] = None
             return StepResult(slot.request_id, codes_host, "length", on_device)
         slot.pending = pending

@@ -23,6 +23,7 @@ from csm_client.contract import SAMPLE_RATE
 
 from ..model import checkpoint
 from ..model.codec import MimiCodec, StreamingDecoder
+from ..model.config import DEFAULT_PREFIX_CACHE_MB, MIB
 from ..model.quantize import check_scheme
 from ..request import GenerationRequest, RequestLimits, Segment, check_chunking
 from .engine import Engine
@@ -87,14 +88,21 @@ class Generator:
         chunking: ChunkPlan = ADAPTIVE,
     ) -> Stream:
         """The request's stream, once its prompt is known to fit the model (a ValueError
-        "prompt: ..." otherwise), the one check that needs the tokenizer. Context audio is left
-        for the loop's generation thread to resample and encode (`Stream.prepare`), so that the
-        caller's thread (the engine process's reader) is not held by it."""
+        "prompt: ..." otherwise), the one check that needs the tokenizer; under context_overflow
+        "drop_oldest", once the oldest context segments that keep it from fitting are left out
+        (`Stream.context_dropped`). Context audio is left for the loop's generation thread to
+        resample and encode (`Stream.prepare`), so that the caller's thread (the engine process's
+        reader) is not held by it."""
+        pinned = request.context_pinned
         if request.voice is not None:
             request = dataclasses.replace(request, context=[self.voices[request.voice], *request.context], voice=None)
+            pinned += 1
+        dropped = 0
+        if request.context_overflow == "drop_oldest":
+            request, dropped = self._fit_context(request, pinned)
         seed = request.seed if request.seed is not None else random.getrandbits(63)
         sampling = (request.max_frames, request.temperature, request.topk, seed)
-        stream = Stream(None, None, *sampling, deliver, decode_audio, chunking)
+        stream = Stream(None, None, *sampling, deliver, decode_audio, chunking, context_dropped=dropped)
         if not any(segment.audio is not None for segment in request.context):
             stream.tokens, stream.mask = self.prompt(request.text, request.speaker, request.context)
             self.engine.check(stream)
@@ -102,6 +110,26 @@ class Generator:
         self.engine.check_fields(self.prompts.positions(request.text, request.speaker, request.context), request.max_frames)
         stream.prepare = functools.partial(self.prompt, request.text, request.speaker, request.context)
         return stream
+
+    def _fit_context(self, request: GenerationRequest, pinned: int) -> tuple[GenerationRequest, int]:
+        """The request without as few of its oldest context segments after the first `pinned` as
+        let its prompt fit with room for its frames, and how many it left out, counted without
+        encoding anything. Raises ValueError "prompt: ..." when it does not fit without any of them."""
+        context = request.context
+        sizes = [self.prompts.segment_positions(segment) for segment in context]
+        room = self.limits.prompt_room(request.max_frames)
+        excess = self.prompts.positions(request.text, request.speaker, []) + sum(sizes) - room
+        dropped = 0
+        while excess > 0 and pinned + dropped < len(context):
+            excess -= sizes[pinned + dropped]
+            dropped += 1
+        if excess > 0:
+            raise ValueError(
+                f"prompt: {room + excess} positions of pinned context and text plus up to {request.max_frames} frames exceed the "
+                f"model's {self.limits.max_positions}-position limit even with all unpinned context segments ({dropped}) dropped "
+                "(context_overflow 'drop_oldest'); pin fewer segments, or shorten the text or the maximum audio length"
+            )
+        return dataclasses.replace(request, context=[*context[:pinned], *context[pinned + dropped :]]), dropped
 
     def submit(
         self, request: GenerationRequest, deliver: Callable[[Chunk], None], decode_audio: bool = True, chunking: ChunkPlan = ADAPTIVE
@@ -179,9 +207,17 @@ class Generator:
         topk: int = GenerationRequest.topk,
         max_audio_length_ms: int = GenerationRequest.max_audio_length_ms,
         seed: int | None = None,
+        *,
+        context_overflow: str = GenerationRequest.context_overflow,
+        context_pinned: int = GenerationRequest.context_pinned,
     ) -> torch.Tensor:
-        """The sampled Mimi codes [frames, 32], the end-of-audio frame excluded."""
-        request = GenerationRequest(text, speaker, context, temperature, topk, max_audio_length_ms, seed)
+        """The sampled Mimi codes [frames, 32], the end-of-audio frame excluded. `context_overflow`
+        "drop_oldest" leaves out the oldest context segments but the first `context_pinned` until
+        the prompt fits (GenerationRequest), as for every method below."""
+        request = GenerationRequest(
+            text, speaker, context, temperature, topk, max_audio_length_ms, seed,
+            context_overflow=context_overflow, context_pinned=context_pinned,
+        )  # fmt: skip
         return self.generate_codes_batch([request])[0]
 
     def generate(
@@ -193,9 +229,15 @@ class Generator:
         topk: int = GenerationRequest.topk,
         max_audio_length_ms: int = GenerationRequest.max_audio_length_ms,
         seed: int | None = None,
+        *,
+        context_overflow: str = GenerationRequest.context_overflow,
+        context_pinned: int = GenerationRequest.context_pinned,
     ) -> torch.Tensor:
         """Speak `text` as `speaker` after `context`: mono float32 audio [samples] at 24 kHz."""
-        request = GenerationRequest(text, speaker, context, temperature, topk, max_audio_length_ms, seed)
+        request = GenerationRequest(
+            text, speaker, context, temperature, topk, max_audio_length_ms, seed,
+            context_overflow=context_overflow, context_pinned=context_pinned,
+        )  # fmt: skip
         return self.generate_batch([request])[0]
 
     def generate_streaming(
@@ -209,12 +251,18 @@ class Generator:
         seed: int | None = None,
         first_chunk_frames: int | None = None,
         chunk_frames: int | None = None,
+        *,
+        context_overflow: str = GenerationRequest.context_overflow,
+        context_pinned: int = GenerationRequest.context_pinned,
     ) -> Iterator[torch.Tensor]:
         """Audio chunks [samples] as they are generated; joined, they are `generate`'s audio.
         The first holds `first_chunk_frames` frames of 80 ms (default 2); later ones hold
         `chunk_frames` each if given, or else as many as keep ahead of playback, up to 12 (the
         adaptive schedule, pacing.py). Closing the iterator early cancels the generation."""
-        request = GenerationRequest(text, speaker, context, temperature, topk, max_audio_length_ms, seed)
+        request = GenerationRequest(
+            text, speaker, context, temperature, topk, max_audio_length_ms, seed,
+            context_overflow=context_overflow, context_pinned=context_pinned,
+        )  # fmt: skip
         chunks: queue.Queue[Chunk] = queue.Queue()
         stream = self.submit(request, chunks.put, True, chunk_plan(first_chunk_frames, chunk_frames, ADAPTIVE))
         return self._chunks_of(stream, chunks)
@@ -241,10 +289,16 @@ class Generator:
         topk: int = GenerationRequest.topk,
         max_audio_length_ms: int = GenerationRequest.max_audio_length_ms,
         seed: int | None = None,
+        *,
+        context_overflow: str = GenerationRequest.context_overflow,
+        context_pinned: int = GenerationRequest.context_pinned,
     ) -> torch.Tensor:
         """`generate` for asyncio: awaiting does not block the event loop, and cancelling the
         task cancels the generation."""
-        request = GenerationRequest(text, speaker, context, temperature, topk, max_audio_length_ms, seed)
+        request = GenerationRequest(
+            text, speaker, context, temperature, topk, max_audio_length_ms, seed,
+            context_overflow=context_overflow, context_pinned=context_pinned,
+        )  # fmt: skip
         event_loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Chunk]] = event_loop.create_future()
         pieces: list[Chunk] = []
@@ -295,6 +349,7 @@ def load_csm_1b(
     compile: bool | None = None,
     codes_cache_bytes: int | None = None,
     quantize: str | None = None,
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_MB * MIB,
 ) -> Generator:
     """Load a staged model directory, `ckpt.pt` or `model.safetensors` (tokenizer and Mimi beside
     it). Weights are bf16 on CUDA and fp32 on the CPU unless `dtype` says otherwise. On the CPU,
@@ -306,7 +361,9 @@ def load_csm_1b(
     `codes_cache_bytes` bounds the Mimi codes of context audio kept (CodesCache; None: its default).
     `quantize` is how the linear layers are stored and run (model/quantize.py: "none", "bf16" or
     "int8" on the CPU, "none", "int8" or "fp8" on CUDA; None: "int8" for a directory that holds
-    only `python -m export quantize`'s int8 weights, else "none")."""
+    only `python -m export quantize`'s int8 weights, else "none"). `prefix_cache_bytes` bounds the
+    keys and values of prompt prefixes kept for the next turn of a conversation (engine/prefix_pool.py;
+    0: every prompt is prefilled whole)."""
     device = resolve_device(device)
     if device.type == "cuda":  # before anything is allocated or captured: the instance's GPU, not cuda:0
         torch.cuda.set_device(device)
@@ -322,5 +379,5 @@ def load_csm_1b(
     )
     if prefill_chunk is None and device.type == "cuda":
         prefill_chunk = CUDA_PREFILL_CHUNK
-    engine = Engine(model, slots, prefill_chunk=prefill_chunk, compile=compile)
+    engine = Engine(model, slots, prefill_chunk=prefill_chunk, compile=compile, prefix_pool_bytes=prefix_cache_bytes)
     return Generator(engine, prompts, codec, cpu_threads, limits, max_waiting, stall_timeout_s)

@@ -154,13 +154,15 @@ class PromptBuilder:
         """How many positions `build` makes, counted from the audio's sample counts and rates
         without resampling or encoding it, so that a request can be checked at once and its
         context audio resampled and encoded later."""
-        total = len(self._text_ids(text, speaker))
-        for segment in context:
-            total += len(self._text_ids(segment.text, segment.speaker))
-            if segment.audio is not None:
-                total += audio_positions(len(segment.audio), segment.sample_rate)
-            elif segment.codes is not None:
-                total += len(segment.codes) + 1
+        return len(self._text_ids(text, speaker)) + sum(self.segment_positions(segment) for segment in context)
+
+    def segment_positions(self, segment: Segment) -> int:
+        """The positions one context segment takes in the prompt (`positions`' count)."""
+        total = len(self._text_ids(segment.text, segment.speaker))
+        if segment.audio is not None:
+            total += audio_positions(len(segment.audio), segment.sample_rate)
+        elif segment.codes is not None:
+            total += len(segment.codes) + 1
         return total
 
     def build(self, text: str, speaker: int, context: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:

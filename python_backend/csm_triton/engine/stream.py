@@ -3,6 +3,7 @@ delivers, and what the loop's two threads tell each other of it (they share noth
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import deque
@@ -34,6 +35,8 @@ class Chunk:
     audio: torch.Tensor | None  # [frames * 1920] float32 at 24 kHz, None for a codes-only stream
     finish: str | None = None  # on the last chunk: "eos", "length", "cancelled" or "error"
     error: Exception | None = None  # why a stream ended with "error"
+    context_dropped: int | None = None  # on a stream's first chunk: its Stream.context_dropped
+    prompt_positions: int | None = None  # on a stream's first chunk: its prompt's length (time to first audio by it)
 
 
 @dataclass(eq=False)
@@ -57,10 +60,12 @@ class Stream:
     decode_audio: bool = True
     chunking: ChunkPlan = ADAPTIVE
     prepare: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    context_dropped: int = 0  # the request's context segments left out so that its prompt fits (context_overflow)
     started: threading.Event = field(default_factory=threading.Event)  # it has a slot, or has ended
     finished: threading.Event = field(default_factory=threading.Event)  # its last chunk was delivered
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _ended: bool = False  # its last chunk has been handed to `deliver`
+    _sent: bool = False  # its first chunk has been handed to `deliver`
 
     @property
     def prepared(self) -> bool:
@@ -73,10 +78,16 @@ class Stream:
     def send(self, chunk: Chunk) -> None:
         """`deliver` the chunk unless the stream has ended: every stream gets exactly one last
         chunk and nothing after it, whichever thread ends it (the audio thread, or the thread
-        that fails the loop). Raises what `deliver` raises."""
+        that fails the loop). The first chunk carries `context_dropped` and the prompt's length, so that a receiver that
+        holds only the chunks (the engine process's stub) learns it before any audio. Raises what
+        `deliver` raises."""
         with self._lock:
             if self._ended:
                 return
+            if not self._sent:
+                positions = None if self.tokens is None else len(self.tokens)
+                chunk = dataclasses.replace(chunk, context_dropped=self.context_dropped, prompt_positions=positions)
+                self._sent = True
             self._ended = chunk.finish is not None
             self.deliver(chunk)
 

@@ -22,6 +22,9 @@ MIB = 1 << 20
 # How the linear layers are stored and run (model/quantize.py), and which schemes each device has kernels for.
 QUANTIZE_SCHEMES = ("none", "bf16", "int8", "fp8")
 DEVICE_SCHEMES = {"cpu": ("none", "bf16", "int8"), "cuda": ("none", "int8", "fp8")}
+# The prefix pool's bound (engine/prefix_pool.py): the 1B backbone's keys and values take 64 KiB a
+# position in fp32 (32 in bf16), so 512 MiB holds ~8,000 positions: a dozen conversations of 12 turns.
+DEFAULT_PREFIX_CACHE_MB = 512
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ The engine (weights, KV caches, serving loop) runs in a child process of this st
 requests over and returns at once: requests wait for a slot in the engine's queue, which
 `max_waiting_requests` bounds. Every request ends with exactly one final response: its last
 chunk, or an error (INVALID_ARG naming the field, UNAVAILABLE when busy or when the engine
-process died, CANCELLED when the client cancelled)."""
+process died, CANCELLED when the client cancelled). The turn key (serving.ServingConfig.signing_key)
+stays in this process: it opens the context's turn references as a request is read, and signs a
+completed stream's own (TURN) from the codes of the chunks it sent."""
 
 from __future__ import annotations
 
@@ -19,14 +21,16 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from . import bls
 from .orphan import exit_with_server
 from .protocol import ChunkOut, Refused, Status, WorkerSettings
-from .serving import INPUTS, ServingConfig, read_chunking, read_request
+from .serving import INPUTS, ServingConfig, TurnOutput, read_chunking, read_request, turn_output
 from .stream_metrics import StreamMetrics
 from .worker_client import WorkerClient, WorkerUnavailable
 
@@ -51,8 +55,11 @@ class TritonPythonModel:
         self.name = args["model_name"]
         self.orphan_watch = exit_with_server(self.name)  # and the engine process with this one (engine_worker.py)
         self.config = ServingConfig.from_parameters(model_config.get("parameters", {}))
+        self.turn_key = self.config.signing_key()  # signs TURN and opens CONTEXT_TURN here: the engine process never needs it
+        self.outputs = frozenset(output["name"] for output in model_config["output"])
         kind, device_id = args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0))
-        settings = WorkerSettings(self.config, str(self.project_root), args["model_instance_name"], kind, device_id)
+        engine_config = replace(self.config, turn_key="")
+        settings = WorkerSettings(engine_config, str(self.project_root), args["model_instance_name"], kind, device_id)
         self.worker = WorkerClient(
             python=os.path.join(sys.prefix, "bin", "python3"),  # the stub's own Python: its environment has the engine's packages
             settings=settings,
@@ -110,10 +117,11 @@ class TritonPythonModel:
 
     def _hand_over(self, request, sender, forward_id: str | None) -> None:
         arrays = {name: tensor.as_numpy() for name in INPUTS if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
-        generation = read_request(arrays, self.limits, self.voices)
+        generation = read_request(arrays, self.limits, self.voices, self.turn_key)
         chunking = read_chunking(arrays, self.config)
         wanted = request.requested_output_names()
-        link = _Link(request, sender, wanted, self.metrics, self._forget, self.worker.cancel, self.forwarded, forward_id)
+        turn = turn_output(wanted, self.outputs, generation, self.turn_key)
+        link = _Link(request, sender, wanted, self.metrics, self._forget, self.worker.cancel, self.forwarded, forward_id, turn)
         with self._links_lock:  # before the engine can answer: its last chunk removes the link
             try:
                 key = self.worker.generate(generation, link.receive, "AUDIO" in wanted, chunking)
@@ -179,8 +187,9 @@ class _Link:
         cancel,
         forwarded: bls.ForwardedStreams,
         forward_id: str | None,
+        turn: TurnOutput | None,
     ) -> None:
-        self._request, self._sender, self._wanted = request, sender, wanted
+        self._request, self._sender, self._wanted, self._turn = request, sender, wanted, turn
         self._forwarded, self._forward_id = forwarded, forward_id
         self._stopped = forwarded.start(forward_id)  # a front's CANCEL for this request
         self._errors_in_band = bls.errors_in_band(bls.Control(forward_id), wanted)
@@ -188,6 +197,7 @@ class _Link:
         self.key = -1
         self._start = time.monotonic()  # csm_stream took the request; Triton's queue time is not known here
         self._frames = 0  # sent so far
+        self._prompt_positions: int | None = None  # from the first chunk
         self._responses_sent = 0
         self._cancel_asked = False
         self._lock = threading.Lock()
@@ -236,6 +246,17 @@ class _Link:
             outputs.append(pb_utils.Tensor("AUDIO", chunk.audio[None]))
         if "AUDIO_CODES" in self._wanted:
             outputs.append(pb_utils.Tensor("AUDIO_CODES", chunk.codes[None]))
+        if "CONTEXT_DROPPED" in self._wanted and chunk.context_dropped is not None:  # the first response
+            outputs.append(pb_utils.Tensor("CONTEXT_DROPPED", np.array([[chunk.context_dropped]], dtype=np.int32)))
+        if self._turn is not None:
+            self._turn.add(chunk.codes)
+            if chunk.finish is not None:  # completed: a cancelled or failed stream never gets here
+                try:
+                    outputs.append(pb_utils.Tensor("TURN", self._turn.tensor()))
+                except ValueError as error:  # a turn no reference holds (ServingConfig.signing_key rules it out): still one final response
+                    self._metrics.rejected("internal_error")
+                    self._end(pb_utils.TritonError(f"signing the turn failed: {error}", pb_utils.TritonError.INTERNAL))
+                    return
         response = pb_utils.InferenceResponse(output_tensors=outputs)
         if chunk.finish is not None:
             self._end(response=response)
@@ -280,8 +301,10 @@ class _Link:
         """Record a chunk that has just been sent."""
         elapsed_s = time.monotonic() - self._start
         frames = len(chunk.codes)
+        if chunk.prompt_positions is not None:
+            self._prompt_positions = chunk.prompt_positions
         if frames and not self._frames:
-            self._metrics.first_audio(elapsed_s)
+            self._metrics.first_audio(elapsed_s, self._prompt_positions)
         self._frames += frames
         self._metrics.audio_sent(frames)
         if last and self._frames:

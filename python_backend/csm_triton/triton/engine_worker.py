@@ -28,7 +28,7 @@ from ..engine.generator import Generator, load_csm_1b
 from ..engine.prompt import codes_cache_bytes
 from ..engine.stream import Busy, Chunk, LoopFailed, Stream
 from ..model import checkpoint
-from ..model.config import ModelConfig
+from ..model.config import MIB, ModelConfig
 from ..model.model import slots_within_budget
 from ..request import GenerationRequest, Segment
 from .protocol import (
@@ -93,6 +93,7 @@ def load(settings: WorkerSettings) -> tuple[Generator, Ready]:
         stall_timeout_s=config.stall_timeout_s,
         compile=COMPILE[config.compile],
         codes_cache_bytes=codes_cache_bytes(config.codes_cache_mb),
+        prefix_cache_bytes=config.prefix_cache_mb * MIB,
         quantize=None if config.quantize == "auto" else config.quantize,
     )
     with torch.inference_mode():  # each voice's clip encoded once, here; requests name it
@@ -198,7 +199,7 @@ class _Server:
         if chunk.finish is not None:
             with self._lock:
                 self._streams.pop(key, None)
-        self.send(ChunkOut(key, codes, audio, chunk.finish, error))
+        self.send(ChunkOut(key, codes, audio, chunk.finish, error, chunk.context_dropped, chunk.prompt_positions))
 
     def _report_forever(self) -> None:
         while True:
@@ -206,7 +207,10 @@ class _Server:
             loop, engine = self.generator.stats(), self.generator.engine.stats
             try:
                 codes_cache = self.generator.prompts.codes_cache.stats()
-                self.send(Heartbeat(dataclasses.asdict(loop), dataclasses.asdict(engine), self.generator.health(), codes_cache))
+                pool = self.generator.engine.prefix_pool
+                prefix_pool = pool.stats() if pool is not None else {}
+                health = self.generator.health()
+                self.send(Heartbeat(dataclasses.asdict(loop), dataclasses.asdict(engine), health, codes_cache, prefix_pool))
             except OSError:
                 return
             idle = loop.streams == 0 and self._served_since_trim

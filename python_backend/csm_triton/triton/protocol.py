@@ -145,6 +145,8 @@ class ChunkOut:
     audio: np.ndarray | None  # [frames * 1920] float32, None for a codes-only stream
     finish: str | None = None
     error: str | None = None
+    context_dropped: int | None = None  # on the first chunk: the request's context segments left out (context_overflow)
+    prompt_positions: int | None = None  # on the first chunk: the prompt's length
 
 
 @dataclass(frozen=True)
@@ -153,3 +155,4 @@ class Heartbeat:
     engine: dict  # engine.EngineStats as a dict
     health: str | None  # ServingLoop.health(): None while it serves
     codes_cache: dict = field(default_factory=dict)  # prompt.CodesCache.stats()
+    prefix_pool: dict = field(default_factory=dict)  # prefix_pool.PrefixPool.stats(); empty without a pool

@@ -6,22 +6,25 @@ and the csm_stream model (csm_stream.py) only passes tensors on. Every input is 
 type and shape before any of its values is read, and all of them together for their size; the
 values are then checked by the shared `RequestLimits.check`. Every error is a ValueError whose
 message starts with the tensor's name, which the model returns as INVALID_ARG for that request
-alone.
+alone. Turn references (csm_client.turns) are opened here, and a stream's own is signed here
+(`TurnOutput`), with the turn key that stays in the stub's process.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-from csm_client.contract import CHUNK_FRAMES, FIRST_CHUNK_FRAMES, INPUTS, STREAM_INPUTS
+from csm_client import turns
+from csm_client.contract import AUDIO_NUM_CODEBOOKS, CHUNK_FRAMES, FIRST_CHUNK_FRAMES, FRAME_MS, INPUTS, STREAM_INPUTS
 from csm_client.segment import mono_samples
 
 from ..engine.pacing import STALL_TIMEOUT_S, ChunkPlan, chunk_plan
-from ..model.config import QUANTIZE_SCHEMES, ModelConfig
+from ..model.config import DEFAULT_PREFIX_CACHE_MB, QUANTIZE_SCHEMES, ModelConfig
 from ..request import GenerationRequest, RequestLimits, Segment, check_chunking
 
 _BYTES = np.dtype(object)
@@ -45,6 +48,8 @@ TRITON_NAMES = {
     "first_chunk_frames": "FIRST_CHUNK_FRAMES:",
     "chunk_frames": "CHUNK_FRAMES:",
     "voice": "VOICE:",
+    "context_overflow": "CONTEXT_OVERFLOW:",
+    "context_pinned": "CONTEXT_PINNED:",
 }
 
 # Parameters the python backend itself reads (a packed environment for the stub); not the model's.
@@ -52,6 +57,8 @@ BACKEND_PARAMETERS = frozenset({"EXECUTION_ENV_PATH"})
 
 
 COMPILE = {"auto": None, "on": True, "off": False}  # the compile parameter, as Engine takes it
+
+TURN_KEY_ENV = "CSM_TURN_KEY"  # overrides the turn_key parameter: a Secret's value, kept out of config.pbtxt
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,8 @@ class ServingConfig:
     kv_cache_memory_mb: int = 0  # MiB the KV caches of all slots may take; 0: no bound
     voices_dir: str = ""  # the voice library (csm_triton/triton/voices.py); "": none
     codes_cache_mb: int = 64  # MiB of context audio's Mimi codes kept (prompt.CodesCache); 0: none; CSM_CODES_CACHE_MB overrides
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # MiB of prompt prefixes' keys and values kept (prefix_pool.PrefixPool); 0: none
+    turn_key: str = ""  # signs and opens turn references (TURN, CONTEXT_TURN); "": they are refused; CSM_TURN_KEY overrides
     max_waiting_requests: int = 32  # requests waiting for a slot at most; more are refused as busy
     stall_timeout_s: float = STALL_TIMEOUT_S  # a serving-loop round longer than this: the engine is hung
     max_engine_restarts: int = 3  # engine processes that may end within engine_restart_window_s
@@ -102,8 +111,9 @@ class ServingConfig:
             raise ValueError("config.pbtxt parameters: max_waiting_requests and the timeouts must be > 0, max_engine_restarts >= 0")
         if config.kv_cache_memory_mb < 0:
             raise ValueError(f"kv_cache_memory_mb: must be >= 0 (0: no bound), got {config.kv_cache_memory_mb}")
-        if config.codes_cache_mb < 0:
-            raise ValueError(f"codes_cache_mb: must be >= 0 (0: no cache), got {config.codes_cache_mb}")
+        for name in ("codes_cache_mb", "prefix_cache_mb"):
+            if getattr(config, name) < 0:
+                raise ValueError(f"{name}: must be >= 0 (0: no cache), got {getattr(config, name)}")
         RequestLimits(**config.limit_parameters())  # refuses a limit out of range, naming it
         check_chunking(config.first_chunk_frames, config.chunk_frames, config.max_audio_length_ms)
         if config.compile not in COMPILE:
@@ -113,6 +123,23 @@ class ServingConfig:
         if config.chunk_schedule not in ("adaptive", "fixed"):
             raise ValueError(f'chunk_schedule: must be "adaptive" or "fixed", got {config.chunk_schedule!r}')
         return config
+
+    def signing_key(self) -> bytes | None:
+        """The key of turn references: CSM_TURN_KEY, else the turn_key parameter; None when neither
+        is set, and TURN and CONTEXT_TURN are refused. Never made up here: every replica behind one
+        load balancer must hold the same key for a reference one gave to open on the next."""
+        key = os.environ.get(TURN_KEY_ENV) or self.turn_key
+        if not key:
+            return None
+        if len(key) < turns.MIN_KEY_CHARS:
+            source = f" (from {TURN_KEY_ENV})" if os.environ.get(TURN_KEY_ENV) else ""
+            raise ValueError(f"turn_key: must be at least {turns.MIN_KEY_CHARS} characters (openssl rand -hex 32), got {len(key)}{source}")
+        if self.max_audio_length_ms // FRAME_MS > turns.MAX_FRAMES or self.max_text_bytes > turns.MAX_TEXT_BYTES:
+            raise ValueError(
+                f"turn_key: a turn reference holds at most {turns.MAX_FRAMES * FRAME_MS} ms of audio and {turns.MAX_TEXT_BYTES} bytes "
+                f"of text, less than max_audio_length_ms {self.max_audio_length_ms} and max_text_bytes {self.max_text_bytes} allow"
+            )
+        return key.encode("utf-8")
 
     def chunk_plan(self) -> ChunkPlan:
         """How a streaming request that asks for no chunk sizes is cut."""
@@ -191,7 +218,7 @@ def _text(value: bytes, label: str) -> str:
         raise ValueError(f"{label} is not valid UTF-8 ({error.reason} at byte {error.start})") from None
 
 
-def _context(arrays: dict[str, np.ndarray], limits: RequestLimits) -> list[Segment]:
+def _context(arrays: dict[str, np.ndarray], limits: RequestLimits, drop_oldest: bool, turn_key: bytes | None) -> list[Segment]:
     texts = _list(arrays, "CONTEXT_TEXT", np.zeros(0, dtype=object))
     speakers = _list(arrays, "CONTEXT_SPEAKER", np.zeros(0, dtype=np.int32))
     lengths = _list(arrays, "CONTEXT_AUDIO_LENGTHS", np.zeros(len(texts), dtype=np.int32)).astype(np.int64)
@@ -212,11 +239,14 @@ def _context(arrays: dict[str, np.ndarray], limits: RequestLimits) -> list[Segme
         # when the request's input tensors may be gone.
         audio = np.array(mono_samples(audio, "CONTEXT_AUDIO:"))
         limits.check_sample_rate(sample_rate, TRITON_NAMES["context.sample_rate"])
-    codes = _context_codes(arrays, lengths, limits)
+    codes = _context_codes(arrays, lengths, limits, drop_oldest)
+    referred = _context_turns(arrays, texts, lengths, codes, turn_key)
     segments, offset = [], 0
-    for index, (text, speaker, length) in enumerate(zip(texts, speakers, lengths, strict=True)):
+    for index, (text, speaker, length, turn) in enumerate(zip(texts, speakers, lengths, referred, strict=True)):
         text = _text(text, TRITON_NAMES["context.text"].format(index=index))
-        if length:
+        if turn is not None:
+            segments.append(turn)
+        elif length:
             segments.append(Segment(int(speaker), text, audio[offset : offset + length], sample_rate=sample_rate))
         else:
             segments.append(Segment(int(speaker), text, codes=codes[index]))
@@ -224,10 +254,14 @@ def _context(arrays: dict[str, np.ndarray], limits: RequestLimits) -> list[Segme
     return segments
 
 
-def _context_codes(arrays: dict[str, np.ndarray], audio_lengths: np.ndarray, limits: RequestLimits) -> list[np.ndarray | None]:
+def _context_codes(
+    arrays: dict[str, np.ndarray], audio_lengths: np.ndarray, limits: RequestLimits, drop_oldest: bool
+) -> list[np.ndarray | None]:
     """Each context segment's codes [frames, 32] from CONTEXT_CODES (all segments' frames x 32
     values, in order) and CONTEXT_CODES_LENGTHS (frames a segment, 0 for one without), or None.
-    Counted before any is read: they must fit the prompt (their values are RequestLimits.check's)."""
+    Counted before any is read: they must fit the prompt, each alone under CONTEXT_OVERFLOW
+    drop_oldest (the engine keeps those that fit), all together otherwise (their values are
+    RequestLimits.check's)."""
     frames = _list(arrays, "CONTEXT_CODES_LENGTHS", np.zeros(len(audio_lengths), dtype=np.int32)).astype(np.int64)
     values = _list(arrays, "CONTEXT_CODES", np.zeros(0, dtype=np.int32))
     if len(frames) != len(audio_lengths):
@@ -241,10 +275,11 @@ def _context_codes(arrays: dict[str, np.ndarray], audio_lengths: np.ndarray, lim
         )
     # Each segment's codes take a prompt position a frame and one more: more than fit are refused
     # before the values are sliced or copied.
-    positions = int((frames + (frames > 0)).sum())
+    counted = frames.max(initial=0, keepdims=True) if drop_oldest else frames
+    positions = int((counted + (counted > 0)).sum())
     if positions > limits.max_prompt_positions:
         raise ValueError(
-            f"CONTEXT_CODES_LENGTHS: {int(frames.sum())} frames of context codes take {positions} prompt positions, more than "
+            f"CONTEXT_CODES_LENGTHS: {int(counted.sum())} frames of context codes take {positions} prompt positions, more than "
             f"the {limits.max_prompt_positions} that fit the model's {limits.max_positions}"
         )
     width = limits.audio_num_codebooks
@@ -259,22 +294,110 @@ def _context_codes(arrays: dict[str, np.ndarray], audio_lengths: np.ndarray, lim
     return [values[end - count : end] if count else None for count, end in zip(frames.tolist(), ends.tolist(), strict=True)]
 
 
-def read_request(arrays: dict[str, np.ndarray], limits: RequestLimits, voices: Collection[str] = ()) -> GenerationRequest:
+def _context_turns(
+    arrays: dict[str, np.ndarray], texts: np.ndarray, audio_lengths: np.ndarray, codes: list[np.ndarray | None], key: bytes | None
+) -> list[Segment | None]:
+    """Each context segment given by reference (CONTEXT_TURN; b"" for one that is not) as the turn
+    it names, opened with the turn key and cut to CONTEXT_PLAYED_MS (-1: whole), or None. The
+    reference carries the turn's text, speaker and codes, so its segment sends none of them; its
+    length is bounded and its signature checked before its payload is read (turns.open_turn)."""
+    segments = len(texts)
+    references = _list(arrays, "CONTEXT_TURN", np.full(segments, b"", dtype=object))
+    played = _list(arrays, "CONTEXT_PLAYED_MS", np.full(segments, -1, dtype=np.int32)).astype(np.int64)
+    if "CONTEXT_TURN" in arrays and key is None:
+        raise ValueError(_no_turn_key("CONTEXT_TURN"))
+    for name, values in (("CONTEXT_TURN", references), ("CONTEXT_PLAYED_MS", played)):
+        if len(values) != segments:
+            raise ValueError(f"{name}: one entry per context segment ({segments}), got {len(values)}")
+    least = INPUTS["CONTEXT_PLAYED_MS"].least
+    if (played < least).any():
+        raise ValueError(f"CONTEXT_PLAYED_MS: milliseconds must be >= 0, or {least} for a whole turn, got {played.tolist()}")
+    for index, reference in enumerate(references):
+        if reference and (texts[index] or audio_lengths[index] or codes[index] is not None):
+            raise ValueError(
+                f"CONTEXT_TURN: segment {index} is a turn by reference, which carries its own text, speaker and codes: "
+                "its CONTEXT_TEXT entry must be empty and it takes no audio or codes"
+            )
+        if not reference and played[index] >= 0:
+            raise ValueError(f"CONTEXT_PLAYED_MS: segment {index} is no turn by reference (CONTEXT_TURN), whose playing it counts; send -1")
+    opened: list[Segment | None] = []
+    for index, (reference, played_ms) in enumerate(zip(references, played.tolist(), strict=True)):
+        if not reference:
+            opened.append(None)
+            continue
+        try:
+            turn = turns.open_turn(key, reference.decode("utf-8", "replace"))
+        except ValueError as error:
+            raise ValueError(f"CONTEXT_TURN: segment {index}: {error}") from None
+        if played_ms >= 0:
+            turn = turn.played(played_ms)
+        opened.append(Segment(turn.speaker, turn.text, codes=turn.codes if len(turn.codes) else None))  # no frame played: its text alone
+    return opened
+
+
+def _no_turn_key(name: str) -> str:
+    return (
+        f"{name}: turn references are off on this server: set csm_stream's turn_key parameter or {TURN_KEY_ENV} "
+        f"(at least {turns.MIN_KEY_CHARS} characters, the same on every replica)"
+    )
+
+
+class TurnOutput:
+    """A stream's TURN: its chunks' codes gathered as they go out, and once it has completed the
+    reference of its turn (the request's text and speaker, every frame generated). A stream that is
+    cancelled or fails never asks for it: it has no turn."""
+
+    def __init__(self, key: bytes, request: GenerationRequest) -> None:
+        self._key, self._text, self._speaker = key, request.text, request.speaker
+        self._codes: list[np.ndarray] = [np.zeros((0, AUDIO_NUM_CODEBOOKS), np.int32)]  # each chunk's [frames, 32]
+
+    def add(self, codes: np.ndarray) -> None:
+        self._codes.append(codes)
+
+    def tensor(self) -> np.ndarray:
+        """TURN as the final response carries it: [1, 1] BYTES."""
+        reference = turns.sign_turn(self._key, self._text, self._speaker, np.concatenate(self._codes))
+        return np.array([[reference.encode("ascii")]], dtype=object)
+
+
+def turn_output(wanted: Collection[str], outputs: Collection[str], request: GenerationRequest, key: bytes | None) -> TurnOutput | None:
+    """The request's TURN, when it is to have one: asked for by name, or with every one of the
+    model's `outputs` (what Triton asks for on behalf of a request that names none) on a server with
+    a turn key. Asked for by name from a server without a key, it is refused; a request that names
+    no output gets all the rest, as before there were turn references."""
+    if "TURN" not in wanted:
+        return None
+    if key is None:
+        if set(outputs) <= set(wanted):
+            return None
+        raise ValueError(_no_turn_key("TURN"))
+    return TurnOutput(key, request)
+
+
+def read_request(
+    arrays: dict[str, np.ndarray], limits: RequestLimits, voices: Collection[str] = (), turn_key: bytes | None = None
+) -> GenerationRequest:
     """One Triton request's input arrays (`as_numpy()` of each input given) -> a GenerationRequest
     within `limits`, checked here once and trusted by the engine process. Nothing costly is done on
     a request before it is known to be within them. VOICE names one of `voices` (the voice
-    library's names; the engine process holds their codes and puts the clip first in the context)."""
+    library's names; the engine process holds their codes and puts the clip first in the context).
+    CONTEXT_TURN's references open with `turn_key` (ServingConfig.signing_key; None: refused)."""
     _check_types_and_shapes(arrays)
     _check_size(arrays, limits)
     default_ms = min(GenerationRequest.max_audio_length_ms, limits.max_audio_length_ms)
+    overflow = GenerationRequest.context_overflow
+    if "CONTEXT_OVERFLOW" in arrays:
+        overflow = _text(_scalar(arrays, "CONTEXT_OVERFLOW"), "CONTEXT_OVERFLOW:")
     request = GenerationRequest(
         text=_text(_scalar(arrays, "TEXT"), "TEXT:"),
         speaker=int(_scalar(arrays, "SPEAKER")),
-        context=_context(arrays, limits),
+        context=_context(arrays, limits, overflow == "drop_oldest", turn_key),
         temperature=float(_scalar(arrays, "TEMPERATURE", GenerationRequest.temperature)),
         topk=int(_scalar(arrays, "TOPK", GenerationRequest.topk)),
         max_audio_length_ms=int(_scalar(arrays, "MAX_AUDIO_LENGTH_MS", default_ms)),
         seed=int(_scalar(arrays, "SEED")) if "SEED" in arrays else None,
+        context_overflow=overflow,
+        context_pinned=int(_scalar(arrays, "CONTEXT_PINNED", GenerationRequest.context_pinned)),
     )
     limits.check(request, TRITON_NAMES)
     if "VOICE" in arrays:

@@ -24,6 +24,8 @@ from .serving import INPUTS
 MODEL = {"model": "csm_stream"}
 FRAME_S = FRAME_MS / 1000
 TTFA_BUCKETS_S = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
+# Time to first audio by the prompt's length: the label's values, each the least length of its range.
+PROMPT_RANGES = (0, 128, 256, 512, 1024)
 RTF_BUCKETS = [0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0]
 # invalid_argument's `field`: the names that the checks' messages start with (an input's, or
 # "prompt" for one the model cannot take). Anything else is "other", so that a label never takes
@@ -53,6 +55,17 @@ _CACHE_GAUGES = {
     "clips": ("csm_codes_cache_clips", "Context audio clips whose codes the codes cache holds"),
     "max_bytes": ("csm_codes_cache_max_bytes", "The codes cache's bound in bytes (codes_cache_mb; 0: no cache)"),
 }
+# The engine's prefix pool (prefix_pool.PrefixPool.stats()): running totals, and what it holds now.
+_POOL_COUNTERS = {
+    "hits": ("csm_prefix_pool_hits_total", "Prompts whose beginning the prefix pool held (copied, not prefilled)"),
+    "misses": ("csm_prefix_pool_misses_total", "Prompts the prefix pool held no beginning of"),
+    "positions_reused": ("csm_prefix_pool_positions_reused_total", "Prompt positions copied from the prefix pool instead of prefilled"),
+    "blocks_evicted": ("csm_prefix_pool_evictions_total", "Blocks of keys and values the prefix pool dropped, least recently used first"),
+}
+_POOL_GAUGES = {
+    "bytes": ("csm_prefix_pool_bytes", "Bytes of keys and values the prefix pool holds"),
+    "max_bytes": ("csm_prefix_pool_max_bytes", "The prefix pool's bound in bytes (prefix_cache_mb; 0: no pool)"),
+}
 
 
 class StreamMetrics:
@@ -66,10 +79,10 @@ class StreamMetrics:
         self._engine_counters = {
             field: self._family(name, text, counter).Metric(labels=MODEL) for field, (name, text) in _ENGINE_COUNTERS.items()
         }
-        self._cache_counters = {
-            field: self._family(name, text, counter).Metric(labels=MODEL) for field, (name, text) in _CACHE_COUNTERS.items()
+        self._caches = {
+            "codes_cache": _CacheSeries(self, _CACHE_COUNTERS, _CACHE_GAUGES),
+            "prefix_pool": _CacheSeries(self, _POOL_COUNTERS, _POOL_GAUGES),
         }
-        self._cache_gauges = {field: self._family(name, text, gauge).Metric(labels=MODEL) for field, (name, text) in _CACHE_GAUGES.items()}
         self._restarts = self._family(
             "csm_engine_restarts_total", "Engine processes started again after the one before died, hung or could not serve", counter
         ).Metric(labels=MODEL)
@@ -80,6 +93,14 @@ class StreamMetrics:
             "Seconds from csm_stream taking a request (after Triton's queue) to sending its first audio",
             histogram,
         ).Metric(labels=MODEL, buckets=TTFA_BUCKETS_S)
+        by_prompt = self._family(
+            "csm_time_to_first_audio_by_prompt_seconds",
+            "Time to first audio by the prompt's length in positions (context and text): prompt_positions is the least of its range",
+            histogram,
+        )
+        self._ttfa_by_prompt = {
+            least: by_prompt.Metric(labels={**MODEL, "prompt_positions": str(least)}, buckets=TTFA_BUCKETS_S) for least in PROMPT_RANGES
+        }
         self._rtf = self._family(
             "csm_real_time_factor",
             "Per finished request: seconds from taking it to its last audio, over the seconds of audio it got",
@@ -97,11 +118,10 @@ class StreamMetrics:
 
         self._lock = threading.Lock()
         self._audio_frames = 0
-        self._first_audio_s: list[float] = []
+        self._first_audio_s: list[tuple[float, int | None]] = []
         self._real_time_factors: list[float] = []
         self._rejections: list[tuple[str, str]] = []
         self._engine_reported = dict.fromkeys(_ENGINE_COUNTERS, 0)  # the engine's totals at the last report
-        self._cache_reported = dict.fromkeys(_CACHE_COUNTERS, 0)
 
     # Recording: any thread, no call to Triton.
 
@@ -109,9 +129,9 @@ class StreamMetrics:
         with self._lock:
             self._audio_frames += frames
 
-    def first_audio(self, seconds: float) -> None:
+    def first_audio(self, seconds: float, prompt_positions: int | None) -> None:
         with self._lock:
-            self._first_audio_s.append(seconds)
+            self._first_audio_s.append((seconds, prompt_positions))
 
     def finished(self, seconds: float, frames: int) -> None:
         """A request that got all its audio: `frames` frames in `seconds` since it was taken."""
@@ -139,8 +159,10 @@ class StreamMetrics:
             rejections, self._rejections = self._rejections, []
         if frames:
             self._audio_seconds.increment(frames * FRAME_S)
-        for seconds in first_audio_s:
+        for seconds, positions in first_audio_s:
             self._ttfa.observe(seconds)
+            if positions is not None:
+                self._ttfa_by_prompt[max(least for least in PROMPT_RANGES if least <= positions)].observe(seconds)
         for factor in real_time_factors:
             self._rtf.observe(factor)
         for reason, field in rejections:
@@ -149,7 +171,8 @@ class StreamMetrics:
             self._restarts.increment(restarts - self._restarts_reported)
             self._restarts_reported = restarts
             self._engine_reported = dict.fromkeys(_ENGINE_COUNTERS, 0)
-            self._cache_reported = dict.fromkeys(_CACHE_COUNTERS, 0)
+            for series in self._caches.values():
+                series.restart()
         loop = heartbeat.loop if heartbeat is not None else {"active_slots": 0, "waiting": 0, "streams": 0, "threads_alive": 0}
         if heartbeat is not None:
             for field, counter in self._engine_counters.items():
@@ -157,22 +180,13 @@ class StreamMetrics:
                 if total > self._engine_reported[field]:
                     counter.increment(total - self._engine_reported[field])
                     self._engine_reported[field] = total
-            self._report_codes_cache(heartbeat.codes_cache)
+            for name, series in self._caches.items():
+                series.report(getattr(heartbeat, name))
         self._gauges["active_slots"].set(loop["active_slots"])
         self._gauges["free_slots"].set(self.slots - loop["active_slots"])
         self._gauges["waiting_requests"].set(loop["waiting"])
         self._gauges["streams"].set(loop["streams"])
         self._gauges["loop_threads"].set(loop["threads_alive"])
-
-    def _report_codes_cache(self, stats: dict) -> None:
-        for field, counter in self._cache_counters.items():
-            total = stats.get(field, 0)
-            if total > self._cache_reported[field]:
-                counter.increment(total - self._cache_reported[field])
-                self._cache_reported[field] = total
-        for field, gauge in self._cache_gauges.items():
-            if field in stats:
-                gauge.set(stats[field])
 
     def _family(self, name: str, description: str, kind: int) -> pb_utils.MetricFamily:
         family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
@@ -184,3 +198,28 @@ class StreamMetrics:
         if key not in self._rejected:
             self._rejected[key] = self._rejected_family.Metric(labels={**MODEL, "reason": reason, "field": field})
         return self._rejected[key]
+
+
+class _CacheSeries:
+    """One of the engine's caches as counters (its running totals, passed on as increments) and
+    gauges (what it holds now), from the stats() dict the heartbeat carries."""
+
+    def __init__(self, metrics: StreamMetrics, counters: dict[str, tuple[str, str]], gauges: dict[str, tuple[str, str]]) -> None:
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self._counters = {field: metrics._family(name, text, counter).Metric(labels=MODEL) for field, (name, text) in counters.items()}
+        self._gauges = {field: metrics._family(name, text, gauge).Metric(labels=MODEL) for field, (name, text) in gauges.items()}
+        self._reported = dict.fromkeys(counters, 0)  # the totals at the last report
+
+    def restart(self) -> None:
+        """A new engine process, whose totals start from 0."""
+        self._reported = dict.fromkeys(self._reported, 0)
+
+    def report(self, stats: dict) -> None:
+        for field, counter in self._counters.items():
+            total = stats.get(field, 0)
+            if total > self._reported[field]:
+                counter.increment(total - self._reported[field])
+                self._reported[field] = total
+        for field, gauge in self._gauges.items():
+            if field in stats:
+                gauge.set(stats[field])

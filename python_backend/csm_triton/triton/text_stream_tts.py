@@ -36,8 +36,8 @@ from .sentences import SentenceSplitter
 logger = logging.getLogger("csm_triton.triton.text_stream")
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# csm_stream's outputs, sent on with each chunk when asked for.
-SPEECH_OUTPUTS = ("AUDIO", "AUDIO_CODES")
+# csm_stream's outputs, sent on with each chunk when asked for (CONTEXT_DROPPED: with each sentence's first).
+SPEECH_OUTPUTS = ("AUDIO", "AUDIO_CODES", "CONTEXT_DROPPED")
 
 
 @dataclass(frozen=True)
