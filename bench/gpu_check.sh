@@ -12,7 +12,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 make setup > "$OUT/setup.log" 2>&1 || { tail -20 "$OUT/setup.log"; exit 1; }
 PY=.venv/bin/python
 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0), torch.cuda.device_count())" | tee "$OUT/torch.txt"
-timeout 240 $PY -m pytest -q -rs tests/test_engine.py -k "cuda or second_gpu" 2>&1 | tee "$OUT/pytest-cuda.log" | tail -15
+timeout 240 $PY -m pytest -q -rs tests/test_engine.py tests/test_prefix_pool.py -k "cuda or second_gpu" 2>&1 | tee "$OUT/pytest-cuda.log" | tail -15
 # Quantized CSM on the GPU (issue 20): torchao int8 weight-only and fp8 inside the compiled, captured step.
 timeout 240 $PY -m pytest -q -rs tests/test_quantize.py -k cuda 2>&1 | tee "$OUT/pytest-quantize.log" | tail -8
 timeout 300 $PY bench/gpu_bench.py --batches 1 8 64 256 --frames 30 --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" | tail -12

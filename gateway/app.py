@@ -270,7 +270,7 @@ class Gateway:
         return record
 
     def reference(self, job: Job, codes: list[np.ndarray]) -> str:
-        """The reference of a reply that completed: its text, its speaker and its chunks' codes ([frames, 32] each)."""
+        """The reference of a reply, or of its turn so far: its text, its speaker and its chunks' codes ([frames, 32] each)."""
         frames = np.concatenate(codes) if codes else np.zeros((0, AUDIO_NUM_CODEBOOKS), np.int32)
         return sign_turn(self.turn_key, job.text, job.speaker, frames)
 
@@ -520,19 +520,30 @@ async def speech_body(
     gateway: Gateway, request: SpeechRequest, job: Job, first: TurnChunk | None, chunks: AsyncIterator[TurnChunk]
 ) -> AsyncIterator[bytes]:
     """The response body: each chunk through the speed change and the encoder as it comes; for sse,
-    each piece as a `speech.audio.delta` event, then `speech.audio.done` with the turn's reference
-    and the context turns used. Closing it (the client gone) closes `chunks`, which cancels the
-    Triton stream."""
+    each piece as a `speech.audio.delta` event with the reference of the turn so far (its text,
+    speaker and the codes of every chunk received, which cover at least the audio sent: a client
+    that stops the reply sends it back with played_ms), then `speech.audio.done` with the whole
+    turn's reference and the context turns used. Closing it (the client gone) closes `chunks`,
+    which cancels the Triton stream."""
     sse = request.stream_format == "sse"
     encoder = audio.Encoder(request.response_format)
     tempo = audio.SpeedChange(request.speed) if request.speed != 1.0 else None
     frames = 0
     codes: list[np.ndarray] = []  # the turn's, for its reference, which only sse has a place for
+    signed = (-1, "")  # (chunks signed, their reference): each chunk's codes are signed once, when an event goes out
+
+    def turn_so_far() -> str:
+        nonlocal signed
+        if signed[0] != len(codes):
+            signed = (len(codes), gateway.reference(job, codes))  # ~1 ms for the longest turn
+        return signed[1]
 
     def piece(data: bytes) -> bytes:
         if not sse:
             return data
-        return b"" if not data else event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
+        if not data:  # the encoder held it back: a later event carries a later reference
+            return b""
+        return event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii"), "turn": turn_so_far()})
 
     def encode(samples: np.ndarray) -> bytes:
         return encoder.feed(tempo.feed(samples) if tempo else samples)
@@ -553,8 +564,7 @@ async def speech_body(
             yield data
         if sse:
             usage = {"input_tokens": 0, "output_tokens": frames, "total_tokens": frames}
-            turn = gateway.reference(job, codes)  # ~1 ms for the longest turn
-            yield event({"type": "speech.audio.done", "usage": usage, "turn": turn, "context_used": job.context_used(first)})
+            yield event({"type": "speech.audio.done", "usage": usage, "turn": turn_so_far(), "context_used": job.context_used(first)})
     except CSMError as failure:  # after the first chunk: the status line has gone already
         logger.warning("speech stream failed after %d frames: %s", frames, failure.message)
         if sse:

@@ -1,13 +1,16 @@
 """Conversations through the gateway against a real tritonserver on the tiny model: turns carried
 by reference alone, one of them interrupted, each turn's prompt holding what was said and played
 (its codes those of the same request sent with the explicit codes, cut where the turn was cut);
-references open on any replica that shares the key and on no other, a forged one is refused; and
-a conversation longer than the prompt keeps being answered under drop_oldest, the voice pinned."""
+every sse delta carrying the reference of the turn so far, by which a reply stopped mid-stream
+goes back; references open on any replica that shares the key and on no other, a forged one is
+refused; and a conversation longer than the prompt keeps being answered under drop_oldest, the
+voice pinned."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -102,6 +105,48 @@ def test_twelve_turns_by_reference_alone_one_interrupted_each_prompt_holding_wha
     assert opened(say(gateway, 3, silent)["turn"]).codes.tolist() == opened(say(gateway, 3, text_only)["turn"]).codes.tolist()
     longer = [{"ref": references[0], "played_ms": 10**6}]
     assert say(gateway, 1, longer)["turn"] == say(gateway, 1, by_reference(references[:1]))["turn"]
+
+
+def test_every_delta_carries_the_turn_so_far_and_a_reply_stopped_mid_stream_goes_back_by_the_last_one(gateway: str) -> None:
+    """Each delta's reference is the turn up to it: the request's text and speaker, and codes that
+    grow event by event, a prefix of the done event's turn, covering all the audio sent so far. A
+    client that stops the reply mid-stream (its request closed) sends the last delta's reference
+    with played_ms: the prompt holds the codes generated, cut there, as the explicit codes cut to
+    floor(played_ms / 80) frames, and as the whole turn's reference with the same played_ms."""
+    body = {"model": "csm-1b", "input": "Turn 5.", "voice": "ash", "response_format": "pcm", "stream_format": "sse", "seed": 5,
+            "max_audio_length_ms": 1600}  # fmt: skip
+    response = httpx.post(f"{gateway}/v1/audio/speech", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    *deltas, done = sse_events(response.content)
+    whole = opened(done["turn"])
+    assert len(deltas) >= 2 and len(whole.codes) > 2, (len(deltas), whole.codes.shape)
+    received, frames = 0, []
+    for delta in deltas:
+        record = opened(delta["turn"])
+        received += len(base64.b64decode(delta["audio"])) // 2
+        assert (record.text, record.speaker) == ("Turn 5.", 1)
+        assert np.array_equal(record.codes, whole.codes[: len(record.codes)]) and len(record.codes) * SAMPLES_PER_FRAME >= received
+        frames.append(len(record.codes))
+    assert frames == sorted(set(frames)) and frames[-1] == len(whole.codes), frames
+    assert received == len(whole.codes) * SAMPLES_PER_FRAME
+
+    # The same reply (its seed), stopped after its first delta: its request closed mid-stream, its
+    # reference the turn so far (the chunks' sizes are the server's pacing: a prefix of some length).
+    with httpx.stream("POST", f"{gateway}/v1/audio/speech", json=body, timeout=60) as stream:
+        first = next(json.loads(line[len("data: ") :]) for line in stream.iter_lines() if line.startswith("data: "))
+    assert first["type"] == "speech.audio.delta"
+    so_far = opened(first["turn"])
+    assert (so_far.text, so_far.speaker) == ("Turn 5.", 1) and np.array_equal(so_far.codes, whole.codes[: len(so_far.codes)])
+    assert len(so_far.codes) * SAMPLES_PER_FRAME >= len(base64.b64decode(first["audio"])) // 2 > 0
+    cut = deltas[-2]  # a reference short of the whole turn, played all but 50 ms of what had come
+    played_ms = sum(len(base64.b64decode(delta["audio"])) // 2 for delta in deltas[: len(deltas) - 1]) * 1000 // 24_000 - 50
+    kept = played_ms // FRAME_MS
+    assert 0 < kept < len(opened(cut["turn"]).codes), (played_ms, frames)
+    explicit = [{"text": "Turn 5.", "speaker": 1, "codes": whole.codes[:kept].tolist()}]
+    expected = opened(say(gateway, 6, explicit)["turn"]).codes
+    for stopped in ({"ref": cut["turn"], "played_ms": played_ms}, {"ref": done["turn"], "played_ms": played_ms}):
+        assert np.array_equal(opened(say(gateway, 6, [stopped])["turn"]).codes, expected), stopped
+    assert not np.array_equal(opened(say(gateway, 6, [{"ref": cut["turn"]}])["turn"]).codes, expected)  # the cut mattered
 
 
 def test_a_reference_opens_on_any_replica_that_shares_the_key_and_a_forged_one_on_none(gateway: str, config: GatewayConfig) -> None:

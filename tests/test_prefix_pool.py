@@ -182,3 +182,15 @@ def test_full_size_reuse_generates_the_same_codes(generator: Generator) -> None:
     codes = run(engine, {0: [second]})[1]
     assert engine.prefix_pool.stats()["positions_reused"] >= 2 * BLOCK_POSITIONS
     assert torch.equal(codes, run(plain, {0: [stream(generator, TURNS[1][1], 0, context, 4, 1, 1)]})[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("topk", [1, 50], ids=["greedy", "sampled"])
+def test_cuda_reuse_with_captured_frame_steps(generator: Generator, tiny_model_dir: Path, topk: int) -> None:
+    """On CUDA, the pool in device memory and the frame step captured as CUDA graphs: a
+    conversation gets the codes it gets without the pool (fp32 without TF32, for exact codes)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = checkpoint.load_model(checkpoint.resolve(tiny_model_dir), torch.device("cuda"), torch.float32, "none")
+    engine = Engine(model, 2, prefix_pool_bytes=8 * MIB, compile=False)
+    assert engine.graphs is not None and engine.graphs.capture and engine.prefix_pool.blocks.is_cuda
+    converse(generator, engine, Engine(model, 2, compile=False), "text", topk)
