@@ -209,7 +209,7 @@ class Gateway:
             context.append(Segment(speaker=voice.speaker, text=voice.transcript, audio=voice.samples, sample_rate=voice.rate))
         for index, (turn, record) in enumerate(zip(request.context, records, strict=True)):
             if record is not None:  # its codes as they were generated (none: text only), never encoded
-                context.append(Segment(speaker=record.speaker, text=record.text, codes=record.codes if len(record.codes) else None))
+                context.append(record.segment())
                 continue
             clip, rate, codes = None, audio.SAMPLE_RATE, None
             if turn.codes is not None:

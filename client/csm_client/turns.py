@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .contract import AUDIO_NUM_CODEBOOKS, AUDIO_VOCAB_SIZE, FRAME_MS, INT32_MAX, MAX_AUDIO_LENGTH_MS, MAX_TEXT_BYTES
+from .segment import Segment
 
 VERSION = "csm1"
 MIN_KEY_CHARS = 32  # a signing key's least length: `openssl rand -hex 32` gives 64
@@ -53,6 +54,11 @@ class TurnRecord:
         if played_ms < 0:
             raise ValueError(f"played_ms must be >= 0, got {played_ms}")
         return TurnRecord(self.text, self.speaker, self.codes[: played_ms // FRAME_MS])
+
+    def segment(self) -> Segment:
+        """The turn as a context segment: its codes as they were generated, never encoded again,
+        or its text alone when no frame of it was played."""
+        return Segment(speaker=self.speaker, text=self.text, codes=self.codes if len(self.codes) else None)
 
 
 def _b64encode(data: bytes) -> str:

@@ -20,6 +20,7 @@ from ..model.model import CSM, compile_hot_path
 from ..model.sampling import Sampler
 from .graphs import FrameGraphs, SlotStart
 from .prefix_pool import PrefixPool, block_keys
+from .prompt import audio_frames
 
 logger = logging.getLogger(__name__)
 
@@ -221,17 +222,13 @@ class Engine:
     def _remember(self, index: int) -> None:
         """Put what slot `index` has cached into the prefix pool: its prompt and the frames it fed
         back, as the next turn's prompt holds them (audio frames: codes, no text)."""
-        slot = self._slots[index]
         if self.prefix_pool is None:
             return
-        tokens, mask = slot.request.tokens, slot.request.mask
-        fed = slot.position - len(tokens)  # frames fed back after the prompt
+        slot = self._slots[index]
+        fed = slot.position - len(slot.request.tokens)  # frames fed back after the prompt
         if fed > 0:
-            frames = torch.zeros(fed, self.num_codebooks + 1, dtype=torch.long)
-            frames[:, :-1] = torch.stack(slot.generated[:fed])
-            frame_mask = torch.zeros_like(frames, dtype=torch.bool)
-            frame_mask[:, :-1] = True
-            tokens, mask = torch.cat([tokens, frames]), torch.cat([mask, frame_mask])
+            frames, frame_mask = audio_frames(torch.stack(slot.generated[:fed]))
+            tokens, mask = torch.cat([slot.request.tokens, frames]), torch.cat([slot.request.mask, frame_mask])
             slot.keys = block_keys(tokens, mask, slot.keys, self.prefix_pool.root)
         self.prefix_pool.store(index, slot.keys, slot.position)
 

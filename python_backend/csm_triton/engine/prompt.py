@@ -82,6 +82,17 @@ class CodesCache:
             return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes, "clips": len(self._entries), "max_bytes": self.max_bytes}
 
 
+def audio_frames(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt frames of audio: codes [frames, 32] -> (tokens, mask) [frames, 33], every codebook
+    column present and no text. A context turn's codes, and the frames a stream fed back, which the
+    prefix pool keys as the next turn's prompt will hold them."""
+    tokens = torch.zeros(len(codes), codes.shape[1] + 1, dtype=torch.long)
+    tokens[:, :-1] = codes
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, :-1] = True
+    return tokens, mask
+
+
 class TextTokenizer:
     """The Llama-3.2 tokenizer with Sesame's `BOS $A EOS` template."""
 
@@ -144,11 +155,7 @@ class PromptBuilder:
     def _audio_frames(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
         # [frames, 32]: codes the request sent are used as they are (checked to be < audio_vocab_size)
         codes = torch.from_numpy(segment.codes.astype(np.int64)) if segment.codes is not None else self.audio_codes(segment)
-        tokens = torch.zeros(len(codes) + 1, self.num_codebooks + 1, dtype=torch.long)  # + end-of-audio frame
-        mask = torch.zeros_like(tokens, dtype=torch.bool)
-        tokens[:-1, :-1] = codes
-        mask[:, :-1] = True
-        return tokens, mask
+        return audio_frames(torch.cat([codes.long(), torch.zeros(1, self.num_codebooks, dtype=torch.long)]))  # + end-of-audio frame
 
     def positions(self, text: str, speaker: int, context: list[Segment]) -> int:
         """How many positions `build` makes, counted from the audio's sample counts and rates

@@ -331,7 +331,7 @@ def _context_turns(
             raise ValueError(f"CONTEXT_TURN: segment {index}: {error}") from None
         if played_ms >= 0:
             turn = turn.played(played_ms)
-        opened.append(Segment(turn.speaker, turn.text, codes=turn.codes if len(turn.codes) else None))  # no frame played: its text alone
+        opened.append(turn.segment())
     return opened
 
 
